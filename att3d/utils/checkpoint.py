@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from att3d.utils.errors import Att3dError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(Att3dError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupted or does not fit the model."""
 
 
@@ -34,6 +36,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -41,7 +44,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
     """Atomically save a flat dict of tensors as safetensors."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))

@@ -21,8 +21,16 @@ from pathlib import Path
 import torch
 
 from att3d.render.cameras import OrbitCameras
-from att3d.utils.checkpoint import (load_json, load_state, load_tensors, rng_state, save_json, save_state,
-                                    save_tensors, set_rng_state)
+from att3d.utils.checkpoint import (
+    load_json,
+    load_state,
+    load_tensors,
+    rng_state,
+    save_json,
+    save_state,
+    save_tensors,
+    set_rng_state,
+)
 from att3d.world.render import render_objects
 from att3d.world.shapes import all_objects
 

@@ -1,0 +1,175 @@
+"""Score an amortized model on the shapes world with WORLD.md's metrics.
+
+``att3d eval model --checkpoint PATH [--prompts shapes64] [--out DIR]`` generates every
+prompt in one forward pass, extracts its occupancy (density above the extraction
+threshold on the 64^3 voxel centres), renders the 8 evaluation views, and reports
+volume IoU, silhouette IoU, colour error and retrieval accuracy, separately for the
+training and the held-out prompts. Writes ``metrics.json``, ``metrics.md`` and
+``renders.png`` (renders beside ground truth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from att3d.render.cameras import OrbitCameras
+from att3d.world import metrics
+from att3d.world.render import voxel_centres
+from att3d.world.shapes import all_objects, parse_caption
+
+#: Default density threshold of occupancy / mesh extraction.
+DEFAULT_THRESHOLD = 10.0
+
+
+def extraction_threshold(model) -> float:
+    return float(model.config.get("extraction", {}).get("threshold", DEFAULT_THRESHOLD))
+
+
+def repeat_cond(cond: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Each prompt's conditioning repeated ``n`` times in a row: (B, ...) -> (B * n, ...)."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+
+
+@torch.no_grad()
+def field_occupancy(model, cond: dict[str, torch.Tensor], resolution: int = 64, threshold: float | None = None,
+                    chunk: int = 65536) -> torch.Tensor:
+    """(B, R, R, R) bool: density above ``threshold`` at the voxel centres over [-1, 1]^3."""
+    threshold = extraction_threshold(model) if threshold is None else threshold
+    pts = voxel_centres(resolution, model.device).reshape(1, -1, 3)
+    B = next(iter(cond.values())).shape[0]
+    out = []
+    for s in range(0, pts.shape[1], chunk):
+        p = pts[:, s:s + chunk].expand(B, -1, -1)
+        out.append(model.field.density(p, cond) > threshold)
+    return torch.cat(out, dim=1).reshape(B, resolution, resolution, resolution).cpu()
+
+
+@torch.no_grad()
+def render_views(model, cond: dict[str, torch.Tensor], resolution: int = 64, n_views: int = 8,
+                 background=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render each prompt at the evaluation views: rgb (B, V, H, W, 3), opacity (B, V, H, W), one prompt at a time."""
+    cams = OrbitCameras.evaluation(n_views, device=model.device)
+    B = next(iter(cond.values())).shape[0]
+    rgbs, ops = [], []
+    for b in range(B):
+        cb = repeat_cond({k: v[b:b + 1] for k, v in cond.items()}, n_views)
+        out = model.render(cb, cams, resolution, background=background)
+        rgbs.append(out["rgb"].cpu())
+        ops.append(out["opacity"].cpu())
+    return torch.stack(rgbs), torch.stack(ops)
+
+
+@torch.no_grad()
+def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolution: int = 64,
+             batch_size: int = 8, threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score each prompt (a shapes-world caption) and summarise per split.
+
+    Returns:
+        dict with ``per_prompt`` (list of dicts), ``summary`` (split -> mean metrics and retrieval),
+        and ``renders`` (P, V, H, W, 3) / ``opacity`` tensors for figures.
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    objects = [parse_caption(p) for p in prompts]
+    candidates = all_objects()
+    cand_index = {o: i for i, o in enumerate(candidates)}
+    held = set(heldout)
+    rows, renders, opac = [], [], []
+    for s in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="eval"):
+        chunk = list(prompts[s:s + batch_size])
+        cond = model.conditioning(chunk)
+        occ = field_occupancy(model, cond, metrics.VOXEL_RESOLUTION, threshold)
+        rgb, op = render_views(model, cond, resolution)
+        for i, p in enumerate(chunk):
+            obj = objects[s + i]
+            m = metrics.score_object(occ[i], rgb[i], op[i], obj)
+            scores = metrics.retrieval_scores(occ[i], rgb[i], op[i], candidates)
+            m["retrieved"] = bool(int(scores.argmax()) == cand_index[obj])
+            m["best_match"] = candidates[int(scores.argmax())].caption
+            rows.append({"prompt": p, "split": "heldout" if p in held else "train", **m})
+        renders.append(rgb)
+        opac.append(op)
+    summary = {}
+    for split in ("train", "heldout", "all"):
+        sel = [r for r in rows if split == "all" or r["split"] == split]
+        if not sel:
+            continue
+        summary[split] = {k: float(np.mean([r[k] for r in sel]))
+                          for k in ("volume_iou", "silhouette_iou", "colour_error", "retrieved")}
+        summary[split]["count"] = len(sel)
+        summary[split]["retrieval_accuracy"] = summary[split].pop("retrieved")
+    return {"per_prompt": rows, "summary": summary, "renders": torch.cat(renders), "opacity": torch.cat(opac)}
+
+
+def markdown_table(summary: dict[str, dict[str, float]]) -> str:
+    lines = ["| split | prompts | volume IoU | silhouette IoU | colour error | retrieval |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for split, m in summary.items():
+        lines.append(f"| {split} | {m['count']} | {m['volume_iou']:.3f} | {m['silhouette_iou']:.3f} | "
+                     f"{m['colour_error']:.3f} | {100 * m['retrieval_accuracy']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(prompts: Sequence[str], renders: torch.Tensor, path: str | Path, view: int = 1, columns: int = 8) -> None:
+    """PNG grid: for each prompt, its render (left) beside the ground truth (right) at one evaluation view."""
+    from PIL import Image, ImageDraw
+
+    objects = [parse_caption(p) for p in prompts]
+    H = renders.shape[2]
+    gt = metrics.ground_truth_views(objects, H, renders.shape[1])["rgb"][:, view]
+    pairs = torch.cat([renders[:, view], gt], dim=2)  # (P, H, 2W, 3)
+    n = len(prompts)
+    rows = (n + columns - 1) // columns
+    label_h = 12
+    canvas = Image.new("RGB", (columns * 2 * H, rows * (H + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        img = Image.fromarray((pairs[i].clamp(0, 1).numpy() * 255).astype(np.uint8))
+        canvas.paste(img, (c * 2 * H, r * (H + label_h) + label_h))
+        draw.text((c * 2 * H + 2, r * (H + label_h)), prompts[i][2:][:22], fill=(0, 0, 0))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def write_report(result: dict[str, Any], prompts: Sequence[str], out: str | Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"summary": result["summary"], "per_prompt": result["per_prompt"]},
+                                                 indent=2) + "\n")
+    (out / "metrics.md").write_text(markdown_table(result["summary"]))
+    figure(prompts, result["renders"], out / "renders.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``att3d eval model``: score a model folder on shapes-world prompts."""
+    from att3d.model import load
+    from att3d.text.prompts import resolve_prompts
+
+    ap = argparse.ArgumentParser(prog="att3d eval model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="model folder (att3d train's run_dir/model or a shipped one)")
+    ap.add_argument("--prompts", default="shapes64", help="prompt set name or file (shapes-world captions)")
+    ap.add_argument("--heldout", default="shapes64_heldout", help="prompts reported as held out")
+    ap.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    model = load(args.checkpoint, device=args.device)
+    prompts = resolve_prompts(args.prompts)
+    heldout = resolve_prompts(args.heldout) if args.heldout else []
+    res = evaluate(model, prompts, heldout, args.resolution, threshold=args.threshold)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    write_report(res, prompts, out)
+    print(markdown_table(res["summary"]), end="")
+    print(f"wrote {out}/metrics.json, metrics.md, renders.png")
+    return 0
+

@@ -1,0 +1,151 @@
+"""Score distillation sampling (SDS, DreamFusion) from any :class:`~att3d.guidance.priors.DiffusionPrior`.
+
+For rendered images ``x = g(theta)`` the SDS gradient is::
+
+    grad_theta L = E_{t, eps} [ w(t) (eps_hat(x_t; y, t) - eps) dx0/dtheta ],   x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+
+where ``x0 = prior.encode_images(x)`` and ``eps_hat`` is the classifier-free guided noise
+prediction (no gradient flows through the denoiser). It is applied through the usual
+reparametrisation: with ``g = w(t) (eps_hat - eps)`` (detached) and ``B`` the batch size::
+
+    loss = 0.5 * || x0 - stopgrad(x0 - g) ||^2 / B        =>        d loss / d x0 = g / B
+
+so ``loss.backward()`` puts exactly the SDS gradient (averaged over the batch) on the
+images and on everything that produced them. The loss *value* is ``0.5 * |g|^2 / B``: a
+diagnostic of the gradient size, not a quantity that decreases during training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from att3d.guidance.priors.base import DiffusionPrior, PromptConditioning, _randn
+from att3d.render.cameras import OrbitCameras
+
+WEIGHTINGS = ("sds", "uniform", "snr")
+
+
+@dataclass
+class SDSOutput:
+    """Result of one score distillation step.
+
+    Attributes:
+        loss: scalar whose gradient w.r.t. the images is the SDS gradient / B.
+        grad_norm: scalar, mean over the batch of the L2 norm of each item's SDS gradient (after the guard and clamp).
+        t: (B,) long timesteps used.
+        num_nonfinite: number of batch items whose gradient was NaN/inf (their gradient was set to zero).
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    t: torch.Tensor
+    num_nonfinite: int = 0
+
+
+class ScoreDistillation:
+    """Score distillation from a frozen diffusion prior.
+
+    Args:
+        prior: the diffusion prior.
+        guidance_scale: classifier-free guidance scale (DreamFusion uses 100 with Imagen, SD ~7.5-100).
+        t_range: (min, max) timestep range as fractions of T; t is drawn uniformly from the integers
+            ``[round(min T), round(max T)]``.
+        t_anneal: ``(start_max, end_max, steps)``: the maximum fraction moves linearly from ``start_max``
+            at step 0 to ``end_max`` at ``steps`` and stays there (never below ``t_range[0]``); None: fixed.
+        weighting: ``w(t)``: ``"sds"`` = ``1 - a_t`` (DreamFusion), ``"uniform"`` = 1, ``"snr"`` =
+            ``sqrt(a_t) (1 - a_t)`` (signal-scaled: also down-weights the noisiest steps, as in Fantasia3D).
+        grad_clip: if set, each element of the gradient is clamped to ``[-grad_clip, grad_clip]``.
+        per_item_t: draw one timestep per batch item (True) or one for the whole batch.
+    """
+
+    def __init__(self, prior: DiffusionPrior, guidance_scale: float = 7.5, t_range: tuple[float, float] = (0.02, 0.98),
+                 t_anneal: tuple[float, float, int] | None = None, weighting: str = "sds",
+                 grad_clip: float | None = None, per_item_t: bool = True):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown SDS weighting {weighting!r}; choose one of {WEIGHTINGS}")
+        lo, hi = (float(v) for v in t_range)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"t_range must satisfy 0 <= min <= max <= 1, got {t_range}")
+        if t_anneal is not None:
+            if len(t_anneal) != 3 or int(t_anneal[2]) < 0:
+                raise ValueError("t_anneal is (start_max, end_max, steps)")
+            t_anneal = (float(t_anneal[0]), float(t_anneal[1]), int(t_anneal[2]))
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError("grad_clip must be positive (or None)")
+        self.prior = prior
+        self.guidance_scale = float(guidance_scale)
+        self.t_range = (lo, hi)
+        self.t_anneal = t_anneal
+        self.weighting = weighting
+        self.grad_clip = grad_clip
+        self.per_item_t = per_item_t
+
+    def t_bounds(self, step: int = 0) -> tuple[int, int]:
+        """Inclusive integer timestep range ``(t_min, t_max)`` used at training ``step``."""
+        lo, hi = self.t_range
+        if self.t_anneal is not None:
+            start, end, steps = self.t_anneal
+            p = min(1.0, max(0.0, step / steps)) if steps > 0 else 1.0
+            hi = start + (end - start) * p
+        hi = max(hi, lo)
+        n = self.prior.num_train_timesteps
+        t_min = min(n - 1, max(0, round(lo * n)))
+        t_max = min(n - 1, max(t_min, round(hi * n)))
+        return t_min, t_max
+
+    def sample_t(self, batch: int, step: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) long timesteps, uniform in :meth:`t_bounds` (one per item, or one shared)."""
+        t_min, t_max = self.t_bounds(step)
+        n = batch if self.per_item_t else 1
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        t = torch.randint(t_min, t_max + 1, (n,), generator=generator, device=gdev)
+        return t.expand(batch).to(self.prior.device)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) weights ``w(t)``."""
+        a = self.prior.alphas_cumprod[t]
+        if self.weighting == "sds":
+            return 1.0 - a
+        if self.weighting == "uniform":
+            return torch.ones_like(a)
+        return a.sqrt() * (1.0 - a)
+
+    def __call__(self, images: torch.Tensor, cond: PromptConditioning, cameras: OrbitCameras | None = None,
+                 step: int = 0, generator: torch.Generator | None = None) -> SDSOutput:
+        """One SDS evaluation.
+
+        Args:
+            images: (B, 3, H, W) renders in [0, 1] (requiring grad).
+            cond: conditioning of batch B (from ``prior.encode_prompts``, possibly mixed).
+            cameras: the B cameras of the renders (required by view-conditioned priors).
+            step: training step (for timestep annealing).
+            generator: RNG for timesteps and noise (timesteps are drawn on the generator's device).
+
+        Returns:
+            :class:`SDSOutput`; ``loss.backward()`` gives ``d loss / d x0 = w(t) (eps_hat - eps) / B``.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        b = images.shape[0]
+        if len(cond) != b:
+            raise ValueError(f"conditioning has batch {len(cond)}, images have {b}")
+        x0 = self.prior.encode_images(images)  # (B, C, h, w), differentiable
+        t = self.sample_t(b, step, generator)
+        with torch.no_grad():
+            noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+            x_t = self.prior.add_noise(x0.detach(), noise, t)
+            eps = self.prior.predict_noise(x_t, t, cond, cameras, self.guidance_scale).to(x0.dtype)
+            grad = self.weight(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) * (eps - noise)
+            bad = ~torch.isfinite(grad).flatten(1).all(dim=1)
+            num_bad = int(bad.sum().item())
+            if num_bad:
+                grad = torch.where(bad.view(-1, *([1] * (grad.dim() - 1))), torch.zeros_like(grad), grad)
+            if self.grad_clip is not None:
+                grad = grad.clamp(-self.grad_clip, self.grad_clip)
+            target = x0.detach() - grad
+            grad_norm = grad.flatten(1).norm(dim=1).mean()
+        loss = 0.5 * F.mse_loss(x0, target, reduction="sum") / b
+        return SDSOutput(loss=loss, grad_norm=grad_norm, t=t, num_nonfinite=num_bad)

@@ -1,0 +1,114 @@
+"""The ATT3D hypernetwork: text embedding -> per-prompt field grid (and shared mapping helpers).
+
+Both mappings are built as ``cls(text_len, text_dim, out_shapes, **cfg)`` and map a
+:class:`~att3d.text.encoders.TextEmbedding` to ``{name: (B, *shape)}`` for every entry of
+``out_shapes`` (which the field declares in ``conditioning_shapes()``). Inputs are plain
+tensors, so interpolated (mixed) embeddings are just another input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from att3d.registry import MAPPINGS
+from att3d.text.encoders import TextEmbedding
+
+
+def total_size(out_shapes: dict[str, tuple[int, ...]]) -> int:
+    """P: the number of values of all outputs together."""
+    return sum(math.prod(tuple(s)) for s in out_shapes.values())
+
+
+def split_outputs(flat: torch.Tensor, out_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Cut (B, P) into ``{name: (B, *shape)}`` in the order of ``out_shapes``."""
+    out = {}
+    start = 0
+    for name, shape in out_shapes.items():
+        n = math.prod(tuple(shape))
+        out[name] = flat[:, start:start + n].reshape(flat.shape[0], *shape)
+        start += n
+    return out
+
+
+def text_input(emb: TextEmbedding, use_tokens: bool, text_len: int, text_dim: int) -> torch.Tensor:
+    """The vector a mapping reads: flattened tokens (B, L*D) or the pooled embedding (B, D)."""
+    if use_tokens:
+        B, L, D = emb.tokens.shape
+        if (L, D) != (text_len, text_dim):
+            raise ValueError(
+                f"mapping expects tokens of shape (B, {text_len}, {text_dim}), got {tuple(emb.tokens.shape)}")
+        return emb.tokens.reshape(B, L * D)
+    if emb.pooled.shape[-1] != text_dim:
+        raise ValueError(f"mapping expects pooled embeddings of width {text_dim}, got {emb.pooled.shape[-1]}")
+    return emb.pooled
+
+
+@MAPPINGS.register("hypernetwork")
+class HyperNetwork(nn.Module):
+    """ATT3D's hypernetwork: a spectrally normalised 2-layer MLP that outputs the field's grid.
+
+    ``out = s * W2 silu(W1 norm(x) + b1)`` with ``x`` the flattened token embeddings (B, L*D)
+    (or the pooled (B, D)), both weights spectrally normalised (top singular value 1) and
+    ``s = output_scale * sqrt(P / hidden_dim)``: since ``|W2 h| <= |h|``, this makes the RMS of the
+    P outputs at most ``output_scale * rms(h)``, independent of P (at initialisation about
+    ``output_scale * rms(h)``: a tall random matrix is close to an isometry).
+
+    Args:
+        text_len, text_dim: L and D of the token embeddings.
+        out_shapes: ``{name: shape}`` per prompt, e.g. ``{"grid": (P_grid,)}``.
+        hidden_dim: width of the hidden layer.
+        use_tokens: read the flattened tokens (True, ATT3D) or the pooled embedding (False).
+        layer_norm: LayerNorm (no affine) of the input vector.
+        output_scale: see above; small values give small initial grids.
+        n_power_iterations: power iterations per training step of the spectral norm.
+    """
+
+    def __init__(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]], hidden_dim: int = 64,
+                 use_tokens: bool = True, layer_norm: bool = True, output_scale: float = 0.3,
+                 n_power_iterations: int = 1):
+        super().__init__()
+        self.text_len, self.text_dim = int(text_len), int(text_dim)
+        self.out_shapes = {k: tuple(int(d) for d in v) for k, v in out_shapes.items()}
+        self.use_tokens = bool(use_tokens)
+        self.out_dim = total_size(self.out_shapes)
+        in_dim = self.text_len * self.text_dim if self.use_tokens else self.text_dim
+        self.in_dim = in_dim
+        self.norm = nn.LayerNorm(in_dim, elementwise_affine=False) if layer_norm else nn.Identity()
+        self.fc1 = spectral_norm(nn.Linear(in_dim, hidden_dim), n_power_iterations=n_power_iterations)
+        self.act = nn.SiLU()
+        self.fc2 = spectral_norm(nn.Linear(hidden_dim, self.out_dim, bias=False), n_power_iterations=n_power_iterations)
+        self.output_scale = float(output_scale)
+        self.register_buffer("scale", torch.tensor(self.output_scale * math.sqrt(self.out_dim / hidden_dim)),
+                             persistent=False)
+
+    def hidden(self, emb: TextEmbedding) -> torch.Tensor:
+        """(B, hidden_dim) hidden features of a batch of embeddings."""
+        x = text_input(emb, self.use_tokens, self.text_len, self.text_dim)
+        return self.act(self.fc1(self.norm(x)))
+
+    def forward(self, emb: TextEmbedding) -> dict[str, torch.Tensor]:
+        """TextEmbedding (B prompts) -> ``{name: (B, *shape)}``."""
+        flat = self.fc2(self.hidden(emb)) * self.scale
+        return split_outputs(flat, self.out_shapes)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, output_scale={self.output_scale}"
+
+
+@dataclass
+class HyperNetworkConfig:
+    """Config of :class:`HyperNetwork` (same names and defaults); ``.build(text_len, text_dim, out_shapes)``."""
+
+    hidden_dim: int = 64
+    use_tokens: bool = True
+    layer_norm: bool = True
+    output_scale: float = 0.3
+    n_power_iterations: int = 1
+
+    def build(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]]) -> HyperNetwork:
+        return HyperNetwork(text_len, text_dim, out_shapes, **asdict(self))

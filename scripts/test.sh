@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command of the README: sets up .venv (see scripts/_setup_env.sh), lints, runs the test suite.
+#   bash scripts/test.sh                    # everything
+#   bash scripts/test.sh -m "not slow" -x   # extra arguments go to pytest
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_setup_env.sh"
+
+echo "== ruff check att3d tests scripts"
+python -m ruff check att3d tests scripts
+echo "== pytest"
+exec python -m pytest -q "$@"

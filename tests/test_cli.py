@@ -1,0 +1,229 @@
+"""The ``att3d`` command: help, lazy dispatch, one-line errors (all fast: no torch is imported)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import att3d
+from att3d import cli
+from att3d.utils.errors import Att3dError
+
+SUBCOMMANDS = ["train", "generate", "interpolate", "refine", "eval", "bench"]
+
+FAKE_MODULE = '''
+import sys
+from att3d.utils.errors import Att3dError
+
+def main(argv):
+    what = argv[0] if argv else "ok"
+    if what == "ok":
+        print("fake got", argv)
+        return 0
+    if what == "user":
+        raise Att3dError("bad input\\nover two lines")
+    if what == "bug":
+        raise ValueError("something broke")
+    if what == "missing":
+        raise FileNotFoundError(2, "No such file or directory", "nowhere.txt")
+    if what == "interrupt":
+        raise KeyboardInterrupt
+    if what == "exit":
+        sys.exit(3)
+    if what == "dependency":
+        import att3d_no_such_dependency  # noqa: F401
+    return int(what)
+'''
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m att3d ARGS`` (or ``python -c CODE ARGS``) in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if k != "ATT3D_DEBUG"}
+    full_env.update(env or {})
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "att3d", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=60)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A subcommand ``att3d fake`` whose module behaves as its first argument says."""
+    (tmp_path / "att3d_fake_cmd.py").write_text(FAKE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("ATT3D_DEBUG", raising=False)
+    monkeypatch.setitem(cli.COMMANDS, "fake", cli.Command("att3d_fake_cmd:main", "a fake", "A fake command."))
+    monkeypatch.setitem(cli.COMMANDS, "ghost", cli.Command("att3d_no_such_pkg.sub:main", "missing", "Not written."))
+    yield
+    sys.modules.pop("att3d_fake_cmd", None)
+
+
+def test_help_lists_every_subcommand():
+    r = run_cli("--help")
+    assert r.returncode == 0, r.stderr
+    for name in SUBCOMMANDS:
+        assert f"\n    {name} " in r.stdout
+    assert "ATT3D_DEBUG" in r.stdout
+
+
+def test_console_script_and_module_entry_points():
+    script = Path(sys.executable).parent / "att3d"
+    if script.exists():
+        r = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == f"att3d {att3d.__version__}"
+    r = run_cli("--version", code="import sys; from att3d.cli import main; sys.exit(main())")
+    assert r.stdout.strip() == f"att3d {att3d.__version__}"
+    r = subprocess.run([sys.executable, "-m", "att3d.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage: att3d" in r.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help_explains_it(name, capsys):
+    if name == "train" and cli.is_available("train"):
+        pytest.skip("att3d train --help is the Hydra app's (tested with the train configs)")
+    if name == "eval":
+        assert cli.main([name, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "prior" in out and "usage: att3d eval" in out
+        return
+    if cli.is_available(name):
+        pytest.skip(f"att3d {name} exists; its help is its own module's")
+    assert cli.main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: att3d {name}")
+    assert cli.COMMANDS[name].description.split()[0] in out
+    assert "not available yet" in out
+
+
+def test_unavailable_command_is_one_line_error():
+    name = next((n for n in ("generate", "interpolate", "refine", "bench") if not cli.is_available(n)), None)
+    if name is None:
+        pytest.skip("every stub subcommand is implemented now")
+    r = run_cli(name, "x")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr == f"att3d: error: 'att3d {name}' is not available yet\n"
+
+
+def test_missing_target_module_says_not_available(fake, capsys):
+    assert cli.main(["ghost", "a", "b"]) == 2
+    err = capsys.readouterr().err
+    assert err == "att3d: error: 'att3d ghost' is not available yet\n"
+
+
+def test_arguments_are_forwarded_untouched(fake, capsys):
+    args = ["ok", "prompts=shapes64", "trainer.max_steps=2000", "--cfg", "job", "--", "-x"]
+    assert cli.main(["fake", *args]) == 0
+    assert capsys.readouterr().out == f"fake got {args}\n"
+    assert cli.main(["fake", "7"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("what", "code", "message"),
+    [
+        ("user", 2, "att3d: error: bad input over two lines"),
+        ("missing", 2, "att3d: error: [Errno 2] No such file or directory: 'nowhere.txt'"),
+        ("bug", 1, "att3d: error: internal error: ValueError: something broke; ATT3D_DEBUG=1 shows the traceback"),
+        ("interrupt", 130, "att3d: interrupted"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(fake, capsys, what, code, message):
+    assert cli.main(["fake", what]) == code
+    captured = capsys.readouterr()
+    assert captured.err == message + "\n"
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_missing_dependency_is_named(fake, capsys):
+    assert cli.main(["fake", "dependency"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "att3d_no_such_dependency" in err
+
+
+def test_system_exit_of_a_subcommand_is_its_exit_code(fake):
+    assert cli.main(["fake", "exit"]) == 3
+
+
+def test_debug_shows_the_traceback(fake, capsys, monkeypatch):
+    monkeypatch.setenv("ATT3D_DEBUG", "1")
+    assert cli.main(["fake", "user"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "Att3dError: bad input" in err
+    assert err.rstrip().splitlines()[-1] == "att3d: error: bad input over two lines"
+
+
+def test_subprocess_error_and_debug(tmp_path):
+    (tmp_path / "att3d_fake_cmd.py").write_text(FAKE_MODULE)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from att3d import cli
+        cli.COMMANDS["fake"] = cli.Command("att3d_fake_cmd:main", "a fake", "A fake command.")
+        sys.exit(cli.main())
+    """)
+    r = run_cli("fake", "user", code=code)
+    assert (r.returncode, r.stderr) == (2, "att3d: error: bad input over two lines\n")
+    r = run_cli("fake", "bug", code=code, env={"ATT3D_DEBUG": "1"})
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and r.stderr.rstrip().splitlines()[-1].startswith("att3d: error: internal error")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["trian"], "att3d: error: unknown command 'trian' for 'att3d'; did you mean 'train'?"),
+        (["--bogus"], "att3d: error: unrecognized arguments: --bogus (see 'att3d --help')"),
+        (["eval"], "att3d: error: 'att3d eval' needs a target: prior, model (see 'att3d eval --help')"),
+        (["eval", "xyz"], "att3d: error: unknown target 'xyz' for 'att3d eval' (choose from: prior, model)"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, argv, expected):
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == expected + "\n"
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "usage: att3d" in capsys.readouterr().err
+
+
+def test_import_is_cheap_and_load_is_lazy():
+    r = run_cli(code="import sys, att3d, att3d.cli; print('torch' in sys.modules, callable(att3d.load))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]
+
+
+def test_load_without_model_module_is_a_user_error(monkeypatch):
+    real = cli.import_target
+
+    def missing(target, what):
+        assert target == "att3d.model:load"
+        return real("att3d_no_such_pkg.model:load", what)
+
+    monkeypatch.setattr(cli, "import_target", missing)
+    with pytest.raises(Att3dError, match=r"^att3d\.load is not available yet$"):
+        att3d.load("nowhere")
+
+
+def test_command_parser_uses_the_table():
+    p = cli.command_parser("eval prior")
+    assert p.prog == "att3d eval prior"
+    assert p.description == cli.COMMANDS["eval"].subcommands["prior"].description
+
+
+def test_checkpoint_error_is_a_user_error():
+    from att3d.utils.checkpoint import CheckpointError
+
+    assert issubclass(CheckpointError, Att3dError) and issubclass(CheckpointError, RuntimeError)
+
+
+def test_help_of_a_hydra_style_command_prints_the_description_first(fake, capsys, monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "fake", cli.Command("att3d_fake_cmd:main", "a fake", "A fake Hydra app.",
+                                                          own_help=False))
+    assert cli.main(["fake", "ok", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: att3d fake") and "A fake Hydra app." in out
+    assert out.rstrip().endswith("fake got ['ok', '--help']")

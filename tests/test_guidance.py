@@ -1,0 +1,184 @@
+"""Score distillation: gradient routing, timestep sampling and annealing, weighting, CFG, NaN guard, clamping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from att3d.guidance import PromptConditioning, ScoreDistillation, ShapesPrior
+from att3d.guidance.priors import DiffusionPrior
+from att3d.render.cameras import OrbitCameras
+from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
+
+
+class ToyPrior(DiffusionPrior):
+    """A pixel prior with an analytic denoiser ``eps = 0.5 x_t + mean(tokens)``; items in ``nan_items`` give NaN."""
+
+    def __init__(self, resolution: int = 16, nan_items: tuple[int, ...] = ()):
+        from diffusers import DDPMScheduler
+
+        super().__init__(DDPMScheduler(num_train_timesteps=1000), resolution=resolution)
+        self.nan_items = list(nan_items)
+        self.calls = 0
+
+    def _embed_text(self, prompts):
+        codes = torch.tensor([[float(sum(map(ord, p)) % 97) / 97.0] for p in prompts])
+        return codes[:, None, :].expand(-1, 3, 4).clone(), None
+
+    def _denoise(self, x_t, t, tokens, mask, cameras):
+        self.calls += 1
+        eps = 0.5 * x_t + tokens.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        if self.nan_items:
+            eps = eps.clone()
+            b = x_t.shape[0] // 2 if x_t.shape[0] > 1 else 1
+            for i in self.nan_items:
+                eps[i] = float("nan")
+                if x_t.shape[0] == 2 * b:
+                    eps[b + i] = float("nan")
+        return eps
+
+
+@pytest.fixture(scope="module")
+def shapes_prior(tmp_path_factory) -> ShapesPrior:
+    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("prior")
+    save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
+    return ShapesPrior.from_pretrained(folder)
+
+
+def _images(b: int, res: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+
+
+def test_sds_gradient_reaches_images(shapes_prior):
+    b = 3
+    images = _images(b, 64)  # rendered larger than the prior: resized inside encode_images
+    cams = OrbitCameras.sample_training(b, torch.Generator().manual_seed(0))
+    cond = shapes_prior.encode_prompts(["a red cube", "a blue sphere", "a green torus"])
+    sds = ScoreDistillation(shapes_prior, guidance_scale=3.0)
+    out = sds(images, cond, cams, step=0, generator=torch.Generator().manual_seed(0))
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss) and out.num_nonfinite == 0
+    assert out.t.shape == (b,) and out.t.dtype == torch.long
+    assert out.grad_norm > 0
+    out.loss.backward()
+    assert images.grad.shape == images.shape and torch.isfinite(images.grad).all()
+    assert (images.grad.flatten(1).abs().sum(1) > 0).all()
+    with pytest.raises(ValueError, match="cameras"):
+        sds(_images(b, 32), cond, None)
+
+
+def test_reparametrised_loss_gives_exact_sds_gradient():
+    """d loss / d images equals 2 * w(t) (eps_hat - eps) / B (the 2 from images -> [-1, 1])."""
+    prior = ToyPrior(resolution=16)
+    b, s = 4, 5.0
+    cond = prior.encode_prompts(["a red cube", "a blue sphere", "a red cube", "a gray cone"])
+    sds = ScoreDistillation(prior, guidance_scale=s, weighting="sds")
+    images = _images(b, 16)
+    out = sds(images, cond, None, generator=torch.Generator().manual_seed(7))
+    out.loss.backward()
+    # replay the same random draws
+    g = torch.Generator().manual_seed(7)
+    t = sds.sample_t(b, 0, g)
+    torch.testing.assert_close(t, out.t, rtol=0, atol=0)
+    x0 = images.detach() * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    e_c = 0.5 * x_t + cond.cond.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    e_u = 0.5 * x_t + cond.uncond.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    grad = (1 - a) * (e_u + s * (e_c - e_u) - noise)
+    torch.testing.assert_close(images.grad, 2 * grad / b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, 0.5 * grad.pow(2).sum() / b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.grad_norm, grad.flatten(1).norm(dim=1).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_cfg_scale_changes_gradient(shapes_prior):
+    cams = OrbitCameras.sample_training(2, torch.Generator().manual_seed(1))
+    cond = shapes_prior.encode_prompts(["a red cube", "a blue sphere"])
+    grads = []
+    for scale in (1.0, 7.5):
+        images = _images(2, 32, seed=3)
+        ScoreDistillation(shapes_prior, guidance_scale=scale)(
+            images, cond, cams, generator=torch.Generator().manual_seed(0)).loss.backward()
+        grads.append(images.grad)
+    assert (grads[0] - grads[1]).abs().max() > 1e-6
+
+
+def test_cfg_uses_one_batched_forward():
+    prior = ToyPrior()
+    cond = prior.encode_prompts(["a", "b", "c"])
+    prior.predict_noise(torch.zeros(3, 3, 16, 16), torch.tensor([1, 2, 3]), cond, None, 7.5)
+    assert prior.calls == 1
+
+
+def test_timesteps_per_item_and_annealing():
+    prior = ToyPrior()
+    sds = ScoreDistillation(prior, t_range=(0.02, 0.98), t_anneal=(0.98, 0.5, 100))
+    assert sds.t_bounds(0) == (20, 980)
+    assert sds.t_bounds(50) == (20, 740)
+    assert sds.t_bounds(100) == sds.t_bounds(10_000) == (20, 500)
+    g = torch.Generator().manual_seed(0)
+    early = sds.sample_t(256, 0, g)
+    late = sds.sample_t(256, 1000, g)
+    assert early.min() >= 20 and early.max() <= 980 and early.max() > 500
+    assert late.min() >= 20 and late.max() <= 500
+    assert len(early.unique()) > 100  # one timestep per item
+    shared = ScoreDistillation(prior, per_item_t=False).sample_t(16, 0, g)
+    assert len(shared.unique()) == 1
+    narrow = ScoreDistillation(prior, t_range=(0.3, 0.4), t_anneal=(0.4, 0.1, 10))
+    assert narrow.t_bounds(10) == (300, 300)  # the max never drops below the min
+    with pytest.raises(ValueError):
+        ScoreDistillation(prior, t_range=(0.9, 0.1))
+
+
+def test_weightings():
+    prior = ToyPrior()
+    t = torch.tensor([0, 500, 999])
+    a = prior.alphas_cumprod[t]
+    torch.testing.assert_close(ScoreDistillation(prior, weighting="sds").weight(t), 1 - a)
+    torch.testing.assert_close(ScoreDistillation(prior, weighting="uniform").weight(t), torch.ones(3))
+    torch.testing.assert_close(ScoreDistillation(prior, weighting="snr").weight(t), a.sqrt() * (1 - a))
+    with pytest.raises(ValueError, match="weighting"):
+        ScoreDistillation(prior, weighting="nope")
+
+
+def test_nan_guard_zeroes_bad_items():
+    prior = ToyPrior(nan_items=(1,))
+    cond = prior.encode_prompts(["a", "b", "c"])
+    images = _images(3, 16)
+    out = ScoreDistillation(prior)(images, cond, None, generator=torch.Generator().manual_seed(0))
+    assert out.num_nonfinite == 1 and torch.isfinite(out.loss) and torch.isfinite(out.grad_norm)
+    out.loss.backward()
+    assert torch.isfinite(images.grad).all()
+    assert images.grad[1].abs().max() == 0
+    assert images.grad[0].abs().max() > 0 and images.grad[2].abs().max() > 0
+
+
+def test_grad_clip_bounds_each_element():
+    prior = ToyPrior()
+    cond = prior.encode_prompts(["a", "b"])
+    clip = 0.01
+    images = _images(2, 16)
+    ScoreDistillation(prior, weighting="uniform", grad_clip=clip)(
+        images, cond, None, generator=torch.Generator().manual_seed(0)).loss.backward()
+    # d loss / d images = 2 * clamp(grad) / B
+    bound = torch.tensor(2 * clip / 2)
+    assert images.grad.abs().max() <= bound * (1 + 1e-6)
+    assert torch.isclose(images.grad.abs().max(), bound)  # the clamp is active
+
+
+def test_mixed_conditioning(shapes_prior):
+    cams = OrbitCameras.sample_training(2, torch.Generator().manual_seed(2))
+    a = shapes_prior.encode_prompts(["a red cube", "a blue sphere"])
+    b = shapes_prior.encode_prompts(["a green torus", "a red cube"])
+    sds = ScoreDistillation(shapes_prior, guidance_scale=5.0)
+
+    def grad_of(cond: PromptConditioning) -> torch.Tensor:
+        images = _images(2, 32, seed=4)
+        sds(images, cond, cams, generator=torch.Generator().manual_seed(0)).loss.backward()
+        return images.grad
+
+    torch.testing.assert_close(grad_of(a.mix(b, 1.0)), grad_of(a))
+    mixed = grad_of(a.mix(b, torch.tensor([0.3, 0.6])))
+    assert torch.isfinite(mixed).all() and (mixed - grad_of(a)).abs().max() > 1e-6

@@ -1,0 +1,271 @@
+"""att3d.mesh.rasterize: the pure-torch rasterizer against brute force and analytic geometry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from att3d.mesh import (
+    grid_points,
+    interpolate,
+    marching_cubes,
+    rasterize,
+    rasterize_screen,
+    render_mesh,
+    texture_sample,
+)
+from att3d.render.cameras import OrbitCameras
+from att3d.world.render import render_objects
+from att3d.world.shapes import COLOURS, WorldObject, sdf_sphere
+
+RES = 32
+# No pixel centre lies within 0.006 px of an edge of this triangle (checked below), so coverage
+# is unambiguous and small finite-difference steps do not change it.
+TRI_XY = torch.tensor([[3.4, 2.6], [27.9, 8.3], [12.2, 29.6]])
+
+
+def edge_margin(tri: torch.Tensor, height: int, width: int) -> float:
+    """Smallest distance from a pixel centre to the lines through the triangle's edges."""
+    t = tri.double()
+    c_r = torch.arange(height, dtype=torch.float64) + 0.5
+    c_c = torch.arange(width, dtype=torch.float64) + 0.5
+    y, x = torch.meshgrid(c_r, c_c, indexing="ij")
+    dists = []
+    for a, b in ((0, 1), (1, 2), (2, 0)):
+        e = (t[b, 0] - t[a, 0]) * (y - t[a, 1]) - (t[b, 1] - t[a, 1]) * (x - t[a, 0])
+        dists.append(float(e.abs().min() / (t[b] - t[a]).norm()))
+    return min(dists)
+
+
+def brute_force_coverage(tri: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(H, W) bool: pixel centres inside a 2D triangle (3, 2), by same-side tests, one pixel at a time."""
+    out = torch.zeros(height, width, dtype=torch.bool)
+    a, b, c = (tuple(map(float, p)) for p in tri)
+
+    def side(p, q, r):
+        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+
+    for row in range(height):
+        for col in range(width):
+            p = (col + 0.5, row + 0.5)
+            s = (side(a, b, p), side(b, c, p), side(c, a, p))
+            out[row, col] = all(v >= 0 for v in s) or all(v <= 0 for v in s)
+    return out
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [0, 2, 1]])
+def test_single_triangle_coverage_bary_depth(order):
+    depth = torch.tensor([1.0, 2.0, 4.0])
+    faces = torch.tensor([order])
+    assert edge_margin(TRI_XY, RES, RES) > 5e-3
+    rast = rasterize_screen(TRI_XY, depth, faces, RES)
+    expected = brute_force_coverage(TRI_XY, RES, RES)
+    assert 100 < int(expected.sum()) < RES * RES
+    assert torch.equal(rast.mask[0], expected)
+    assert (rast.face_id[0][expected] == 0).all() and (rast.face_id[0][~expected] == -1).all()
+    m = rast.mask[0]
+    bary = rast.bary[0][m]  # (P, 3), in the order of the face's corners
+    assert torch.allclose(bary.sum(-1), torch.ones(len(bary)), atol=1e-5)
+    assert bary.min() > -1e-5
+    # Perspective-correct: b_i = (s_i / z_i) / sum_j (s_j / z_j) for screen barycentrics s;
+    # undo that and the screen-space interpolation of the corners reproduces the pixel centre.
+    z = depth[faces[0]]
+    screen = bary * z
+    screen = screen / screen.sum(-1, keepdim=True)
+    rows, cols = m.nonzero(as_tuple=True)
+    centre = torch.stack([cols + 0.5, rows + 0.5], dim=-1).float()
+    assert torch.allclose(screen @ TRI_XY[faces[0]], centre, atol=1e-4)
+    # Depth: 1/z is affine in screen space.
+    assert torch.allclose(rast.depth[0][m], 1.0 / (screen @ (1.0 / z)), rtol=1e-5)
+    assert (rast.depth[0][~m] == 0).all() and (rast.bary[0][~m] == 0).all()
+
+
+def test_culling_and_chunking():
+    flat = rasterize_screen(TRI_XY, None, torch.tensor([[0, 1, 2]]), RES)
+    # On screen (rows down) this corner order is clockwise: culled as a back face.
+    culled = rasterize_screen(TRI_XY, None, torch.tensor([[0, 1, 2]]), RES, cull_backfaces=True)
+    kept = rasterize_screen(TRI_XY, None, torch.tensor([[0, 2, 1]]), RES, cull_backfaces=True)
+    assert not culled.mask.any()
+    assert torch.equal(kept.mask, flat.mask)
+    # Tiny candidate chunks give the same result.
+    verts, faces = marching_cubes(sdf_sphere(grid_points(20)), 0.0)
+    cams = OrbitCameras.evaluation(2)
+    a = rasterize(verts, faces, 48, cams)
+    b = rasterize(verts, faces, 48, cams)
+    xy, depth = cams.project(verts[None].expand(2, -1, -1), 48)
+    c = rasterize_screen(xy, depth, faces, 48, max_candidates=97)
+    assert torch.equal(a.face_id, b.face_id) and torch.equal(a.face_id, c.face_id)
+    assert torch.allclose(a.bary, c.bary) and torch.allclose(a.depth, c.depth)
+
+
+def test_world_triangle_depth_and_bary_match_ray_casting():
+    cams = OrbitCameras.from_angles([0.3, 2.0], [0.2, -0.1])
+    verts = torch.tensor([[-0.4, -0.3, 0.1], [0.5, -0.2, 0.0], [0.0, 0.45, -0.2]])
+    faces = torch.tensor([[0, 1, 2]])
+    rast = rasterize(verts, faces, RES, cams)
+    rays_o, rays_d = cams.rays(RES)
+    v0, v1, v2 = verts
+    n = torch.linalg.cross(v1 - v0, v2 - v0)
+    # Brute-force ray/triangle: intersect the plane, then test the hit point's barycentrics.
+    t = ((v0 - rays_o) @ n) / (rays_d @ n)  # (B, H, W)
+    hit = rays_o + t[..., None] * rays_d
+    e0, e1 = v1 - v0, v2 - v0
+    d = hit - v0
+    d00, d01, d11 = e0 @ e0, e0 @ e1, e1 @ e1
+    d20, d21 = d @ e0, d @ e1
+    den = d00 * d11 - d01 * d01
+    b1 = (d11 * d20 - d01 * d21) / den
+    b2 = (d00 * d21 - d01 * d20) / den
+    b0 = 1 - b1 - b2
+    true_bary = torch.stack([b0, b1, b2], dim=-1)
+    inside = (true_bary > 1e-4).all(-1) & (t > 0)
+    border = (true_bary > -1e-4).all(-1) & ~inside
+    m = rast.mask
+    assert m[inside].all()
+    assert not (m & ~inside & ~border).any()
+    assert int(inside.sum()) > 100
+    # Perspective-correct barycentrics: the interpolated world point is the ray hit.
+    assert torch.allclose(rast.bary[m], true_bary[m], atol=2e-4)
+    p = interpolate(verts, rast, faces)
+    assert torch.allclose(p[m], hit[m], atol=1e-4)
+    # View depth = ray distance times the cosine to the viewing axis.
+    forward = -cams.c2w()[:, :, 2]
+    view_depth = t * (rays_d * forward[:, None, None, :]).sum(-1)
+    assert torch.allclose(rast.depth[m], view_depth[m], rtol=1e-4)
+    # ... and it projects back onto the pixel centre.
+    rows, cols = m[0].nonzero(as_tuple=True)
+    xy, _ = cams.index(torch.tensor([0])).project(p[0][m[0]][None], RES)
+    assert torch.allclose(xy[0], torch.stack([cols + 0.5, rows + 0.5], -1).float(), atol=1e-3)
+
+
+def test_clip_space_input_matches_cameras():
+    cams = OrbitCameras.evaluation(3)
+    verts, faces = marching_cubes(sdf_sphere(grid_points(16)), 0.0)
+    xy, depth = cams.project(verts[None].expand(3, -1, -1), 40)
+    ndc_x = xy[..., 0] / 40 * 2 - 1
+    ndc_y = 1 - xy[..., 1] / 40 * 2
+    clip = torch.stack([ndc_x * depth, ndc_y * depth, torch.zeros_like(depth), depth], dim=-1)
+    a = rasterize(verts, faces, 40, cams)
+    b = rasterize(clip, faces, 40)
+    assert torch.equal(a.face_id, b.face_id)
+    assert torch.allclose(a.depth, b.depth, atol=1e-5)
+    with pytest.raises(ValueError):
+        rasterize(verts, faces, 40)
+
+
+@pytest.mark.parametrize("near_first", [True, False])
+def test_zbuffer_nearer_triangle_wins(near_first):
+    # Two overlapping screen triangles, the far one drawn large, the near one smaller.
+    xy = torch.tensor([[1.0, 1.0], [30.0, 2.0], [2.0, 30.0], [6.0, 5.0], [26.0, 9.0], [9.0, 26.0]])
+    depth = torch.tensor([3.0, 3.0, 3.0, 1.5, 1.5, 1.5])
+    near, far = [3, 4, 5], [0, 1, 2]
+    faces = torch.tensor([near, far] if near_first else [far, near])
+    near_id = 0 if near_first else 1
+    rast = rasterize_screen(xy, depth, faces, RES)
+    near_cov = brute_force_coverage(xy[3:], RES, RES)
+    far_cov = brute_force_coverage(xy[:3], RES, RES)
+    assert (near_cov & far_cov).sum() > 50
+    assert (rast.face_id[0][near_cov] == near_id).all()
+    assert (rast.face_id[0][far_cov & ~near_cov] == 1 - near_id).all()
+    assert torch.allclose(rast.depth[0][near_cov], torch.full((int(near_cov.sum()),), 1.5))
+
+
+def test_zbuffer_world_two_planes():
+    # A quad at z = 0.3 in front of a quad at z = -0.3 seen from +z: the front one covers it.
+    def quad(z, s):
+        return torch.tensor([[-s, -s, z], [s, -s, z], [s, s, z], [-s, s, z]])
+
+    verts = torch.cat([quad(-0.3, 0.6), quad(0.3, 0.2)])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    cams = OrbitCameras.from_angles([0.0], [0.0])
+    rast = rasterize(verts, faces, 48, cams)
+    front = rast.face_id >= 2
+    assert front.sum() > 50 and (rast.face_id >= 0).sum() > front.sum()
+    assert torch.allclose(rast.depth[front], torch.full((int(front.sum()),), 2.2 - 0.3), atol=1e-5)
+    back = (rast.face_id >= 0) & ~front
+    assert torch.allclose(rast.depth[back], torch.full((int(back.sum()),), 2.2 + 0.3), atol=1e-5)
+
+
+def test_gradients_exactly_on_covered_pixels():
+    faces = torch.tensor([[0, 1, 2]])
+    rast = rasterize_screen(TRI_XY, torch.tensor([1.0, 2.0, 4.0]), faces, RES)
+    covered = brute_force_coverage(TRI_XY, RES, RES)
+    colours = torch.rand(3, 3, generator=torch.Generator().manual_seed(0))
+    # Per-pixel derivative of the image along a direction in colour space: 1 exactly where covered.
+    # (Forward-mode product J u by the double-vjp trick: J u = d/dv <J^T v, u>.)
+    colours.requires_grad_()
+    out = interpolate(colours, rast, faces)
+    v = torch.zeros_like(out, requires_grad=True)
+    (vjp,) = torch.autograd.grad(out, colours, grad_outputs=v, create_graph=True)
+    (tangent,) = torch.autograd.grad(vjp, v, grad_outputs=torch.ones_like(colours))
+    assert torch.allclose(tangent[0][covered], torch.ones(int(covered.sum()), 3), atol=1e-5)
+    assert (tangent[0][~covered] == 0).all()
+    # Texture: every covered pixel sends total weight 1 into the texture (bilinear), others none.
+    uvs = torch.tensor([[0.1, 0.2], [0.9, 0.3], [0.4, 0.8]], requires_grad=True)
+    texture = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    uv = interpolate(uvs, rast, faces)
+    out = texture_sample(texture, uv) * rast.mask[..., None]
+    out.sum().backward()
+    assert math.isclose(float(texture.grad.sum()), 3 * float(covered.sum()), rel_tol=1e-5)
+    assert uvs.grad.abs().sum() > 0  # the lookup is differentiable w.r.t. the uvs too
+
+
+def test_gradients_wrt_vertex_positions_match_finite_differences():
+    xy = TRI_XY.double().requires_grad_()
+    depth = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64, requires_grad=True)
+    faces = torch.tensor([[0, 1, 2]])
+    attr = torch.tensor([[0.0], [1.0], [5.0]], dtype=torch.float64)
+
+    def loss(xy_: torch.Tensor, depth_: torch.Tensor) -> torch.Tensor:
+        rast = rasterize_screen(xy_, depth_, faces, RES)
+        return (interpolate(attr, rast, faces) ** 2).sum()
+
+    loss(xy, depth).backward()
+    assert xy.grad.abs().sum() > 0 and depth.grad.abs().sum() > 0
+    eps = 1e-6
+    for i, j in [(0, 0), (1, 1), (2, 0)]:
+        d = torch.zeros_like(xy)
+        d[i, j] = eps
+        with torch.no_grad():
+            fd = (loss(xy + d, depth) - loss(xy - d, depth)) / (2 * eps)
+        assert math.isclose(float(xy.grad[i, j]), float(fd), rel_tol=1e-4, abs_tol=1e-6)
+    with torch.no_grad():
+        dz = torch.tensor([0.0, eps, 0.0], dtype=torch.float64)
+        fd = (loss(xy, depth + dz) - loss(xy, depth - dz)) / (2 * eps)
+    assert math.isclose(float(depth.grad[1]), float(fd), rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_world_vertex_gradient_through_cameras():
+    verts, faces = marching_cubes(sdf_sphere(grid_points(16)), 0.0)
+    verts = verts.clone().requires_grad_()
+    cams = OrbitCameras.evaluation(2)
+    rgb, mask = render_mesh(verts, faces, cams, 32, colours=verts.detach() * 0.5 + 0.5, lambert=True)
+    rgb.sum().backward()
+    assert verts.grad is not None and torch.isfinite(verts.grad).all() and verts.grad.abs().sum() > 0
+
+
+def test_sphere_silhouette_and_colour_match_world_renderer():
+    verts, faces = marching_cubes(sdf_sphere(grid_points(64)), 0.0)
+    cams = OrbitCameras.evaluation(8)
+    objects = [WorldObject("sphere", "red")] * 8
+    truth = render_objects(objects, cams, 64)
+    red = torch.tensor(COLOURS["red"]).expand(verts.shape[0], 3)
+    rgb, mask = render_mesh(verts, faces, cams, 64, colours=red, lambert=True)
+    inter = (mask * truth["mask"]).sum()
+    union = ((mask + truth["mask"]) > 0).sum()
+    assert float(inter / union) > 0.97
+    both = (mask > 0) & (truth["mask"] > 0)
+    assert (rgb - truth["rgb"]).abs()[both].mean() < 0.01
+    assert torch.equal(rgb[mask == 0], torch.ones(int((mask == 0).sum()), 3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rasterize_cuda_matches_cpu():
+    verts, faces = marching_cubes(sdf_sphere(grid_points(32)), 0.0)
+    cams = OrbitCameras.evaluation(4)
+    a = rasterize(verts, faces, 64, cams)
+    b = rasterize(verts.cuda(), faces.cuda(), 64, cams.to("cuda"))
+    assert (a.face_id == b.face_id.cpu()).float().mean() > 0.999

@@ -114,7 +114,8 @@ class ScoreDistillation:
         return a.sqrt() * (1.0 - a)
 
     def __call__(self, images: torch.Tensor, cond: PromptConditioning, cameras: OrbitCameras | None = None,
-                 step: int = 0, generator: torch.Generator | None = None) -> SDSOutput:
+                 step: int = 0, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> SDSOutput:
         """One SDS evaluation.
 
         Args:
@@ -123,6 +124,9 @@ class ScoreDistillation:
             cameras: the B cameras of the renders (required by view-conditioned priors).
             step: training step (for timestep annealing).
             generator: RNG for timesteps and noise (timesteps are drawn on the generator's device).
+            t: (B,) precomputed timesteps (instead of drawing them; e.g. the rank's rows of a global batch's
+                draw in data-parallel training).
+            noise: precomputed noise of ``x0``'s shape ``(B, prior.latent_channels, h, w)`` (instead of drawing it).
 
         Returns:
             :class:`SDSOutput`; ``loss.backward()`` gives ``d loss / d x0 = w(t) (eps_hat - eps) / B``.
@@ -133,9 +137,19 @@ class ScoreDistillation:
         if len(cond) != b:
             raise ValueError(f"conditioning has batch {len(cond)}, images have {b}")
         x0 = self.prior.encode_images(images)  # (B, C, h, w), differentiable
-        t = self.sample_t(b, step, generator)
+        if t is None:
+            t = self.sample_t(b, step, generator)
+        elif tuple(t.shape) != (b,):
+            raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+        else:
+            t = t.long().to(self.prior.device)
         with torch.no_grad():
-            noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+            if noise is None:
+                noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+            elif noise.shape != x0.shape:
+                raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+            else:
+                noise = noise.to(device=x0.device, dtype=x0.dtype)
             x_t = self.prior.add_noise(x0.detach(), noise, t)
             eps = self.prior.predict_noise(x_t, t, cond, cameras, self.guidance_scale).to(x0.dtype)
             grad = self.weight(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) * (eps - noise)

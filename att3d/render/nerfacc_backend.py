@@ -72,7 +72,8 @@ def cell_centres(resolution: int, bound: float, device: torch.device | str | Non
 
 @torch.no_grad()
 def occupancy_grids(field: nn.Module, cond: dict[str, torch.Tensor], batch: int, resolution: int, bound: float,
-                    threshold: float, dilate: int = 1, chunk: int = 2**18) -> torch.Tensor:
+                    threshold: float, dilate: int = 1, chunk: int = 2**18,
+                    device: torch.device | str | None = None) -> torch.Tensor:
     """Per-prompt binary occupancy from the field's density at the cell centres.
 
     Args:
@@ -81,11 +82,14 @@ def occupancy_grids(field: nn.Module, cond: dict[str, torch.Tensor], batch: int,
         threshold: a cell is occupied when its density exceeds this.
         dilate: grow the occupied set by this many cells (max-pooling), to be conservative
             about thin features between cell centres.
+        chunk: points per prompt per density evaluation.
+        device: where to build the grid (default: the device of ``cond``, else of the field's parameters).
 
     Returns:
         (B, G, G, G) bool, indexed ``[b, ix, iy, iz]``.
     """
-    device = next(iter(cond.values())).device if cond else next(field.parameters()).device
+    if device is None:
+        device = next(iter(cond.values())).device if cond else next(field.parameters()).device
     pts = cell_centres(resolution, bound, device).reshape(1, -1, 3).expand(batch, -1, -1)
     dens = torch.cat([field.density(pts[:, s:s + chunk], cond) for s in range(0, pts.shape[1], chunk)], dim=1)
     occ = (dens > threshold).reshape(batch, 1, resolution, resolution, resolution)
@@ -132,13 +136,14 @@ def eval_packed(field: nn.Module, cond: dict[str, torch.Tensor], points: torch.T
 
 
 def march(rays_o: torch.Tensor, rays_d: torch.Tensor, binaries: torch.Tensor, bound: float, step_size: float,
-          stratified: bool,
-          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          stratified: bool, generator: torch.Generator | None = None, near: torch.Tensor | None = None,
+          far: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ray marching through per-prompt occupancy grids with :func:`nerfacc.traverse_grids`.
 
     Args:
         rays_o, rays_d: (B, R, 3) rays (unit directions); binaries: (B, G, G, G) bool.
         step_size: marching step; stratified: jitter each ray's start by up to one step.
+        near, far: optional (B, R) limits of the marched segment (inside the box in any case).
 
     Returns:
         ray_indices (N,) long in ``[0, B * R)`` (prompt b's rays are ``b * R + r``), sorted;
@@ -152,12 +157,13 @@ def march(rays_o: torch.Tensor, rays_d: torch.Tensor, binaries: torch.Tensor, bo
     for b in range(B):
         ro = rays_o[b].contiguous().float()
         rd = rays_d[b].contiguous().float()
-        near = torch.zeros(R, device=ro.device, dtype=ro.dtype)
+        near_b = torch.zeros(R, device=ro.device, dtype=ro.dtype) if near is None else near[b].float()
+        far_b = torch.full_like(near_b, 1e10) if far is None else far[b].float()
         if stratified:
-            near = near + sampling._rand((R,), near, generator) * step_size
-        far = torch.full_like(near, 1e10)
+            near_b = near_b + sampling._rand((R,), near_b, generator) * step_size
         intervals, samples, _ = nerfacc.traverse_grids(ro, rd, binaries[b:b + 1].contiguous(), aabb,
-                                                       near_planes=near, far_planes=far, step_size=step_size,
+                                                       near_planes=near_b.contiguous(),
+                                                       far_planes=far_b.contiguous(), step_size=step_size,
                                                        cone_angle=0.0)
         t_starts = intervals.vals[intervals.is_left]
         t_ends = intervals.vals[intervals.is_right]
@@ -170,8 +176,8 @@ def march(rays_o: torch.Tensor, rays_d: torch.Tensor, binaries: torch.Tensor, bo
 def render_rays_nerfacc(field: nn.Module, cond: dict[str, torch.Tensor], rays_o: torch.Tensor, rays_d: torch.Tensor,
                         bound: float, occ_resolution: int = 64, occ_threshold: float = 0.01, occ_dilate: int = 1,
                         step_size: float = 2 * 3**0.5 / 512, stratified: bool = False, early_stop_eps: float = 1e-4,
-                        generator: torch.Generator | None = None,
-                        binaries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None, binaries: torch.Tensor | None = None,
+                        near: torch.Tensor | None = None, far: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Render rays of B prompts with nerfacc.
 
     Args:
@@ -181,6 +187,8 @@ def render_rays_nerfacc(field: nn.Module, cond: dict[str, torch.Tensor], rays_o:
         step_size: marching step; stratified: jitter the starts; early_stop_eps: drop samples whose
             transmittance is below this (one extra density pass without gradients; 0 disables).
         binaries: precomputed (B, G, G, G) occupancy (else computed here).
+        near, far: optional (B, R) limits of the rendered segment of each ray (e.g. a bounding sphere);
+            a ray with ``near >= far`` gets no samples.
 
     Returns:
         dict with ``rgb`` (B, R, 3) premultiplied (no background), ``opacity`` (B, R), ``depth`` (B, R).
@@ -191,9 +199,11 @@ def render_rays_nerfacc(field: nn.Module, cond: dict[str, torch.Tensor], rays_o:
     B, R, _ = rays_o.shape
     n_rays = B * R
     if binaries is None:
-        binaries = occupancy_grids(field, cond, B, occ_resolution, bound, occ_threshold, occ_dilate)
+        binaries = occupancy_grids(field, cond, B, occ_resolution, bound, occ_threshold, occ_dilate,
+                                   device=rays_o.device)
     with torch.no_grad():
-        ray_indices, t_starts, t_ends = march(rays_o, rays_d, binaries, bound, step_size, stratified, generator)
+        ray_indices, t_starts, t_ends = march(rays_o, rays_d, binaries, bound, step_size, stratified, generator,
+                                              near, far)
     flat_o = rays_o.reshape(n_rays, 3)
     flat_d = rays_d.reshape(n_rays, 3)
 

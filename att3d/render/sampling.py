@@ -12,7 +12,13 @@ import torch
 
 
 def _rand(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Uniform [0, 1) noise of ``shape`` on ``like``'s device and dtype, drawn from ``generator`` (any device)."""
+    """Uniform [0, 1) noise of ``shape`` on ``like``'s device and dtype, drawn from ``generator`` (any device).
+
+    ``generator`` may also be a batch-sliced source with ``rand(shape, dtype)`` (``att3d.train.distributed.BatchSlice``:
+    draws for the global batch of a data-parallel step and keeps this rank's rows).
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        return generator.rand(shape, dtype=like.dtype).to(like.device)
     gen_device = generator.device if generator is not None else like.device
     return torch.rand(shape, generator=generator, device=gen_device, dtype=like.dtype).to(like.device)
 

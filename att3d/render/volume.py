@@ -170,13 +170,14 @@ class VolumeRenderer(nn.Module):
         bg = sampling.background_tensor(background, B, rays_o.device, rays_o.dtype)
         out = None
         if self.resolve_backend(rays_o.device) == "cuda":
+            near, far = self.ray_segments(rays_o, rays_d, float(field.bound))
             try:
                 out = nerfacc_backend.render_rays_nerfacc(
                     field, cond, rays_o, rays_d, bound=float(field.bound), occ_resolution=self.occ_resolution,
                     occ_threshold=self.occ_threshold, occ_dilate=self.occ_dilate,
                     step_size=2.0 * math.sqrt(3.0) * float(field.bound) / self.march_steps,
                     stratified=self.stratified and self.training, early_stop_eps=self.early_stop_eps,
-                    generator=generator, binaries=occupancy)
+                    generator=generator, binaries=occupancy, near=near, far=far)
             except nerfacc_backend.NerfaccUnavailable as e:
                 if self.backend == "cuda":
                     raise RuntimeError(f"VolumeRenderer(backend='cuda'): {e}") from e
@@ -187,10 +188,11 @@ class VolumeRenderer(nn.Module):
         out["rgb"] = sampling.add_background(out["rgb"], out["opacity"], bg)
         return out
 
-    def occupancy_grids(self, field: nn.Module, cond: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    def occupancy_grids(self, field: nn.Module, cond: dict[str, torch.Tensor], batch: int,
+                        device: torch.device | str | None = None) -> torch.Tensor:
         """(B, G, G, G) bool occupancy of the CUDA path (from the field's density; no gradients)."""
         return nerfacc_backend.occupancy_grids(field, cond, batch, self.occ_resolution, float(field.bound),
-                                               self.occ_threshold, self.occ_dilate)
+                                               self.occ_threshold, self.occ_dilate, device=device)
 
     def forward(self, field: nn.Module, cond: dict[str, torch.Tensor], cameras: OrbitCameras, resolution: int,
                 background: Background = (1.0, 1.0, 1.0),
@@ -224,7 +226,7 @@ class VolumeRenderer(nn.Module):
             rays_o, rays_d = rays_o.reshape(B, H * W, 3), rays_d.reshape(B, H * W, 3)
             occ = None
             if self.resolve_backend(rays_o.device) == "cuda":
-                occ = self.occupancy_grids(field, cond, B)  # once for all chunks
+                occ = self.occupancy_grids(field, cond, B, rays_o.device)  # once for all chunks
             parts: list[dict[str, torch.Tensor]] = []
             for s in range(0, H * W, chunk):
                 parts.append(self.render_rays(field, cond, rays_o[:, s:s + chunk], rays_d[:, s:s + chunk],

@@ -5,6 +5,15 @@ config (``config.yaml``), Hydra's record (``.hydra/``), logs, TensorBoard events
 ``metrics.jsonl``, checkpoints and the final model folder (``model/``).
 ``resume=<run folder>`` continues a run from its latest checkpoint with its saved
 config; command-line overrides apply on top (e.g. a larger ``trainer.max_steps``).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) every process runs this app: the process group
+is joined before Hydra starts (gloo on the CPU, NCCL for CUDA tensors), the ranks agree
+on the run folder's timestamp and use rank 0's resolved config, rank 0 alone writes
+files, and ``trainer.batch_size`` is the global batch (see :mod:`att3d.train.distributed`).
+
+Exit codes: 0 done, 2 a user error (one line on stderr: bad prompt file, damaged or
+mismatching checkpoint, unknown config key, too many non-finite steps), 130 / 143
+stopped by SIGINT / SIGTERM after writing a checkpoint (resume continues from it).
 """
 
 from __future__ import annotations
@@ -37,10 +46,18 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return q if q.exists() else p
 
 
+#: Environment variable holding the run folder's timestamp that all ranks of a torchrun job share.
+STAMP_ENV = "ATT3D_RUN_STAMP"
+
+
+def _stamp() -> str:
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def _run_dir(resume: str | None, name: str) -> str:
     if resume not in (None, "", "None", "null"):
         return str(resume)
-    return str(Path("runs") / str(name) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    return str(Path("runs") / str(name) / (os.environ.get(STAMP_ENV) or _stamp()))
 
 
 def _register_resolvers() -> None:
@@ -61,7 +78,7 @@ def build_guidance(gcfg: dict[str, Any], device: str):
     name = prior_cfg.pop("name")
     path = prior_cfg.pop("path")
     local = resolve_path(path)
-    prior = PRIORS.get(name).from_pretrained(str(local) if local.exists() else path, device=device, **prior_cfg)
+    prior = PRIORS.build(name, path=str(local) if local.exists() else path, device=device, **prior_cfg)
     if gcfg.get("t_range") is not None:
         gcfg["t_range"] = tuple(gcfg["t_range"])
     if gcfg.get("t_anneal") is not None:
@@ -75,13 +92,18 @@ def model_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def build_trainer(cfg: dict[str, Any], run_dir: str | Path):
     """Model, prompt bank, guidance and trainer of a resolved train config (a plain dict)."""
+    import torch
+
     from att3d.model import AmortizedModel
     from att3d.text.prompts import PromptBank, resolve_prompts
+    from att3d.train import distributed
     from att3d.train.trainer import Trainer, pick_device, trainer_config_from_dict
 
     tcfg = trainer_config_from_dict(cfg["trainer"])
-    device = pick_device(tcfg.device)
+    device = distributed.rank_device(pick_device(tcfg.device))
+    distributed.shard(tcfg.batch_size)  # a batch that does not split over the ranks fails before the heavy loading
     prompts = PromptBank(resolve_prompts(cfg["prompts"]["train"], base_dir=configs_dir() / "prompts"))
+    torch.manual_seed(tcfg.seed)  # the initial weights depend on the seed only
     model = AmortizedModel(model_config(cfg))
     guidance = build_guidance(cfg["guidance"], str(device))
     background = tuple(cfg["guidance"].get("background") or (1.0, 1.0, 1.0))
@@ -90,40 +112,131 @@ def build_trainer(cfg: dict[str, Any], run_dir: str | Path):
                    embedding_cache=resolve_path(cache) if cache else None, progress=bool(cfg.get("progress", True)))
 
 
+def save_config(cfg: dict[str, Any], run_dir: str | Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
+    from omegaconf import OmegaConf
+
+    from att3d.utils.checkpoint import atomic_write
+
+    path = Path(run_dir) / "config.yaml"
+    text = OmegaConf.to_yaml(OmegaConf.create(cfg))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
 def run(cfg: dict[str, Any], run_dir: str | Path) -> Path:
-    """Train with a resolved config dict; returns the final model folder."""
-    trainer = build_trainer(cfg, run_dir)
+    """Train with a resolved config dict; returns the final model folder.
+
+    The latest checkpoint (if any) is loaded before ``config.yaml`` is (re)written, so a resume with
+    overrides that do not fit the checkpoint (another field size) fails without touching the run's config.
+    """
+    from att3d.train import distributed
+
+    try:
+        trainer = build_trainer(cfg, run_dir)
+    except (ValueError, TypeError) as e:  # a component rejected its options (bad value, unknown keyword)
+        raise Att3dError(f"invalid configuration: {' '.join(str(e).split())}") from None
+    trainer.restore(resume=True)
+    if distributed.current().is_main:
+        save_config(cfg, run_dir)
     return trainer.fit(resume=True)
+
+
+def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
+    """The run's config as a plain dict: the saved ``config.yaml`` plus the overrides on resume."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "config.yaml"
+    if cfg.resume and saved.is_file():
+        overrides = [o for o in task_overrides if not o.startswith("resume=")]
+        try:
+            base = OmegaConf.load(saved)
+        except Exception as e:  # a YAML or OmegaConf error: the file was edited or damaged
+            raise Att3dError(f"cannot read {saved}: {' '.join(str(e).split())}") from None
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        cfg.resume = str(run_dir)
+    elif cfg.resume:
+        raise Att3dError(f"resume: {run_dir} is not an att3d run folder (no config.yaml)")
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _quiet_worker_logging() -> None:
+    """Ranks other than 0 log warnings to the console only (rank 0 keeps Hydra's log file)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.WARNING)
+
+
+def _config_error(e: BaseException) -> Att3dError:
+    """One line from Hydra's / OmegaConf's error and its cause (e.g. 'Key 'x' is not in struct')."""
+    from att3d.utils.errors import one_line
+
+    msg = one_line(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None:
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        if first and first not in msg:
+            msg = f"{msg.rstrip('.')}: {first}"
+    return Att3dError(msg)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``att3d train [overrides...]``; returns the exit code."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
+
+    from att3d.train import distributed
+    from att3d.train.trainer import TrainingInterrupted
 
     _register_resolvers()
     argv = list(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {"code": 0}
+    info = distributed.env_info()
+    joined = False
+    saved_env = {k: os.environ.get(k) for k in (STAMP_ENV, "HYDRA_FULL_ERROR")}
+    if info.enabled:
+        joined = not distributed.current().enabled
+        distributed.init_from_env()
+        os.environ[STAMP_ENV] = str(distributed.broadcast_object(_stamp()))  # one run folder for all ranks
+        if not info.is_main:
+            argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
+    # Config errors come back as exceptions (one line through att3d.cli), not as Hydra's multi-line report.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
 
     @hydra.main(version_base=None, config_path=str(configs_dir()), config_name="train")
     def _app(cfg: DictConfig) -> None:
-        run_dir = Path(cfg.run_dir)
+        if not info.is_main:
+            _quiet_worker_logging()
         try:
-            saved = run_dir / "config.yaml"
-            if cfg.resume and saved.is_file():
-                overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
-                base = OmegaConf.load(saved)
-                cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
-                cfg.resume = str(run_dir)
-            elif cfg.resume:
-                raise Att3dError(f"resume: {run_dir} is not an att3d run folder (no config.yaml)")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-            folder = run(OmegaConf.to_container(cfg, resolve=True), run_dir)
-            print(f"model written to {folder}")
+            failure, container = None, None
+            if info.is_main:
+                try:
+                    container = _resolved_config(cfg, list(HydraConfig.get().overrides.task))
+                except Att3dError as e:
+                    failure = str(e)
+                except Exception as e:  # e.g. OmegaConf's MissingMandatoryValue for prompts.train=???
+                    if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+                        raise
+                    failure = str(_config_error(e))
+            # Every rank trains with rank 0's config (and fails with its error).
+            failure, container = distributed.broadcast_object((failure, container))
+            if failure is not None:
+                raise Att3dError(failure)
+            folder = run(container, Path(container["run_dir"]))
+            if info.is_main:
+                print(f"model written to {folder}")
+        except TrainingInterrupted as e:
+            if info.is_main:
+                print(f"att3d: {e}", file=sys.stderr)
+            result["code"] = e.exit_code
         except Att3dError as e:
-            print(f"att3d: error: {e}", file=sys.stderr)
+            where = f"[rank {info.rank}] " if info.enabled else ""
+            print(f"att3d: error: {where}{' '.join(str(e).split())}", file=sys.stderr)
             result["code"] = 2
         except KeyboardInterrupt:
             print("att3d: interrupted", file=sys.stderr)
@@ -133,9 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["att3d train", *argv]
     try:
         _app()
-    except SystemExit as e:  # Hydra exits on bad overrides / --help after printing its message
+    except SystemExit as e:  # Hydra exits on --help / --cfg after printing
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         return code
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("hydra", "omegaconf"):
+            raise _config_error(e) from None
+        raise
     finally:
         sys.argv = old
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if joined:
+            distributed.shutdown()
     return int(result["code"])

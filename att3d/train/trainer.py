@@ -7,20 +7,40 @@ network and the shared field with the SDS gradient of the prior. Optionally
 two prompts' embeddings with Dirichlet(kappa) weights, for the mapping network and
 the prior alike, so that in-between prompts are meaningful.
 
+Randomness: everything random (prompt order, mixing partners and weights, cameras,
+stratified jitter, SDS timesteps and noise) flows from one seeded generator and is
+drawn for the step's *global* batch, so a run with a fixed seed is reproducible on the
+CPU, a resumed run continues exactly as an uninterrupted one, and a data-parallel run
+(:mod:`att3d.train.distributed`, ``torchrun``) trains the same model as one process with
+the whole batch.
+
 Checkpoints (``run_dir/checkpoints/step-XXXXXXX/``) hold the model folder, the
-optimiser state, the RNG states and the step; ``checkpoints/latest.json`` is
-rewritten (atomically) only after a checkpoint folder is complete, so a crash at
-any moment leaves a resumable run. Everything random flows from one seeded
-generator, so a run with a fixed seed is reproducible on the CPU and a resumed
-run continues exactly as an uninterrupted one.
+optimiser state, the generator state and the trainer state (step, skipped steps,
+prompt order); ``checkpoints/latest.json`` is rewritten (atomically) only after a
+checkpoint folder is complete, so a crash at any moment (even ``kill -9``) leaves a
+resumable run that loses at most ``checkpoint_every`` steps. A damaged checkpoint is a
+one-line :class:`~att3d.utils.checkpoint.CheckpointError` naming the file, never a
+silent restart. Checkpoints hold nothing rank-specific: a run resumes on any number of
+processes.
+
+Faults: SIGINT / SIGTERM during :meth:`Trainer.fit` finish the current step, write a
+checkpoint and raise :class:`TrainingInterrupted` (the ``att3d train`` command exits with
+130 / 143); a second signal stops at once. A step whose loss (or every item's SDS
+gradient, or the clipped gradient) is not finite is skipped and counted; more than
+``trainer.max_bad_steps`` of them stop the run with a :class:`TrainingError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +52,7 @@ from att3d.model import AmortizedModel, load_state_checked
 from att3d.render.cameras import OrbitCameras
 from att3d.text.encoders import TextEmbedding
 from att3d.text.prompts import PromptBank
+from att3d.train import distributed
 from att3d.utils.checkpoint import (
     CheckpointError,
     load_json,
@@ -47,9 +68,31 @@ from att3d.utils.errors import Att3dError
 
 log = logging.getLogger(__name__)
 
+#: Signals that stop training gracefully (checkpoint, then :class:`TrainingInterrupted`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class TrainingError(Att3dError):
     """Training cannot go on (e.g. too many non-finite steps)."""
+
+
+class TrainingInterrupted(Att3dError):
+    """Training stopped on a signal after writing a checkpoint.
+
+    Attributes:
+        signum: the signal (SIGINT or SIGTERM).
+        step: the step reached (and checkpointed).
+        checkpoint: the checkpoint folder written.
+        exit_code: ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the shell convention.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path):
+        self.signum = int(signum)
+        self.step = int(step)
+        self.checkpoint = Path(checkpoint)
+        self.exit_code = 128 + self.signum
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name} at step {self.step}: checkpoint "
+                         f"written to {self.checkpoint}; continue with: att3d train resume={run_dir}")
 
 
 @dataclass
@@ -65,7 +108,7 @@ class TrainerConfig:
     """Optimisation settings (Hydra group ``trainer``)."""
 
     max_steps: int = 1000
-    batch_size: int = 8  # prompts per step
+    batch_size: int = 8  # prompts per step (global: split evenly over the processes of a torchrun job)
     resolution: int = 32
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -105,23 +148,35 @@ def mix_embeddings(a: TextEmbedding, b: TextEmbedding, w: torch.Tensor) -> TextE
     return TextEmbedding(tokens, a.mask | b.mask, pooled)
 
 
+# Entries of the per-step vector that the ranks sum (one all-reduce per step).
+_NONFINITE_LOSS, _SIGINT, _SIGTERM, _SDS_NONFINITE, _LOSS, _TOTAL, _OPACITY, _SDS_NORM, _T_MEAN = range(9)
+
+
 class Trainer:
-    """Amortized SDS trainer.
+    """Amortized SDS trainer (one process, or one rank of a ``torchrun`` job).
 
     Args:
         model: the amortized model (text encoder, mapping network, field, renderer).
         prompts: the training prompt bank.
         guidance: a :class:`att3d.guidance.sds.ScoreDistillation` over a diffusion prior.
-        cfg: optimisation settings.
-        run_dir: where checkpoints, logs and TensorBoard events go.
+        cfg: optimisation settings; ``cfg.batch_size`` is the global batch of a step.
+        run_dir: where checkpoints, logs and TensorBoard events go (rank 0 writes them).
         background: (3,) background colour composited behind the field.
+        embedding_cache: folder to keep the prompts' text embeddings in.
+        progress: show a progress bar (rank 0).
+
+    In a process group (:func:`att3d.train.distributed.init_from_env`), each rank trains rows
+    ``[rank * b, (rank + 1) * b)`` of every global batch (``b = batch_size / world_size``) and the
+    gradients are averaged; the model stays identical on all ranks.
     """
 
     def __init__(self, model: AmortizedModel, prompts: PromptBank, guidance: Any, cfg: TrainerConfig,
                  run_dir: str | Path, background: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  embedding_cache: str | Path | None = None, progress: bool = True):
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.dist = distributed.current()
+        self.rows = distributed.shard(cfg.batch_size, self.dist)
+        self.device = distributed.rank_device(pick_device(cfg.device), self.dist)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model = model.to(self.device)
@@ -130,12 +185,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.background = torch.tensor(background, dtype=torch.float32, device=self.device)
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict[str, float]] = []
         self.generator = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        distributed.broadcast_module(self.model)  # identical start on every rank (no-op for one process)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                           weight_decay=cfg.weight_decay)
         # Embeddings are computed once for the whole prompt set.
@@ -144,6 +200,10 @@ class Trainer:
         self.prior_cond = guidance.prior.encode_prompts(prompts.prompts)
         self._writer = None
         self._order: list[int] = []
+        self._stop_signal: int | None = None  # a stop requested on this rank (signal number)
+        self._stop_agreed: int | None = None  # the stop all ranks agreed on at the last step
+        self._saved_step: int | None = None  # step of the last checkpoint written or loaded
+        self._restored = False  # restore() ran (the run folder is prepared, the latest checkpoint loaded)
 
     # -- sampling ------------------------------------------------------------------------------------------------
     def _next_prompts(self, n: int) -> torch.Tensor:
@@ -156,7 +216,12 @@ class Trainer:
         return torch.tensor(out)
 
     def sample_batch(self) -> dict[str, Any]:
-        """One step's prompts (and mixtures), embeddings, prior conditioning and cameras."""
+        """One step's prompts (and mixtures), embeddings, prior conditioning and cameras: this rank's rows.
+
+        Everything is drawn for the global batch (``cfg.batch_size``) on every rank, then sliced to
+        :attr:`rows`; ``idx`` are the prompt indices of this rank's rows (for a mixture: its first prompt),
+        ``n_mix`` the number of mixtures in the global batch (its first rows).
+        """
         cfg = self.cfg
         idx = self._next_prompts(cfg.batch_size)
         emb = self.text_emb.index(idx.to(self.device))
@@ -176,8 +241,32 @@ class Trainer:
             mixed_cond = cond.index(head).mix(self.prior_cond.index(partner), w)
             cond = type(cond).cat([mixed_cond, cond.index(torch.arange(n_mix, len(idx)))])
         cams = OrbitCameras.sample_training(cfg.batch_size, self.generator, tuple(cfg.elevation_deg), cfg.radius,
-                                            cfg.fov_deg).to(self.device)
-        return {"idx": idx, "emb": emb, "cond": cond, "cameras": cams, "n_mix": n_mix}
+                                            cfg.fov_deg)
+        rows = self.rows
+        return {"idx": idx[rows], "emb": emb.index(rows), "cond": cond.index(rows),
+                "cameras": cams.index(rows).to(self.device), "n_mix": n_mix, "rows": rows}
+
+    def _render_random(self) -> Any:
+        """The random source of the renderer's jitter for this step (drawn for the global batch)."""
+        renderer = self.model.renderer
+        resolve = getattr(renderer, "resolve_backend", None)
+        if resolve is not None and resolve(self.device) == "torch":
+            return distributed.BatchSlice(self.generator, self.cfg.batch_size, self.rows)
+        if not self.dist.enabled:
+            return self.generator
+        # The CUDA (nerfacc) path draws per prompt and sample count: one stream per rank, forked from the
+        # shared generator, so that the shared generator still advances alike on all ranks.
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return torch.Generator().manual_seed(seed + self.dist.rank)
+
+    def _sds_random(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the step's SDS timesteps (B,) and noise (B, C, h, w), drawn for the global batch."""
+        b = self.cfg.batch_size
+        t = self.guidance.sample_t(b, self.step, self.generator)
+        prior = self.guidance.prior
+        shape = (b, int(prior.latent_channels), int(prior.latent_resolution), int(prior.latent_resolution))
+        noise = torch.randn(shape, generator=self.generator, device=self.generator.device)
+        return t[self.rows], noise[self.rows]
 
     # -- one step ------------------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -185,7 +274,15 @@ class Trainer:
             return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
         return self.cfg.lr
 
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask :meth:`fit` to stop after the current step with a checkpoint (what SIGINT / SIGTERM do)."""
+        self._stop_signal = int(signum)
+
     def train_step(self) -> dict[str, float]:
+        """One optimisation step over the global batch (this rank's share of it); returns the step's statistics.
+
+        A skipped step (non-finite loss or gradient) returns ``{"skipped": 1.0}``.
+        """
         cfg = self.cfg
         batch = self.sample_batch()
         self.model.train()
@@ -195,9 +292,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             field_cond = self.model.mapping(batch["emb"])
             out = self.model.renderer(self.model.field, field_cond, batch["cameras"], cfg.resolution,
-                                      background=self.background, generator=self.generator)
+                                      background=self.background, generator=self._render_random())
         images = out["rgb"].float().permute(0, 3, 1, 2)
-        sds = self.guidance(images, batch["cond"], batch["cameras"], step=self.step, generator=self.generator)
+        t, noise = self._sds_random()
+        sds = self.guidance(images, batch["cond"], batch["cameras"], step=self.step, generator=self.generator,
+                            t=t, noise=noise)
         loss = sds.loss
         opacity = out["opacity"].float()
         if cfg.opacity_reg:
@@ -205,49 +304,97 @@ class Trainer:
         if cfg.entropy_reg:
             o = opacity.clamp(1e-5, 1 - 1e-5)
             loss = loss + cfg.entropy_reg * (-(o * o.log() + (1 - o) * (1 - o).log())).mean()
+        # Each rank's loss is the mean over its rows, so the global loss is the mean over the ranks. One all-reduce
+        # makes every rank agree on skipping the step, on stopping, and on the logged (global) statistics.
+        local = torch.zeros(9, dtype=torch.float64)
+        local[_NONFINITE_LOSS] = float(not bool(torch.isfinite(loss)))
+        local[_SIGINT] = float(self._stop_signal == signal.SIGINT)
+        local[_SIGTERM] = float(self._stop_signal is not None and self._stop_signal != signal.SIGINT)
+        local[_SDS_NONFINITE] = float(sds.num_nonfinite)
+        local[_LOSS] = float(sds.loss.detach())
+        local[_TOTAL] = float(loss.detach())
+        local[_OPACITY] = float(opacity.mean().detach())
+        local[_SDS_NORM] = float(sds.grad_norm)
+        local[_T_MEAN] = float(sds.t.float().mean())
+        agreed = distributed.all_reduce_sum(local.to(self.device)).cpu()
+        world = self.dist.world_size
+        self._stop_agreed = (signal.SIGINT if agreed[_SIGINT] > 0 else
+                             signal.SIGTERM if agreed[_SIGTERM] > 0 else None)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if agreed[_NONFINITE_LOSS] > 0:
             return self._bad_step("loss")
+        if agreed[_SDS_NONFINITE] >= cfg.batch_size:
+            return self._bad_step("SDS gradient (every item of the batch)")
         loss.backward()
+        distributed.average_gradients(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm):  # the averaged gradients are identical on all ranks: so is this test
             self.optimizer.zero_grad(set_to_none=True)
             return self._bad_step("gradient")
         self.optimizer.step()
         self.step += 1
-        return {"loss": float(sds.loss.detach()), "total_loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                "sds_grad_norm": float(sds.grad_norm), "opacity": float(opacity.mean().detach()),
-                "t_mean": float(sds.t.float().mean()), "lr": self.lr_at(self.step - 1), "_images": images.detach()}
+        return {"loss": float(agreed[_LOSS]) / world, "total_loss": float(agreed[_TOTAL]) / world,
+                "grad_norm": float(grad_norm), "sds_grad_norm": float(agreed[_SDS_NORM]) / world,
+                "opacity": float(agreed[_OPACITY]) / world, "t_mean": float(agreed[_T_MEAN]) / world,
+                "sds_nonfinite": float(agreed[_SDS_NONFINITE]), "lr": self.lr_at(self.step - 1),
+                "_images": images.detach()}
 
     def _bad_step(self, what: str) -> dict[str, float]:
         self.bad_steps += 1
         self.step += 1
-        log.warning("non-finite %s at step %d: step skipped (%d so far)", what, self.step, self.bad_steps)
+        if self.dist.is_main:
+            log.warning("non-finite %s at step %d: step skipped (%d so far)", what, self.step, self.bad_steps)
         if self.bad_steps > self.cfg.max_bad_steps:
-            raise TrainingError(f"stopped: {self.bad_steps} steps with a non-finite {what} "
-                                f"(more than trainer.max_bad_steps={self.cfg.max_bad_steps})")
+            raise TrainingError(f"stopped at step {self.step}: {self.bad_steps} steps skipped for a non-finite "
+                                f"loss or gradient (the last: {what}), more than trainer.max_bad_steps="
+                                f"{self.cfg.max_bad_steps}; lower trainer.lr or check the prior and the field")
         return {"skipped": 1.0}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write a complete checkpoint folder, then point ``latest.json`` at it (atomic)."""
+        """Write a complete checkpoint folder, then point ``latest.json`` at it (atomic); rank 0 writes, all wait."""
         folder = self.ckpt_dir / f"step-{self.step:07d}"
-        self.model.save_pretrained(folder)
-        save_state(folder / "optimizer.pt", self.optimizer.state_dict())
-        save_tensors(folder / "rng.safetensors", {"rng.generator": self.generator.get_state(), **rng_state()})
-        save_json(folder / "trainer_state.json", {"step": self.step, "bad_steps": self.bad_steps,
-                                                  "order": self._order, "history": self.history[-2000:]})
-        save_json(self.ckpt_dir / "latest.json", {"step": self.step, "folder": folder.name})
-        old = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir() and p != folder)
-        for p in old[: max(0, len(old) - (self.cfg.keep_checkpoints - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
+        if self.dist.is_main:
+            self.model.save_pretrained(folder)
+            save_state(folder / "optimizer.pt", self.optimizer.state_dict())
+            save_tensors(folder / "rng.safetensors", {"rng.generator": self.generator.get_state(), **rng_state()})
+            save_json(folder / "trainer_state.json", {
+                "step": self.step, "bad_steps": self.bad_steps, "order": self._order,
+                "history": self.history[-2000:], "batch_size": self.cfg.batch_size,
+                "world_size": self.dist.world_size})
+            save_json(self.ckpt_dir / "latest.json", {"step": self.step, "folder": folder.name})
+            self._prune_checkpoints(folder)
+        distributed.barrier()
+        self._saved_step = self.step
         return folder
 
+    def _prune_checkpoints(self, current: Path) -> None:
+        """Keep ``current`` and the newest ``keep_checkpoints - 1`` older folders; drop stale newer ones."""
+        older, stale = [], []
+        for p in self.ckpt_dir.glob("step-*"):
+            if p.is_dir() and p != current:
+                (stale if p.name > current.name else older).append(p)
+        older.sort()
+        for p in stale + older[: max(0, len(older) - (self.cfg.keep_checkpoints - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+
     def latest_checkpoint(self) -> Path | None:
+        """The folder ``checkpoints/latest.json`` points at, or None for a fresh run.
+
+        A damaged ``latest.json`` is a :class:`CheckpointError`; so is a pointer to a missing folder
+        (raised by :meth:`load_checkpoint`). Without ``latest.json`` no checkpoint was ever completed.
+        """
         pointer = self.ckpt_dir / "latest.json"
         if not pointer.is_file():
+            partial = sorted(p.name for p in self.ckpt_dir.glob("step-*")) if self.ckpt_dir.is_dir() else []
+            if partial and self.dist.is_main:
+                log.warning("%s has %s but no latest.json: no checkpoint was completed (a crash during the first "
+                            "one); starting from step 0", self.ckpt_dir, ", ".join(partial))
             return None
-        return self.ckpt_dir / load_json(pointer)["folder"]
+        data = load_json(pointer)
+        if not isinstance(data, dict) or not isinstance(data.get("folder"), str) or "/" in data["folder"]:
+            raise CheckpointError(f"corrupted checkpoint pointer {pointer}: expected {{\"folder\": \"step-...\"}}")
+        return self.ckpt_dir / data["folder"]
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Restore model, optimiser, RNG and step from a checkpoint folder (errors name the bad file)."""
@@ -258,15 +405,34 @@ class Trainer:
                            folder / "model.safetensors")
         try:
             self.optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
-        except ValueError as e:
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"optimizer state {folder / 'optimizer.pt'} does not fit this model: {e}") from None
-        rng = load_tensors(folder / "rng.safetensors")
-        self.generator.set_state(rng.pop("rng.generator"))
+        rng_file = folder / "rng.safetensors"
+        rng = load_tensors(rng_file)
+        if "rng.generator" not in rng:
+            raise CheckpointError(f"corrupted checkpoint file {rng_file}: no generator state")
+        try:
+            self.generator.set_state(rng.pop("rng.generator").to(torch.uint8))
+        except RuntimeError as e:
+            raise CheckpointError(f"corrupted checkpoint file {rng_file}: {e}") from None
+        cuda_states = [k for k in rng if k.startswith("rng.cuda")]
+        if len(cuda_states) != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            rng = {k: v for k, v in rng.items() if k not in cuda_states}  # another machine: keep its own CUDA RNG
         set_rng_state(rng)
-        state = load_json(folder / "trainer_state.json")
-        self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
-        self._order = list(state["order"])
-        self.history = list(state.get("history", []))
+        state_file = folder / "trainer_state.json"
+        state = load_json(state_file)
+        try:
+            self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
+            self._order = [int(i) for i in state["order"]]
+            self.history = list(state.get("history", []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"corrupted checkpoint file {state_file}: {type(e).__name__}: {e}") from None
+        if any(not 0 <= i < len(self.prompts) for i in self._order):
+            raise CheckpointError(f"checkpoint {state_file} was trained on another prompt set (prompt index out of "
+                                  f"range for {len(self.prompts)} prompts)")
+        self._saved_step = self.step
 
     # -- logging -------------------------------------------------------------------------------------------------
     @property
@@ -274,7 +440,8 @@ class Trainer:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # purge_step drops events of steps after the checkpoint that a crashed run had logged
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
         return self._writer
 
     def _log(self, stats: dict[str, float], rate: float) -> None:
@@ -286,40 +453,125 @@ class Trainer:
             if k != "step":
                 self.writer.add_scalar(f"train/{k}", v, self.step)
 
-    # -- loop ----------------------------------------------------------------------------------------------------
-    def fit(self, resume: bool = True) -> Path:
-        """Train to ``max_steps`` (resuming from the latest checkpoint if any); returns the final model folder."""
-        from tqdm import tqdm
+    def _trim_metrics(self) -> None:
+        """Drop ``metrics.jsonl`` records after the resumed step (logged by a run that died before its checkpoint)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+        path.write_text("".join(k + "\n" for k in kept))
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    # -- signals -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training: SIGINT / SIGTERM request a graceful stop; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stop_signal is not None:
+                restore()
+                raise KeyboardInterrupt
+            self.request_stop(signum)
+            if self.dist.is_main:
+                print(f"att3d: {signal.Signals(signum).name} received: stopping after this step with a checkpoint "
+                      "(again to stop at once)", file=sys.stderr, flush=True)
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            restore()
+
+    # -- loop ----------------------------------------------------------------------------------------------------
+    def restore(self, resume: bool = True) -> Path | None:
+        """Prepare the run folder and load the latest checkpoint (with ``resume``); returns it, or None.
+
+        :meth:`fit` calls this unless it was called before (the ``att3d train`` app does, to check a resumed
+        checkpoint against the model before it saves the run's config).
+        """
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
-            log.info("resumed from %s (step %d)", latest, self.step)
+            if main:
+                log.info("resumed from %s (step %d)", latest, self.step)
+        if self.dist.enabled:
+            step0 = int(distributed.broadcast_object(self.step))  # type: ignore[arg-type]
+            if step0 != self.step:
+                raise TrainingError(f"rank {self.dist.rank} resumed at step {self.step} but rank 0 at step {step0}: "
+                                    f"put the run folder {self.run_dir} on a file system that all nodes share")
+        if main:
+            self._trim_metrics()
+        self._restored = True
+        return latest
+
+    def fit(self, resume: bool = True) -> Path:
+        """Train to ``max_steps`` (resuming from the latest checkpoint if any); returns the final model folder.
+
+        Raises:
+            TrainingInterrupted: on SIGINT / SIGTERM, after writing a checkpoint.
+            TrainingError: after more than ``max_bad_steps`` non-finite steps.
+            CheckpointError: the latest checkpoint is damaged or from another architecture.
+        """
+        from tqdm import tqdm
+
+        main = self.dist.is_main
+        if not self._restored:
+            self.restore(resume)
         cfg = self.cfg
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         t0, n0 = time.time(), self.step
-        while self.step < cfg.max_steps:
-            stats = self.train_step()
-            bar.update(1)
-            if "skipped" in stats:
-                continue
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                rate = (self.step - n0) / max(1e-9, time.time() - t0)
-                self._log(stats, rate)
-                bar.set_postfix(loss=f"{stats['loss']:.3g}", op=f"{stats['opacity']:.2f}", it_s=f"{rate:.2f}")
-                t0, n0 = time.time(), self.step
-            if cfg.image_every and self.step % cfg.image_every == 0:
-                imgs = stats["_images"][:16].clamp(0, 1).cpu()
-                self.writer.add_images("train/renders", imgs, self.step)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                self.save_checkpoint()
+        with self._stop_on_signals():
+            while self.step < cfg.max_steps:
+                stats = self.train_step()
+                bar.update(1)
+                if "skipped" not in stats and main:
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        rate = (self.step - n0) / max(1e-9, time.time() - t0)
+                        self._log(stats, rate)
+                        bar.set_postfix(loss=f"{stats['loss']:.3g}", op=f"{stats['opacity']:.2f}", it_s=f"{rate:.2f}")
+                        t0, n0 = time.time(), self.step
+                    if cfg.image_every and self.step % cfg.image_every == 0:
+                        imgs = stats["_images"][:16].clamp(0, 1).cpu()
+                        self.writer.add_images("train/renders", imgs, self.step)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self.save_checkpoint()
+                if self._stop_agreed is not None and self.step < cfg.max_steps:
+                    if self._saved_step != self.step:
+                        self.save_checkpoint()
+                    bar.close()
+                    self._close_writer()
+                    raise TrainingInterrupted(self._stop_agreed, self.step,
+                                              self.ckpt_dir / f"step-{self.step:07d}", self.run_dir)
         bar.close()
         final = self.run_dir / "model"
-        self.model.save_pretrained(final, extra={"steps": self.step, "prompts": len(self.prompts)})
+        if main:
+            self.model.save_pretrained(final, extra={"steps": self.step, "prompts": len(self.prompts)})
+        self._close_writer()
+        distributed.barrier()
+        return final
+
+    def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        return final
+            self._writer = None
 
 
 def config_dict(cfg: TrainerConfig) -> dict[str, Any]:
@@ -327,8 +579,15 @@ def config_dict(cfg: TrainerConfig) -> dict[str, Any]:
 
 
 def trainer_config_from_dict(d: dict[str, Any]) -> TrainerConfig:
+    """A :class:`TrainerConfig` from the ``trainer`` config group; an unknown key is a one-line error."""
     d = dict(d)
-    interp = InterpolationConfig(**d.pop("interpolation", {}) or {})
+    interp = dict(d.pop("interpolation", {}) or {})
+    for what, keys, cls in (("trainer", d, TrainerConfig), ("trainer.interpolation", interp, InterpolationConfig)):
+        unknown = sorted(set(keys) - set(cls.__dataclass_fields__) - {"interpolation"})
+        if unknown:
+            raise Att3dError(f"unknown {what} option(s): {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(cls.__dataclass_fields__))})")
+    interp = InterpolationConfig(**interp)
     for key in ("betas", "elevation_deg"):
         if key in d:
             d[key] = tuple(d[key])

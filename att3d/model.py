@@ -82,6 +82,16 @@ class AmortizedModel(torch.nn.Module):
         """Volume-render the field for conditioning ``cond`` (B prompts) from ``cameras`` (B)."""
         return self.renderer(self.field, cond, cameras.to(self.device), resolution, background=background, **kw)
 
+    def generate(self, prompts: Sequence[str], **kw: Any) -> list:
+        """Prompts -> textured ``trimesh.Trimesh`` meshes in one forward pass per batch.
+
+        See :func:`att3d.infer.generate.generate` for the options (``batch_size``, ``grid_resolution``,
+        ``threshold``, ``texture_size``, ...); ``att3d.infer.generate.write_outputs`` writes them to files.
+        """
+        from att3d.infer.generate import generate
+
+        return generate(self, prompts, **kw)
+
     # -- files -------------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write ``model_config.json`` and ``model.safetensors`` into ``folder`` (atomically)."""

@@ -168,7 +168,7 @@ def test_cli_interpolate_meshes(model, tmp_path, capsys):
     out = tmp_path / "anim"
     rc = cli.main(["interpolate", *PROMPTS[:2], "--frames", "3", "--out", str(out), "--checkpoint", str(ckpt),
                    "--resolution", "8", "--device", "cpu", "--meshes", "--mesh-resolution", "16",
-                   "--texture-size", "16", "--mesh-format", "ply"])
+                   "--texture-size", "64", "--mesh-format", "ply", "--threshold", "1.0"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     info = json.loads((out / "interpolation.json").read_text())

@@ -165,7 +165,8 @@ def test_cli_refine(model, prior_folder, tmp_path, capsys):
     out = tmp_path / "refined"
     args = ["refine", PROMPT, "--steps", "2", "--out", str(out), "--checkpoint", str(ckpt), "--prior",
             str(prior_folder), "--resolution", "16", "--batch-views", "2", "--device", "cpu",
-            "--grid-resolution", "16", "--texture-size", "16", "--format", "ply", "--no-turntable"]
+            "--grid-resolution", "16", "--texture-size", "64", "--format", "ply", "--no-turntable",
+            "--threshold", "1.0"]
     pytest.importorskip("att3d.infer.generate", reason="exports need att3d.infer.generate")
     rc = cli.main(args)
     printed = capsys.readouterr().out

@@ -73,6 +73,9 @@ class GridField(nn.Module):
         density_bias: constant added before the activation (negative: empty space far from the bump).
         blob_density, blob_radius: the initial density bump at the centre.
         bound: scene box ``[-bound, bound]^3``.
+        latent_dim: with ``generated``, also take a per-prompt code ``cond["latent"]`` (B, latent_dim) that is
+            concatenated to the MLP input (equivalently: a generated bias of the MLP's first layer). It lets the
+            mapping network set prompt-wide properties such as colour without writing them into every cell.
     """
 
     def __init__(self, generated: bool = True, num_levels: int = 3, base_resolution: int = 8,
@@ -80,7 +83,7 @@ class GridField(nn.Module):
                  hashmap_size: int = 2**15, hidden_dim: int = 16, num_hidden_layers: int = 2, text_dim: int = 32,
                  include_position: bool = True, level_gain: bool = True, feature_scale: float = 1.0,
                  grid_init_std: float = 0.01, density_activation: str = "softplus", density_bias: float = -4.0,
-                 blob_density: float = 10.0, blob_radius: float = 0.4, bound: float = 1.0):
+                 blob_density: float = 10.0, blob_radius: float = 0.4, bound: float = 1.0, latent_dim: int = 0):
         super().__init__()
         if density_activation not in DENSITY_ACTIVATIONS:
             raise ValueError(
@@ -93,6 +96,7 @@ class GridField(nn.Module):
         self.grid_size = sum(n for _, _, n in self.layout)
         self.generated = bool(generated)
         self.text_dim = 0 if self.generated else int(text_dim)
+        self.latent_dim = int(latent_dim) if self.generated else 0
         self.include_position = bool(include_position)
         self.density_activation = density_activation
         self.density_bias = float(density_bias)
@@ -111,7 +115,7 @@ class GridField(nn.Module):
         else:
             self.register_parameter("grid", None)
 
-        in_dim = n_levels * self.features + (3 if self.include_position else 0) + self.text_dim
+        in_dim = n_levels * self.features + (3 if self.include_position else 0) + self.text_dim + self.latent_dim
         layers: list[nn.Module] = []
         d = in_dim
         for _ in range(num_hidden_layers):
@@ -129,7 +133,7 @@ class GridField(nn.Module):
     def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
         """What the field needs per prompt: ``{"grid": (P_grid,)}`` or ``{"text": (C,)}``."""
         if self.generated:
-            return {"grid": (self.grid_size,)}
+            return {"grid": (self.grid_size,), **({"latent": (self.latent_dim,)} if self.latent_dim else {})}
         return {"text": (self.text_dim,)}
 
     def bump(self, points: torch.Tensor) -> torch.Tensor:
@@ -151,6 +155,8 @@ class GridField(nn.Module):
         parts = [feats * gain]
         if self.include_position:
             parts.append(x)
+        if self.latent_dim:
+            parts.append(cond["latent"][:, None, :].to(feats.dtype).expand(B, N, self.latent_dim))
         if not self.generated:
             text = cond["text"]
             if text.shape != (B, self.text_dim):
@@ -208,6 +214,7 @@ class GridFieldConfig:
     blob_density: float = 10.0
     blob_radius: float = 0.4
     bound: float = 1.0
+    latent_dim: int = 0
 
     def build(self) -> GridField:
         return GridField(**asdict(self))

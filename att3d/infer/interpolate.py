@@ -338,15 +338,18 @@ def _load_model(checkpoint: str, device: str):
 
 def export_frame_meshes(model, prompts: Sequence[str], frames: int, mode: str, out_dir: str | Path,
                         grid_resolution: int = 128, texture_size: int = 512, format: str = "glb",
-                        batch_size: int = 4, progress: bool = True) -> list[Path]:
+                        threshold: float | None = None, batch_size: int = 4, progress: bool = True) -> list[Path]:
     """A textured mesh per frame of the path (``out_dir/frame_000.glb``, ...), via :mod:`att3d.infer.generate`.
+
+    A frame whose field has no surface (density never above the extraction threshold) gets no file
+    (a warning says so).
 
     Returns:
         the files written.
     """
     from tqdm import tqdm
 
-    from att3d.infer.generate import meshes_from_conditioning
+    from att3d.infer.generate import is_empty, meshes_from_conditioning
     from att3d.mesh.export import export_mesh
 
     path = _prompts_path(model, prompts, frames, mode)
@@ -357,8 +360,13 @@ def export_frame_meshes(model, prompts: Sequence[str], frames: int, mode: str, o
         idx = torch.arange(s, min(frames, s + batch_size), device=model.device)
         with torch.no_grad():
             cond = model.conditioning(path.index(idx))
-        meshes = meshes_from_conditioning(model, cond, grid_resolution=grid_resolution, texture_size=texture_size)
+        meshes = meshes_from_conditioning(model, cond, grid_resolution=grid_resolution, threshold=threshold,
+                                          texture_size=texture_size)
         for i, mesh in zip(idx.tolist(), meshes):
+            if is_empty(mesh):
+                reason = mesh.metadata.get("att3d", {}).get("reason", "empty mesh")
+                log.warning("frame %d: no mesh written (%s)", i, reason)
+                continue
             written += export_mesh(mesh, out_dir / f"frame_{i:03d}.{format}", format=format)
     return written
 
@@ -380,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meshes", action="store_true", help="also export a textured mesh per frame (slow)")
     ap.add_argument("--mesh-format", choices=("glb", "obj", "ply"), default="glb")
     ap.add_argument("--mesh-resolution", type=int, default=128, help="marching cubes grid of --meshes")
-    ap.add_argument("--texture-size", type=int, default=512, help="texture size of --meshes")
+    ap.add_argument("--texture-size", type=int, default=512, help="texture size of --meshes (0: vertex colours only)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="density threshold of --meshes (default: the model's extraction threshold)")
     ap.add_argument("--batch-size", type=int, default=8, help="frames per forward pass")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     args = ap.parse_args(argv)
@@ -388,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         raise Att3dError("interpolate needs at least 2 prompts")
     if args.frames < max(2, len(args.prompts)):
         raise Att3dError(f"--frames must be at least the number of prompts ({len(args.prompts)}), got {args.frames}")
-    for name in ("resolution", "batch_size", "mesh_resolution", "texture_size"):
+    for name in ("resolution", "batch_size", "mesh_resolution"):
         if getattr(args, name) < 1:
             raise Att3dError(f"--{name.replace('_', '-')} must be positive")
+    if args.texture_size < 0:
+        raise Att3dError("--texture-size must be >= 0 (0: vertex colours only)")
     if args.fps <= 0:
         raise Att3dError("--fps must be positive")
 
@@ -404,9 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {video} ({len(frames)} frames, {args.resolution}x{args.resolution}, {args.fps:g} fps)")
     if args.meshes:
         meshes = export_frame_meshes(model, args.prompts, args.frames, args.mode, out / "meshes",
-                                     args.mesh_resolution, args.texture_size, args.mesh_format)
+                                     args.mesh_resolution, args.texture_size, args.mesh_format, args.threshold)
         written += meshes
-        print(f"wrote {len(meshes)} mesh files to {out / 'meshes'}/ ({meshes[0].name} ... {meshes[-1].name})")
+        frames_with_mesh = len({p.stem for p in meshes})
+        print(f"wrote {len(meshes)} mesh files for {frames_with_mesh} of {args.frames} frames to {out / 'meshes'}/"
+              + (f" ({meshes[0].name} ... {meshes[-1].name})" if meshes else " (no frame has a surface)"))
     info = {"prompts": list(args.prompts), "frames": args.frames, "mode": args.mode, "knot_frames": knots,
             "checkpoint": str(ckpt), "resolution": args.resolution, "fps": args.fps, "orbit": not args.no_orbit,
             "files": [str(p.relative_to(out)) for p in written]}

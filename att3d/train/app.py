@@ -156,6 +156,7 @@ def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
             raise Att3dError(f"cannot read {saved}: {' '.join(str(e).split())}") from None
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         cfg.resume = str(run_dir)
+        cfg.run_dir = str(run_dir)  # where the run is now (it may have been moved since)
     elif cfg.resume:
         raise Att3dError(f"resume: {run_dir} is not an att3d run folder (no config.yaml)")
     return OmegaConf.to_container(cfg, resolve=True)
@@ -169,6 +170,17 @@ def _quiet_worker_logging() -> None:
             root.removeHandler(h)
             h.close()
     root.setLevel(logging.WARNING)
+
+
+def _quiet_libraries(progress: bool) -> None:
+    """Keep third-party chatter off the console (``ATT3D_DEBUG=1`` keeps it): warnings of transformers and
+    diffusers, and with ``progress=false`` their loading progress bars (read when they are first imported)."""
+    if os.environ.get("ATT3D_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if not progress:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _config_error(e: BaseException) -> Att3dError:
@@ -198,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"code": 0}
     info = distributed.env_info()
     joined = False
-    saved_env = {k: os.environ.get(k) for k in (STAMP_ENV, "HYDRA_FULL_ERROR")}
+    saved_env = {k: os.environ.get(k) for k in (STAMP_ENV, "HYDRA_FULL_ERROR", "TRANSFORMERS_VERBOSITY",
+                                                 "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     if info.enabled:
         joined = not distributed.current().enabled
         distributed.init_from_env()
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if not info.is_main:
             _quiet_worker_logging()
         try:
+            _quiet_libraries(bool(cfg.get("progress", True)))
             failure, container = None, None
             if info.is_main:
                 try:

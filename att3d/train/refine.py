@@ -485,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true", help="do not score shapes-world captions")
     ap.add_argument("--format", choices=("glb", "obj", "ply"), default="glb", help="mesh format")
     ap.add_argument("--grid-resolution", type=int, default=128, help="marching cubes grid of the mesh")
-    ap.add_argument("--texture-size", type=int, default=512, help="texture size of the mesh")
+    ap.add_argument("--texture-size", type=int, default=512, help="texture size of the mesh (0: vertex colours only)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="density threshold of the mesh (default: the model's extraction threshold)")
     ap.add_argument("--no-turntable", action="store_true", help="do not render the turntable video")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -520,21 +522,31 @@ def main(argv: list[str] | None = None) -> int:
         first, last = history.evals[0], history.evals[-1]
         print("  " + ", ".join(f"{k}: {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step"))
     print(f"wrote {folder}/ (refined model) and {out / 'history.json'}")
-    files = export_refined(refined, out, format=args.format, grid_resolution=args.grid_resolution,
-                           texture_size=args.texture_size, turntable=not args.no_turntable)
-    for f in files:
-        print(f"wrote {f}")
+    rows = export_refined(refined, out, format=args.format, grid_resolution=args.grid_resolution,
+                          texture_size=args.texture_size, turntable=not args.no_turntable,
+                          threshold=args.threshold, device=device)
+    for row in rows:
+        for f in row["files"]:
+            print(f"wrote {f}")
+        if row["empty"]:
+            print(f"no mesh written: {row['note']}")
     return 0
 
 
 def export_refined(refined: RefinedModel, out_dir: str | Path, format: str = "glb", grid_resolution: int = 128,
-                   texture_size: int = 512, turntable: bool = True) -> list[Path]:
-    """Mesh (and turntable) of the refined prompt, written as ``att3d generate`` writes them."""
+                   texture_size: int = 512, turntable: bool = True, threshold: float | None = None,
+                   device: str | torch.device = "cpu", progress: bool = True) -> list[dict[str, Any]]:
+    """Mesh (and turntable video) of the refined prompt, written by :func:`att3d.infer.generate.write_outputs`
+    exactly as ``att3d generate`` writes them (``<slug>.<format>``, ``<slug>.mp4``).
+
+    Returns:
+        ``write_outputs``' rows (one: ``files``, ``empty``, ``note``, ...).
+    """
     from att3d.infer.generate import meshes_from_conditioning, write_outputs
 
     with torch.no_grad():
         cond = refined.conditioning([refined.prompt])
-    meshes = meshes_from_conditioning(refined, cond, grid_resolution=grid_resolution, texture_size=texture_size)
-    written = write_outputs(meshes, [refined.prompt], out_dir, format=format, turntable=turntable,
-                            model=refined, cond=cond)
-    return [Path(p) for p in written]
+    meshes = meshes_from_conditioning(refined, cond, grid_resolution=grid_resolution, threshold=threshold,
+                                      texture_size=texture_size)
+    return write_outputs(meshes, [refined.prompt], out_dir, format=format, turntable=turntable, device=device,
+                         progress=progress)

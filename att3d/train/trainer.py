@@ -152,6 +152,20 @@ def mix_embeddings(a: TextEmbedding, b: TextEmbedding, w: torch.Tensor) -> TextE
 _NONFINITE_LOSS, _SIGINT, _SIGTERM, _SDS_NONFINITE, _LOSS, _TOTAL, _OPACITY, _SDS_NORM, _T_MEAN = range(9)
 
 
+def _short_load_error(error: CheckpointError, path: Path) -> str:
+    """One line for a failed ``torch.load(weights_only=True)`` (PyTorch's own message is a paragraph)."""
+    text = " ".join(str(error).split())
+    if "Weights only load failed" in text:
+        detail = "unsupported content"
+        if "WeightsUnpickler error:" in text:
+            detail = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+        elif "unsupported GLOBAL " in text:
+            detail = "it calls " + text.split("unsupported GLOBAL ", 1)[1].split()[0]
+        return (f"corrupted or truncated checkpoint file {path}: not a plain state of tensors and numbers "
+                f"({detail}); refused without running any of its code")
+    return text
+
+
 class Trainer:
     """Amortized SDS trainer (one process, or one rank of a ``torchrun`` job).
 
@@ -220,13 +234,15 @@ class Trainer:
 
         Everything is drawn for the global batch (``cfg.batch_size``) on every rank, then sliced to
         :attr:`rows`; ``idx`` are the prompt indices of this rank's rows (for a mixture: its first prompt),
-        ``n_mix`` the number of mixtures in the global batch (its first rows).
+        ``n_mix`` the number of mixtures in the global batch (its first rows), ``mix_partner`` (n_mix,) their second
+        prompts and ``mix_weight`` (n_mix,) the weights of their first prompts.
         """
         cfg = self.cfg
         idx = self._next_prompts(cfg.batch_size)
         emb = self.text_emb.index(idx.to(self.device))
         cond = self.prior_cond.index(idx)
         n_mix = int(round(cfg.interpolation.prob * cfg.batch_size))
+        partner, w = torch.zeros(0, dtype=torch.long), torch.zeros(0)
         if n_mix > 0:
             partner = torch.randint(0, len(self.prompts), (n_mix,), generator=self.generator)
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
@@ -244,7 +260,8 @@ class Trainer:
                                             cfg.fov_deg)
         rows = self.rows
         return {"idx": idx[rows], "emb": emb.index(rows), "cond": cond.index(rows),
-                "cameras": cams.index(rows).to(self.device), "n_mix": n_mix, "rows": rows}
+                "cameras": cams.index(rows).to(self.device), "n_mix": n_mix, "rows": rows,
+                "mix_partner": partner, "mix_weight": w}
 
     def _render_random(self) -> Any:
         """The random source of the renderer's jitter for this step (drawn for the global batch)."""
@@ -403,12 +420,16 @@ class Trainer:
             raise CheckpointError(f"checkpoint folder not found: {folder}")
         load_state_checked(self.model, load_tensors(folder / "model.safetensors", self.device),
                            folder / "model.safetensors")
+        optimizer_file = folder / "optimizer.pt"
         try:
-            self.optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
+            state = load_state(optimizer_file)
+        except CheckpointError as e:
+            raise CheckpointError(_short_load_error(e, optimizer_file)) from None
+        try:
+            self.optimizer.load_state_dict(state)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"optimizer state {folder / 'optimizer.pt'} does not fit this model: {e}") from None
+            raise CheckpointError(f"optimizer state {optimizer_file} does not fit this model: "
+                                  f"{' '.join(str(e).split())}") from None
         rng_file = folder / "rng.safetensors"
         rng = load_tensors(rng_file)
         if "rng.generator" not in rng:

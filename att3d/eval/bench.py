@@ -1,0 +1,394 @@
+"""Speed benchmarks (``att3d bench``): generation latency and training throughput on this machine.
+
+    att3d bench generate [--checkpoint PATH] [--batch-sizes 1 16] [--repeats 3] [--device auto] [--out results.md]
+    att3d bench train [--experiment quickstart] [--steps 5] [--backends torch cuda] [--prior auto|tiny|PATH]
+    att3d bench all ...
+
+Each benchmark is a function ``(args, device) -> dict`` in :data:`BENCHMARKS` returning its
+settings, result rows and a Markdown table; :func:`main` adds a description of the machine
+(CPU model, GPU name, threads, load average: a busy machine makes every number slower) and
+writes ``results.md`` and ``results.json``.
+
+- **generate**: text -> GLB on disk, the whole path of ``att3d generate`` without turntables
+  (text encoder, mapping, field on the grid, extraction, texture, mesh file), per prompt, for
+  each batch size; per-stage seconds from :class:`att3d.infer.generate.StageTimer`. The median
+  over ``--repeats`` runs after ``--warmup`` untimed ones.
+- **train**: amortized SDS training steps of the trainer itself (:class:`att3d.train.trainer.Trainer`)
+  built from the Hydra configs, with the shapes prior (or a tiny random one when it is not
+  available: the numbers then time everything but a realistic UNet); steps/s and rendered rays/s
+  for each renderer backend, and peak memory (CUDA: ``max_memory_allocated``; CPU: the process's
+  peak resident set, which includes everything loaded so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from att3d.infer.generate import (
+    DEFAULT_CHECKPOINT,
+    FORMATS,
+    STAGES,
+    GenerationError,
+    StageTimer,
+    generate,
+    is_empty,
+    pick_device,
+    resolve_checkpoint,
+    write_outputs,
+)
+from att3d.utils.errors import Att3dError
+
+
+class BenchError(Att3dError):
+    """A benchmark cannot run as asked."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Machine
+# ---------------------------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    from att3d import __version__
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 0
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "att3d": __version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    load = info.get("load_average_1min")
+    busy = f", load average {load} on {info['cpu_cores']} cores" if load is not None else ""
+    return (f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}; "
+            f"device {info['device']}{busy}; torch {info['torch']}, att3d {info['att3d']}, {info['date']}")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A Markdown table; ``align`` has one ``l``/``r`` per column (default: first left, others right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------
+
+def bench_prompts(n: int) -> list[str]:
+    """``n`` distinct prompts (shapes-world captions, then numbered variants)."""
+    from att3d.world.shapes import all_captions
+
+    caps = all_captions()
+    return [caps[i] if i < len(caps) else f"{caps[i % len(caps)]} number {i // len(caps)}" for i in range(n)]
+
+
+def bench_generate(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Text -> mesh file latency per prompt and per stage, for each batch size."""
+    from tqdm import tqdm
+
+    from att3d.model import load
+
+    folder = resolve_checkpoint(args.checkpoint)
+    model = load(folder, device=device)
+    kw = {"grid_resolution": args.resolution, "texture_size": args.texture_size, "threshold": args.threshold,
+          "smooth_iterations": args.smooth, "uv_method": args.uv}
+    stages = [*STAGES]
+    sizes = sorted(set(args.batch_sizes))
+    prompts = bench_prompts(max(sizes))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="att3d-bench-") as tmp:
+        for _ in range(args.warmup):
+            meshes = generate(model, prompts[:1], batch_size=1, progress=False, **kw)
+            write_outputs(meshes, prompts[:1], tmp, format=args.format, turntable=False, progress=False)
+        runs = [(b, r) for b in sizes for r in range(args.repeats)]
+        results: dict[int, list[dict[str, Any]]] = {b: [] for b in sizes}
+        for b, r in tqdm(runs, desc="bench generate", disable=args.quiet):
+            out = Path(tmp) / f"b{b}-r{r}"
+            timer = StageTimer(sync=device.type == "cuda")
+            _sync(device)
+            t0 = time.perf_counter()
+            meshes = generate(model, prompts[:b], batch_size=b, timer=timer, progress=False, **kw)
+            write_outputs(meshes, prompts[:b], out, format=args.format, turntable=False, timer=timer,
+                          progress=False)
+            _sync(device)
+            total = time.perf_counter() - t0
+            results[b].append({"seconds": total, "stages": timer.as_dict(stages),
+                               "faces": sum(len(m.faces) for m in meshes) / b,
+                               "empty": sum(is_empty(m) for m in meshes)})
+    for b in sizes:
+        res = results[b]
+        per_prompt = statistics.median(x["seconds"] for x in res) / b
+        stage_med = {k: statistics.median(x["stages"][k] for x in res) / b for k in stages}
+        rows.append({"batch_size": b, "repeats": len(res), "seconds_per_prompt": per_prompt,
+                     "prompts_per_second": 1.0 / per_prompt if per_prompt > 0 else float("inf"),
+                     "min_seconds_per_prompt": min(x["seconds"] for x in res) / b,
+                     "stage_seconds_per_prompt": stage_med,
+                     "faces_per_mesh": statistics.mean(x["faces"] for x in res),
+                     "empty_meshes": max(x["empty"] for x in res)})
+    header = ["batch", "s / prompt", "prompts / s", *stages, "faces", "empty"]
+    table = [[str(r["batch_size"]), f"{r['seconds_per_prompt']:.3f}", f"{r['prompts_per_second']:.2f}",
+              *(f"{r['stage_seconds_per_prompt'][k]:.3f}" for k in stages), f"{r['faces_per_mesh']:.0f}",
+              str(r["empty_meshes"])] for r in rows]
+    settings = {"checkpoint": str(folder), "grid_resolution": args.resolution, "texture_size": args.texture_size,
+                "threshold": args.threshold, "smooth_iterations": args.smooth, "uv": args.uv, "format": args.format,
+                "repeats": args.repeats, "warmup": args.warmup}
+    notes = [f"Text -> {args.format.upper()} on disk per prompt (median of {args.repeats} runs, seconds); stages "
+             f"per prompt. Grid {args.resolution}^3, texture {args.texture_size}^2, uv {args.uv}, "
+             f"model {folder}."]
+    if any(r["empty_meshes"] for r in rows):
+        notes.append("Some prompts gave no surface (empty meshes skip texturing and export): times are not "
+                     "representative; lower --threshold or use a trained model.")
+    return {"settings": settings, "rows": rows, "markdown": "\n".join(notes) + "\n\n" + markdown(header, table)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------
+
+def tiny_prior(folder: str | os.PathLike) -> Path:
+    """Save a small random shapes prior (the shipped architecture's interface, fewer channels) into ``folder``."""
+    from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
+
+    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
+    torch.manual_seed(0)
+    save_prior(folder, build_unet(arch), build_scheduler(arch), arch, card_extra={"note": "random, for benchmarks"})
+    return Path(folder)
+
+
+def train_config(experiment: str | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """The resolved ``att3d train`` config (Hydra compose) without the run-folder keys."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from att3d.train.app import configs_dir
+
+    ov = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(configs_dir().resolve()), version_base=None):
+            cfg = compose(config_name="train", overrides=ov)
+    except Exception as e:  # Hydra's errors for a bad override / unknown experiment
+        raise BenchError(f"train config: {' '.join(str(e).split())}") from None
+    OmegaConf.set_struct(cfg, False)
+    for key in ("run_dir", "name", "hydra", "resume"):  # del, not pop: pop would resolve the value
+        if key in cfg:
+            del cfg[key]
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Training steps per second and rendered rays per second per renderer backend."""
+    from tqdm import tqdm
+
+    from att3d.render import nerfacc_backend
+    from att3d.train.app import build_trainer, resolve_path
+
+    overrides = [*args.set, f"trainer.device={device}", "progress=false"]
+    if args.train_batch_size:
+        overrides.append(f"trainer.batch_size={args.train_batch_size}")
+    if args.train_resolution:
+        overrides.append(f"trainer.resolution={args.train_resolution}")
+    cfg = train_config(args.experiment, overrides)
+    backends = list(dict.fromkeys(args.backends or (["torch", "cuda"] if device.type == "cuda" else ["torch"])))
+    for b in backends:
+        if b not in ("torch", "cuda"):
+            raise BenchError(f"unknown renderer backend {b!r}; choose torch or cuda")
+    with tempfile.TemporaryDirectory(prefix="att3d-bench-train-") as tmp:
+        prior_path = resolve_path(cfg["guidance"]["prior"].get("path") or "")
+        prior_kind = str(prior_path)
+        if cfg["guidance"]["prior"].get("name") == "shapes" and (
+                args.prior == "tiny" or (args.prior == "auto" and not (prior_path / "prior_config.json").is_file())):
+            cfg["guidance"]["prior"]["path"] = str(tiny_prior(Path(tmp) / "prior"))
+            prior_kind = "tiny random shapes prior (16/32 channels)"
+        elif args.prior not in ("auto", "tiny"):
+            cfg["guidance"]["prior"]["path"] = str(args.prior)
+            prior_kind = str(args.prior)
+        trainer = build_trainer(cfg, Path(tmp) / "run")
+        tcfg = trainer.cfg
+        rays_per_step = tcfg.batch_size * tcfg.resolution**2
+        rows = []
+        for backend in backends:
+            if backend == "cuda" and (device.type != "cuda" or not nerfacc_backend.nerfacc_available()):
+                rows.append({"backend": backend, "skipped": "needs CUDA and nerfacc"})
+                continue
+            trainer.model.renderer.backend = backend
+            for _ in range(args.warmup):
+                trainer.train_step()
+            _reset_peak(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in tqdm(range(args.steps), desc=f"train ({backend})", disable=args.quiet):
+                trainer.train_step()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            rows.append({"backend": backend, "steps": args.steps, "seconds_per_step": dt / args.steps,
+                         "steps_per_second": args.steps / dt, "rays_per_second": rays_per_step * args.steps / dt,
+                         "peak_memory_mb": peak_memory_mb(device)})
+    mem = "peak CUDA memory (MB)" if device.type == "cuda" else "peak RSS (MB)"
+    header = ["backend", "steps/s", "s/step", "rays/s", mem]
+    table = [[r["backend"], "-", "-", "-", f"skipped: {r['skipped']}"] if "skipped" in r else
+             [r["backend"], f"{r['steps_per_second']:.2f}", f"{r['seconds_per_step']:.3f}",
+              f"{r['rays_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}"] for r in rows]
+    settings = {"experiment": args.experiment, "overrides": overrides, "batch_size": tcfg.batch_size,
+                "resolution": tcfg.resolution, "steps": args.steps, "warmup": args.warmup, "prior": prior_kind,
+                "num_samples": trainer.model.renderer.num_samples}
+    note = (f"Amortized SDS training steps ({args.steps} timed after {args.warmup} warm-up): batch "
+            f"{tcfg.batch_size} prompts at {tcfg.resolution}^2 ({rays_per_step} rays per step), "
+            f"prior: {prior_kind}.")
+    return {"settings": settings, "rows": rows, "markdown": note + "\n\n" + markdown(header, table)}
+
+
+#: The benchmarks of ``att3d bench TARGET``.
+BENCHMARKS: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] = {
+    "generate": bench_generate,
+    "train": bench_train,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise BenchError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from att3d.cli import COMMANDS
+
+    p = _Parser(prog="att3d bench", description=COMMANDS["bench"].description)
+    p.add_argument("target", metavar="TARGET", help=f"{', '.join(BENCHMARKS)} or all")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--out", default=None, metavar="FILE.md",
+                   help="write the Markdown report here and the JSON next to it (default: print only)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("generate")
+    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model folder (default: {DEFAULT_CHECKPOINT})")
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], metavar="B", help="default: 1 16")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default: 3)")
+    g.add_argument("--resolution", type=int, default=128, help="density grid per axis (default: 128)")
+    g.add_argument("--texture-size", type=int, default=512, help="default: 512")
+    g.add_argument("--threshold", type=float, default=None, help="density threshold (default: the model's)")
+    g.add_argument("--smooth", type=int, default=10, help="Taubin iterations (default: 10)")
+    g.add_argument("--uv", default="box", help="UV atlas: box or xatlas (default: box)")
+    g.add_argument("--format", default="glb", help="mesh file format (default: glb)")
+    t = p.add_argument_group("train")
+    t.add_argument("--experiment", default="quickstart", help="train config experiment (default: quickstart)")
+    t.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
+    t.add_argument("--train-batch-size", type=int, default=None, help="prompts per step (default: the config's)")
+    t.add_argument("--train-resolution", type=int, default=None, help="render size (default: the config's)")
+    t.add_argument("--backends", nargs="+", default=None, help="renderer backends (default: torch, and cuda on GPUs)")
+    t.add_argument("--prior", default="auto", help="auto (shipped, else tiny), tiny, or a prior folder")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more train config overrides")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> list[str]:
+    targets = list(BENCHMARKS) if args.target == "all" else [args.target]
+    if args.target != "all" and args.target not in BENCHMARKS:
+        raise BenchError(f"unknown benchmark {args.target!r}; choose {', '.join(BENCHMARKS)} or all")
+    checks = [("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--steps", args.steps, 1),
+              ("--resolution", args.resolution, 4), ("--texture-size", args.texture_size, 0),
+              ("--smooth", args.smooth, 0)]
+    checks += [("--batch-sizes", b, 1) for b in args.batch_sizes]
+    for name, value, low in checks:
+        if value < low:
+            raise BenchError(f"{name} must be >= {low}, got {value}")
+    if args.format.lower() not in FORMATS:
+        raise BenchError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    args.format = args.format.lower()
+    return targets
+
+
+def report(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """The Markdown report: machine line, then one section per benchmark."""
+    parts = ["# att3d bench", "", f"Machine: {machine_line(info)}", ""]
+    for name, res in results.items():
+        parts += [f"## {name}", "", res["markdown"]]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``att3d bench TARGET``: run benchmarks, print the Markdown report, optionally write it (and JSON)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    targets = _validate(args)
+    try:
+        device = pick_device(args.device)
+    except GenerationError as e:
+        raise BenchError(str(e)) from None
+    info = machine_info(device)
+    results = {name: BENCHMARKS[name](args, device) for name in targets}
+    text = report(info, results)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        data = {"machine": info, "benchmarks": {k: {kk: vv for kk, vv in v.items() if kk != "markdown"}
+                                                 for k, v in results.items()}}
+        json_path = out.with_suffix(".json")
+        json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"wrote {out} and {json_path}")
+    return 0

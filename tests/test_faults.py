@@ -1,0 +1,321 @@
+"""Long runs that survive faults and bad input.
+
+* ``kill -9`` of a real training process after its first checkpoint, then ``resume``: the same final weights
+  (bit for bit) as an uninterrupted run with the same seed.
+* SIGTERM: a checkpoint at the current step, exit code 143 and a one-line message; resuming from it is exact too.
+* A damaged checkpoint (truncated, corrupted, missing, a pointer to nothing) is a one-line error naming the file,
+  never a silent restart; loading executes no pickled code.
+* NaN / inf losses skip the step and count; too many stop the run with a clear message.
+* Bad input through ``att3d train``: one ``att3d: error:`` line on stderr, no traceback, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from att3d.train import app
+from att3d.train.trainer import Trainer, TrainingError
+from att3d.utils.checkpoint import CheckpointError
+from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
+
+# Blank lines, a comment, a duplicate (normalised away, with a warning) and a prompt longer than the text
+# encoder's 16 tokens (truncated, with a warning): the run trains on 6 prompts.
+LONG_PROMPT = "a red cube " + "with a small green sphere on top of a tall blue cylinder " * 3
+PROMPT_FILE = f"""# shapes
+a red cube
+
+a blue sphere
+a  blue   sphere
+a green torus
+a yellow cone
+
+a purple cylinder
+{LONG_PROMPT}
+"""
+MAX_STEPS = 14
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("faults")
+    save_prior(root / "prior", build_unet(arch), build_scheduler(arch), arch)
+    (root / "prompts.txt").write_text(PROMPT_FILE)
+    return root / "prior", root / "prompts.txt"
+
+
+def overrides(setup: tuple[Path, Path], run_dir: Path, **extra: object) -> list[str]:
+    prior_dir, prompts_file = setup
+    values: dict[str, object] = {
+        "name": "test", "prompts": "file", "prompts.train": str(prompts_file), "guidance.prior.path": str(prior_dir),
+        "field.base_resolution": 4, "field.max_resolution": 8, "field.hidden_dim": 8, "mapping.hidden_dim": 16,
+        "renderer.num_samples": 12, "trainer.resolution": 16, "trainer.batch_size": 4,
+        "trainer.max_steps": MAX_STEPS, "trainer.checkpoint_every": 2, "trainer.log_every": 1,
+        "trainer.image_every": 0, "trainer.threads": 1, "trainer.device": "cpu", "progress": "false",
+        "run_dir": str(run_dir),
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def compose(args: list[str]) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    app._register_resolvers()
+    with initialize_config_dir(config_dir=str(app.configs_dir()), version_base=None):
+        return OmegaConf.to_container(hydra_compose("train", overrides=args), resolve=True)
+
+
+def make_trainer(setup: tuple[Path, Path], run_dir: Path, **extra: object) -> Trainer:
+    return app.build_trainer(compose(overrides(setup, run_dir, **extra)), run_dir)
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k].float() - b[k].float()).abs().max().item():.3g}"
+
+
+def start_training(setup: tuple[Path, Path], run_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "att3d.cli", "train", *overrides(setup, run_dir)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180.0) -> int:
+    """Poll until the first checkpoint is complete (latest.json exists); returns its step."""
+    pointer = run_dir / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pointer.is_file():
+            return json.loads(pointer.read_text())["step"]
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training ended (code {proc.returncode}) before its first checkpoint:\n{err[-3000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("no checkpoint within the timeout")
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of an uninterrupted run (in this process)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    return load(make_trainer(setup, run_dir).fit())
+
+
+def resume_in_process(run_dir: Path) -> int:
+    return app.main([f"resume={run_dir}"])
+
+
+def test_kill_9_loses_at_most_one_interval_and_resumes_exactly(setup, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_training(setup, run_dir)
+    wait_for_checkpoint(proc, run_dir)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    step = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
+    assert 2 <= step < MAX_STEPS and not (run_dir / "model").exists()  # killed mid-run
+    assert resume_in_process(run_dir) == 0
+    assert_identical(load(run_dir / "model"), reference)
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, MAX_STEPS + 1))  # records of the lost steps were replaced, not duplicated
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(setup, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_training(setup, run_dir)
+    wait_for_checkpoint(proc, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    step = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    last = err.strip().splitlines()[-1]
+    assert last == (f"att3d: interrupted by SIGTERM at step {step}: checkpoint written to {folder}; "
+                    f"continue with: att3d train resume={run_dir}")
+    assert 2 <= step < MAX_STEPS and (folder / "optimizer.pt").is_file() and not (run_dir / "model").exists()
+    # documented normalisations of the prompt file, each with a warning
+    log = out + err
+    assert "dropped 1 duplicate prompt(s): a blue sphere" in log
+    assert "truncated to the encoder's 16" in log
+    assert resume_in_process(run_dir) == 0
+    assert_identical(load(run_dir / "model"), reference)
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(setup, tmp_path_factory) -> Path:
+    """A run folder (config.yaml, checkpoint at step 2) made by the app in this process."""
+    run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
+    assert app.main(overrides(setup, run_dir, trainer__max_steps=2)) == 0
+    return run_dir
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "truncated model": (lambda c: _truncate(c / "step-0000002" / "model.safetensors"),
+                        "corrupted or truncated checkpoint file {c}/step-0000002/model.safetensors"),
+    "missing model": (lambda c: (c / "step-0000002" / "model.safetensors").unlink(),
+                      "checkpoint file not found: {c}/step-0000002/model.safetensors"),
+    "garbage optimizer": (lambda c: (c / "step-0000002" / "optimizer.pt").write_bytes(b"\x00garbage" * 10),
+                          "corrupted or truncated checkpoint file {c}/step-0000002/optimizer.pt"),
+    "truncated rng": (lambda c: _truncate(c / "step-0000002" / "rng.safetensors"),
+                      "corrupted or truncated checkpoint file {c}/step-0000002/rng.safetensors"),
+    "corrupted trainer state": (lambda c: (c / "step-0000002" / "trainer_state.json").write_text('{"step": 2'),
+                                "corrupted JSON file {c}/step-0000002/trainer_state.json"),
+    "corrupted pointer": (lambda c: (c / "latest.json").write_text("\x00\x00"),
+                          "corrupted JSON file {c}/latest.json"),
+    "pointer to a missing folder": (lambda c: (c / "latest.json").write_text('{"folder": "step-0000099"}'),
+                                    "checkpoint folder not found: {c}/step-0000099"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(setup, checkpointed_run, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run_dir)
+    shutil.rmtree(run_dir / "model")
+    ckpt = run_dir / "checkpoints"
+    hurt, message = DAMAGE[damage]
+    hurt(ckpt)
+    trainer = make_trainer(setup, run_dir, trainer__max_steps=4)
+    with pytest.raises(CheckpointError) as err:
+        trainer.fit(resume=True)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(message.format(c=ckpt)), text
+    assert trainer.step == 0 and not (run_dir / "model").exists()  # no silent restart from scratch
+
+
+class _Exploit:
+    """Pickles to a call of ``os.makedirs(path)``: what a malicious checkpoint could run on load."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_loading_executes_no_pickled_code(setup, checkpointed_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run_dir)
+    optimizer_file = run_dir / "checkpoints" / "step-0000002" / "optimizer.pt"
+    marker = tmp_path / "pwned"
+    state = torch.load(optimizer_file, weights_only=True)
+    state["payload"] = _Exploit(str(marker))
+    torch.save(state, optimizer_file)
+    trainer = make_trainer(setup, run_dir, trainer__max_steps=4)
+    with pytest.raises(CheckpointError, match=f"checkpoint file {optimizer_file}"):
+        trainer.fit(resume=True)
+    assert not marker.exists()
+    torch.load(optimizer_file, weights_only=False)  # the payload is real: unrestricted unpickling runs it
+    assert marker.is_dir()
+
+
+def test_nan_loss_skips_and_counts_then_stops(setup, tmp_path, monkeypatch):
+    trainer = make_trainer(setup, tmp_path / "run", trainer__max_bad_steps=2, trainer__max_steps=10,
+                           trainer__checkpoint_every=100)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    prior = trainer.guidance.prior
+    monkeypatch.setattr(prior, "predict_noise", lambda x_t, *a, **k: torch.full_like(x_t, float("nan")))
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    assert str(err.value) == (
+        "stopped at step 3: 3 steps skipped for a non-finite loss or gradient (the last: SDS gradient (every item "
+        "of the batch)), more than trainer.max_bad_steps=2; lower trainer.lr or check the prior and the field")
+    assert trainer.bad_steps == 3
+    # skipped steps leave the weights and the optimiser alone (the spectral norms' power iterations go on)
+    assert_identical({k: v.detach() for k, v in trainer.model.named_parameters()}, before)
+    assert not trainer.optimizer.state
+
+
+def test_inf_loss_is_skipped_and_partial_nan_is_not(setup, tmp_path, monkeypatch):
+    trainer = make_trainer(setup, tmp_path / "run", trainer__max_steps=10)
+    prior = trainer.guidance.prior
+    encode = prior.encode_images
+    monkeypatch.setattr(prior, "encode_images", lambda rgb: encode(rgb) * float("inf"))
+    assert trainer.train_step() == {"skipped": 1.0}
+    assert trainer.bad_steps == 1 and trainer.step == 1
+    monkeypatch.setattr(prior, "encode_images", encode)
+    predict = prior.predict_noise
+
+    def one_nan(x_t, *args, **kwargs):
+        eps = predict(x_t, *args, **kwargs).clone()
+        eps[0] = float("nan")
+        return eps
+
+    monkeypatch.setattr(prior, "predict_noise", one_nan)
+    stats = trainer.train_step()  # the SDS zeroes the one bad item's gradient; the step goes on
+    assert "skipped" not in stats and stats["sds_nonfinite"] == 1.0 and trainer.bad_steps == 1 and trainer.step == 2
+
+
+def _bad_inputs(setup: tuple[Path, Path], checkpointed_run: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "latin1.txt").write_bytes("a red cube\nun cube \xe9l\xe9gant\n".encode("latin-1"))
+    (tmp / "blank.txt").write_text("\n   \n# nothing here\n\n")
+    mismatch = tmp / "mismatch"
+    shutil.copytree(checkpointed_run, mismatch)
+    truncated = tmp / "truncated"
+    shutil.copytree(checkpointed_run, truncated)
+    _truncate(truncated / "checkpoints" / "step-0000002" / "model.safetensors")
+    run = tmp / "run"
+    return {
+        "unknown config key": (overrides(setup, run, trainer__no_such_option=1),
+                               "Could not override 'trainer.no_such_option': Key 'no_such_option' is not in struct"),
+        "missing prompt file": (overrides(setup, run, prompts__train=tmp / "nope.txt"),
+                                f"prompt file not found: {tmp / 'nope.txt'}"),
+        "non-UTF-8 prompt file": (overrides(setup, run, prompts__train=tmp / "latin1.txt"),
+                                  f"prompt file {tmp / 'latin1.txt'} is not UTF-8 text (byte 19)"),
+        "prompt file without prompts": (overrides(setup, run, prompts__train=tmp / "blank.txt"),
+                                        f"prompt file {tmp / 'blank.txt'} holds no prompt"),
+        "empty prompt": (overrides(setup, run, prompts__train="['a red cube','   ']"), "empty prompt"),
+        "checkpoint of another architecture": (
+            [f"resume={mismatch}", "field.max_resolution=16"],
+            f"checkpoint {mismatch}/checkpoints/step-0000002/model.safetensors is from another architecture"),
+        "truncated checkpoint": (
+            [f"resume={truncated}"],
+            f"corrupted or truncated checkpoint file {truncated}/checkpoints/step-0000002/model.safetensors"),
+        "resume of a folder that is no run": ([f"resume={tmp}"], f"resume: {tmp} is not an att3d run folder"),
+    }
+
+
+def test_bad_input_is_a_one_line_error_through_the_cli(setup, checkpointed_run, tmp_path):
+    cases = _bad_inputs(setup, checkpointed_run, tmp_path)
+    saved_config = (tmp_path / "mismatch" / "config.yaml").read_text()
+    procs = {name: subprocess.Popen([sys.executable, "-m", "att3d.cli", "train", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=ENV)
+             for name, (args, _) in cases.items()}  # all at once: each is mostly interpreter start-up
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=240)
+        expected = cases[name][1]
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err[-3000:]}"
+        assert "Traceback" not in err, f"{name}: {err[-3000:]}"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"att3d: error: {expected}"), f"{name}: {err[-3000:]}"
+    # the failed resume left the run's config alone (a plain resume still works)
+    assert (tmp_path / "mismatch" / "config.yaml").read_text() == saved_config
+    assert not (tmp_path / "run" / "config.yaml").exists()

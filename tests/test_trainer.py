@@ -1,0 +1,193 @@
+"""The amortized SDS trainer on a tiny setup: checkpoints, reproducibility, exact resume, interpolation mixing.
+
+Everything runs on the CPU in a few seconds: a tiny random shapes prior, a 4^3..8^3 grid field, 16x16 renders,
+batches of 4 prompts. Runs use ``trainer.threads=1`` so that float reductions are bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from att3d.render.cameras import OrbitCameras
+from att3d.train import distributed
+from att3d.train.app import build_trainer
+from att3d.train.trainer import Trainer
+from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
+
+PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone", "a purple cylinder", "a pink capsule"]
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory) -> Path:
+    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("prior")
+    save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def tiny_overrides(prior_dir: Path, prompts_file: Path, run_dir: Path, **extra: object) -> list[str]:
+    """Hydra overrides of a run that takes a fraction of a second per step on a CPU."""
+    values: dict[str, object] = {
+        "name": "test", "prompts": "file", "prompts.train": str(prompts_file), "guidance.prior.path": str(prior_dir),
+        "field.base_resolution": 4, "field.max_resolution": 8, "field.hidden_dim": 8, "mapping.hidden_dim": 16,
+        "renderer.num_samples": 12, "trainer.resolution": 16, "trainer.batch_size": 4, "trainer.max_steps": 4,
+        "trainer.checkpoint_every": 2, "trainer.log_every": 1, "trainer.image_every": 0, "trainer.threads": 1,
+        "trainer.device": "cpu", "progress": "false", "run_dir": str(run_dir),
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved ``att3d train`` config (a plain dict), as the Hydra app composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from att3d.train.app import _register_resolvers, configs_dir
+
+    _register_resolvers()
+    with initialize_config_dir(config_dir=str(configs_dir()), version_base=None):
+        cfg = hydra_compose("train", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def make_trainer(prior_dir: Path, prompts_file: Path, run_dir: Path, **extra: object) -> Trainer:
+    cfg = compose(tiny_overrides(prior_dir, prompts_file, run_dir, **extra))
+    return build_trainer(cfg, run_dir)
+
+
+def weights(trainer_or_folder: Trainer | Path) -> dict[str, torch.Tensor]:
+    if isinstance(trainer_or_folder, Trainer):
+        return {k: v.detach().clone() for k, v in trainer_or_folder.model.state_dict().items()}
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(trainer_or_folder) / "model.safetensors"))
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k].float() - b[k].float()).abs().max().item():.3g}"
+
+
+def test_checkpoint_round_trip(prior_dir, prompts_file, tmp_path):
+    tr = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=3)
+    for _ in range(3):
+        assert "skipped" not in tr.train_step()
+    folder = tr.save_checkpoint()
+    assert folder.name == "step-0000003"
+    assert json.loads((tr.ckpt_dir / "latest.json").read_text()) == {"folder": "step-0000003", "step": 3}
+    assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "model_config.json", "optimizer.pt",
+                                                  "rng.safetensors", "trainer_state.json"}
+    other = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=3)
+    assert not torch.equal(weights(other)["field.mlp.0.weight"], weights(tr)["field.mlp.0.weight"])
+    other.load_checkpoint(folder)
+    assert_identical(weights(other), weights(tr))
+    assert other.step == 3 and other.bad_steps == 0 and other._order == tr._order
+    assert torch.equal(other.generator.get_state(), tr.generator.get_state())
+    sa, sb = tr.optimizer.state_dict(), other.optimizer.state_dict()
+    for pid, st in sa["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, sb["state"][pid][key])
+    # The next step is the same on both.
+    tr.train_step()
+    other.train_step()
+    assert_identical(weights(other), weights(tr))
+
+
+def test_fixed_seed_is_bit_reproducible(prior_dir, prompts_file, tmp_path):
+    a = make_trainer(prior_dir, prompts_file, tmp_path / "a", trainer__max_steps=3, trainer__checkpoint_every=100)
+    b = make_trainer(prior_dir, prompts_file, tmp_path / "b", trainer__max_steps=3, trainer__checkpoint_every=100)
+    c = make_trainer(prior_dir, prompts_file, tmp_path / "c", trainer__max_steps=3, trainer__checkpoint_every=100,
+                     trainer__seed=1)
+    assert_identical(weights(a), weights(b))  # the initial weights depend on the seed only
+    wa, wb, wc = (weights(t.fit()) for t in (a, b, c))
+    assert_identical(wa, wb)
+    assert not torch.equal(wa["mapping.fc1.parametrizations.weight.original"],
+                           wc["mapping.fc1.parametrizations.weight.original"])
+    # the run changed the weights, and its logged history is identical too
+    assert not torch.equal(wa["field.mlp.0.weight"], weights(make_trainer(prior_dir, prompts_file, tmp_path / "d"))[
+        "field.mlp.0.weight"])
+    la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in la] == [1, 2, 3]
+    assert [(r["loss"], r["grad_norm"]) for r in la] == [(r["loss"], r["grad_norm"]) for r in lb]
+
+
+def test_resume_is_exact(prior_dir, prompts_file, tmp_path):
+    full = make_trainer(prior_dir, prompts_file, tmp_path / "full", trainer__max_steps=6, trainer__checkpoint_every=3)
+    reference = weights(full.fit())
+    half = make_trainer(prior_dir, prompts_file, tmp_path / "half", trainer__max_steps=3, trainer__checkpoint_every=3)
+    half.fit()
+    assert half.step == 3
+    resumed = make_trainer(prior_dir, prompts_file, tmp_path / "half", trainer__max_steps=6,
+                           trainer__checkpoint_every=3)
+    final = resumed.fit(resume=True)
+    assert resumed.step == 6
+    assert_identical(weights(final), reference)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # keep_checkpoints=2: the two newest folders stay
+    assert sorted(p.name for p in (tmp_path / "half" / "checkpoints").glob("step-*")) == ["step-0000003",
+                                                                                            "step-0000006"]
+
+
+def test_resume_false_starts_over(prior_dir, prompts_file, tmp_path):
+    tr = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=2)
+    tr.fit()
+    again = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=2)
+    assert again.restore(resume=False) is None and again.step == 0
+
+
+def test_interpolation_mixing_path(prior_dir, prompts_file, tmp_path):
+    tr = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__interpolation__prob=0.5,
+                      trainer__interpolation__kappa=1.0, trainer__max_steps=2)
+    batch = tr.sample_batch()
+    assert batch["n_mix"] == 2 and len(batch["emb"]) == 4 and len(batch["cond"]) == 4 and len(batch["cameras"]) == 4
+    emb, idx, w, partner = tr.text_emb, batch["idx"], batch["mix_weight"], batch["mix_partner"]
+    assert w.shape == partner.shape == (2,) and bool(((w > 0) & (w < 1)).all())
+    expected = w[:, None, None] * emb.tokens[idx[:2]] + (1 - w)[:, None, None] * emb.tokens[partner]
+    torch.testing.assert_close(batch["emb"].tokens[:2], expected)
+    assert torch.equal(batch["emb"].tokens[2:], emb.tokens[idx[2:]])  # the other rows are plain prompts
+    c = batch["cond"]
+    expected_cond = tr.prior_cond.index(idx[:2]).mix(tr.prior_cond.index(partner), w)
+    torch.testing.assert_close(c.index(slice(0, 2)).cond, expected_cond.cond)
+    before = weights(tr)
+    final = tr.fit()
+    after = weights(final)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and torch.isfinite(torch.tensor(record["loss"]))
+
+
+def test_sds_draws_match_internal_draws(prior_dir, prompts_file, tmp_path):
+    """The trainer's global-batch draws of t and noise are what the SDS would draw itself (one process)."""
+    tr = make_trainer(prior_dir, prompts_file, tmp_path / "run")
+    images = torch.rand(4, 3, 16, 16, requires_grad=True)
+    cond = tr.prior_cond.index(torch.arange(4))
+    cams = OrbitCameras.evaluation(4)
+    tr.generator.manual_seed(5)
+    t, noise = tr._sds_random()
+    own = tr.guidance(images, cond, cams, step=0, generator=torch.Generator().manual_seed(5))
+    given = tr.guidance(images, cond, cams, step=0, t=t, noise=noise)
+    assert torch.equal(own.t, given.t)
+    torch.testing.assert_close(own.loss, given.loss, rtol=0, atol=0)
+
+
+def test_batch_must_split_over_processes():
+    with pytest.raises(distributed.DistributedError, match="batch_size=6 does not split evenly over 4 processes"):
+        distributed.shard(6, distributed.DistInfo(rank=1, world_size=4))
+    assert distributed.shard(8, distributed.DistInfo(rank=1, world_size=4)) == slice(2, 4)

@@ -57,6 +57,7 @@ class AmortizedModel(torch.nn.Module):
                                       out_shapes=self.field.conditioning_shapes(), **kw)
         name, kw = _split(self.config.get("renderer", {"name": "volume"}))
         self.renderer = RENDERERS.build(name, **kw)
+        self.config.setdefault("extraction", {"threshold": 5.0})
 
     @property
     def device(self) -> torch.device:

@@ -1,10 +1,13 @@
 """Data-parallel training: two gloo processes under torchrun train the same model as one process with the whole batch.
 
-Tolerance: after each step the two-process weights equal the one-process weights within ``atol = 1e-5`` (Adam's
-first steps move every weight by about ``lr = 1e-3``, so a wrong slice of the random draws or of the batch shows
-up as differences of order 1e-3); the logged global loss and gradient norm (which would reveal a wrong loss or
-gradient normalisation, invisible to Adam's scale-free update) agree within a relative 1e-5. The remaining
-differences come from float summation order only (the gradient is summed over two processes).
+Tolerance. Every logged global statistic (loss, gradient norm before clipping, SDS gradient norm, opacity) agrees
+within a relative 1e-5 at every step: this checks the gradient itself, and a wrong loss or gradient normalisation
+(invisible in the weights, since clipping and Adam's update are scale-free). The weights agree within
+``atol = 1e-4`` element-wise (a tenth of one Adam step at ``lr = 1e-3``) and within ``1e-7`` on average over all
+elements. The residue is float summation order (the gradient is summed over two processes instead of one batch),
+which Adam turns into visible differences only for the few gradient entries near zero (observed: max ~1e-5 on a
+handful of the 130k weights, mean ~1e-9). A wrong slice of the random draws gives a mean difference of ~1e-5.
+
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from att3d.train import distributed
 from att3d.train.app import build_trainer
 from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 
-ATOL = 1e-5
+ATOL = 1e-4
+MEAN_ATOL = 1e-7
 RTOL_METRICS = 1e-5
 PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone", "a purple cylinder", "a pink capsule"]
 
@@ -73,6 +77,8 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     for k in a:
         diff = (a[k].float() - b[k].float()).abs().max().item()
         assert diff <= ATOL, f"{k} differs by {diff:.3g} > {ATOL}"
+    mean = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a]).mean().item()
+    assert mean <= MEAN_ATOL, f"the weights differ by {mean:.3g} on average > {MEAN_ATOL}"
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -142,24 +142,31 @@ def test_kill_9_loses_at_most_one_interval_and_resumes_exactly(setup, reference,
     assert steps == list(range(1, MAX_STEPS + 1))  # records of the lost steps were replaced, not duplicated
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_143(setup, reference, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_143(setup, reference, tmp_path, monkeypatch, capfd):
+    """A real SIGTERM to this process during the app's training: it finishes the step, writes a checkpoint there
+    (step 3, between the regular ones at 2 and 4) and returns 143; resuming from it is exact."""
     run_dir = tmp_path / "run"
-    proc = start_training(setup, run_dir)
-    wait_for_checkpoint(proc, run_dir)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "Traceback" not in err
-    step = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
-    folder = run_dir / "checkpoints" / f"step-{step:07d}"
-    last = err.strip().splitlines()[-1]
-    assert last == (f"att3d: interrupted by SIGTERM at step {step}: checkpoint written to {folder}; "
-                    f"continue with: att3d train resume={run_dir}")
-    assert 2 <= step < MAX_STEPS and (folder / "optimizer.pt").is_file() and not (run_dir / "model").exists()
-    # documented normalisations of the prompt file, each with a warning
-    log = out + err
-    assert "dropped 1 duplicate prompt(s): a blue sphere" in log
-    assert "truncated to the encoder's 16" in log
+    original = Trainer.train_step
+
+    def step_then_signal(self: Trainer) -> dict[str, float]:
+        stats = original(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    assert app.main(overrides(setup, run_dir)) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the training's handler is gone
+    out, err = capfd.readouterr()
+    folder = run_dir / "checkpoints" / "step-0000003"
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text()) == {"folder": folder.name, "step": 3}
+    assert (folder / "optimizer.pt").is_file() and not (run_dir / "model").exists()
+    assert err.strip().splitlines()[-1] == (f"att3d: interrupted by SIGTERM at step 3: checkpoint written to {folder}; "
+                                            f"continue with: att3d train resume={run_dir}")
+    # the documented normalisations of the prompt file, each with a warning
+    assert "dropped 1 duplicate prompt(s): a blue sphere" in out + err
+    assert "truncated to the encoder's 16" in out + err
     assert resume_in_process(run_dir) == 0
     assert_identical(load(run_dir / "model"), reference)
 
@@ -274,48 +281,69 @@ def test_inf_loss_is_skipped_and_partial_nan_is_not(setup, tmp_path, monkeypatch
     assert "skipped" not in stats and stats["sds_nonfinite"] == 1.0 and trainer.bad_steps == 1 and trainer.step == 2
 
 
-def _bad_inputs(setup: tuple[Path, Path], checkpointed_run: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
-    (tmp / "latin1.txt").write_bytes("a red cube\nun cube \xe9l\xe9gant\n".encode("latin-1"))
-    (tmp / "blank.txt").write_text("\n   \n# nothing here\n\n")
-    mismatch = tmp / "mismatch"
+def test_bad_input_is_a_one_line_error_through_the_cli(setup, checkpointed_run, tmp_path):
+    """Each bad input in its own ``python -m att3d.cli train`` process (all at once: mostly interpreter start-up)."""
+    (tmp_path / "latin1.txt").write_bytes("a red cube\nun cube \xe9l\xe9gant\n".encode("latin-1"))
+    mismatch = tmp_path / "mismatch"
     shutil.copytree(checkpointed_run, mismatch)
-    truncated = tmp / "truncated"
-    shutil.copytree(checkpointed_run, truncated)
-    _truncate(truncated / "checkpoints" / "step-0000002" / "model.safetensors")
-    run = tmp / "run"
-    return {
+    saved_config = (mismatch / "config.yaml").read_text()
+    run = tmp_path / "run"
+    cases = {
         "unknown config key": (overrides(setup, run, trainer__no_such_option=1),
-                               "Could not override 'trainer.no_such_option': Key 'no_such_option' is not in struct"),
-        "missing prompt file": (overrides(setup, run, prompts__train=tmp / "nope.txt"),
-                                f"prompt file not found: {tmp / 'nope.txt'}"),
-        "non-UTF-8 prompt file": (overrides(setup, run, prompts__train=tmp / "latin1.txt"),
-                                  f"prompt file {tmp / 'latin1.txt'} is not UTF-8 text (byte 19)"),
-        "prompt file without prompts": (overrides(setup, run, prompts__train=tmp / "blank.txt"),
-                                        f"prompt file {tmp / 'blank.txt'} holds no prompt"),
+                               "Could not override 'trainer.no_such_option': Key 'no_such_option' is not in struct "
+                               "(to append to your config use +trainer.no_such_option=1)"),
+        "missing prompt file": (overrides(setup, run, prompts__train=tmp_path / "nope.txt"),
+                                f"prompt file not found: {tmp_path / 'nope.txt'}"),
+        "non-UTF-8 prompt file": (overrides(setup, run, prompts__train=tmp_path / "latin1.txt"),
+                                  f"prompt file {tmp_path / 'latin1.txt'} is not UTF-8 text (byte 19)"),
         "empty prompt": (overrides(setup, run, prompts__train="['a red cube','   ']"), "empty prompt"),
         "checkpoint of another architecture": (
             [f"resume={mismatch}", "field.max_resolution=16"],
-            f"checkpoint {mismatch}/checkpoints/step-0000002/model.safetensors is from another architecture"),
-        "truncated checkpoint": (
-            [f"resume={truncated}"],
-            f"corrupted or truncated checkpoint file {truncated}/checkpoints/step-0000002/model.safetensors"),
-        "resume of a folder that is no run": ([f"resume={tmp}"], f"resume: {tmp} is not an att3d run folder"),
+            f"checkpoint {mismatch}/checkpoints/step-0000002/model.safetensors is from another architecture: "),
     }
-
-
-def test_bad_input_is_a_one_line_error_through_the_cli(setup, checkpointed_run, tmp_path):
-    cases = _bad_inputs(setup, checkpointed_run, tmp_path)
-    saved_config = (tmp_path / "mismatch" / "config.yaml").read_text()
     procs = {name: subprocess.Popen([sys.executable, "-m", "att3d.cli", "train", *args], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=ENV)
-             for name, (args, _) in cases.items()}  # all at once: each is mostly interpreter start-up
+             for name, (args, _) in cases.items()}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=240)
-        expected = cases[name][1]
         assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err[-3000:]}"
         assert "Traceback" not in err, f"{name}: {err[-3000:]}"
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"att3d: error: {expected}"), f"{name}: {err[-3000:]}"
-    # the failed resume left the run's config alone (a plain resume still works)
-    assert (tmp_path / "mismatch" / "config.yaml").read_text() == saved_config
-    assert not (tmp_path / "run" / "config.yaml").exists()
+        assert len(lines) == 1 and lines[0].startswith(f"att3d: error: {cases[name][1]}"), f"{name}: {err[-3000:]}"
+    # the failed resume left the run's config alone (a plain resume still works), and no run was started
+    assert (mismatch / "config.yaml").read_text() == saved_config
+    assert not (run / "config.yaml").exists()
+
+
+def test_more_bad_input_is_a_one_line_error(setup, checkpointed_run, tmp_path, capfd):
+    """More bad input through the same command, in this process (``att3d.cli.main``)."""
+    from att3d.cli import main as cli_main
+
+    (tmp_path / "blank.txt").write_text("\n   \n# nothing here\n\n")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpointed_run, truncated)
+    _truncate(truncated / "checkpoints" / "step-0000002" / "model.safetensors")
+    run = tmp_path / "run"
+    cases = {
+        "prompt file without prompts": (overrides(setup, run, prompts__train=tmp_path / "blank.txt"),
+                                        f"prompt file {tmp_path / 'blank.txt'} holds no prompt"),
+        "truncated checkpoint": (
+            [f"resume={truncated}"],
+            f"corrupted or truncated checkpoint file {truncated}/checkpoints/step-0000002/model.safetensors: "),
+        "resume of a folder that is no run": ([f"resume={tmp_path}"], f"resume: {tmp_path} is not an att3d run "
+                                                                       "folder (no config.yaml)"),
+        "unknown trainer option": ([*overrides(setup, run), "+trainer.bogus=1"], "unknown trainer option(s): bogus"),
+        "bad component option": (overrides(setup, run, renderer__backend="nope"),
+                                 "invalid configuration: backend must be one of"),
+        "missing mandatory value": ([o for o in overrides(setup, run) if not o.startswith("prompts.train=")],
+                                    "missing mandatory value: prompts.train (give it on the command line: "
+                                    "prompts.train=...)"),
+    }
+    for name, (args, expected) in cases.items():
+        capfd.readouterr()
+        assert cli_main(["train", *args]) == 2, name
+        err = capfd.readouterr().err
+        assert "Traceback" not in err, f"{name}: {err[-3000:]}"
+        lines = [x for x in err.strip().splitlines() if x.startswith("att3d")]
+        assert len(lines) == 1 and lines[0].startswith("att3d: error: ") and expected in lines[0], f"{name}: {err}"
+        assert err.strip().splitlines()[-1] == lines[0]

@@ -208,11 +208,19 @@ def bench_generate(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 def tiny_prior(folder: str | os.PathLike) -> Path:
     """Save a small random shapes prior (the shipped architecture's interface, fewer channels) into ``folder``."""
+    import diffusers
+
     from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 
     arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
     torch.manual_seed(0)
-    save_prior(folder, build_unet(arch), build_scheduler(arch), arch, card_extra={"note": "random, for benchmarks"})
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # fp16 casting notices of a throw-away prior
+    try:
+        save_prior(folder, build_unet(arch), build_scheduler(arch), arch,
+                   card_extra={"note": "random, for benchmarks"})
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
     return Path(folder)
 
 

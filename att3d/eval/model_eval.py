@@ -25,7 +25,7 @@ from att3d.world.render import voxel_centres
 from att3d.world.shapes import all_objects, parse_caption
 
 #: Default density threshold of occupancy / mesh extraction.
-DEFAULT_THRESHOLD = 10.0
+DEFAULT_THRESHOLD = 5.0
 
 
 def extraction_threshold(model) -> float:

@@ -152,32 +152,63 @@ def shelf_pack(sizes: np.ndarray, size: int) -> np.ndarray | None:
     return pos
 
 
-def _pack(extent: np.ndarray, size: int, padding: int) -> tuple[float, np.ndarray]:
-    """Largest scale (texels per world unit) at which the chart boxes fit, and their placement.
+def _fit(ext: np.ndarray, size: int, pad: int, steps: int = 24) -> tuple[float, np.ndarray] | None:
+    """Largest scale (bisection) at which boxes ``ceil(ext * scale) + 2 pad + 1`` shelf-pack, and their corners."""
+
+    def place(scale: float) -> np.ndarray | None:
+        return shelf_pack(np.ceil(ext * scale).astype(np.int64) + 2 * pad + 1, size)
+
+    area = float(np.sum(ext[:, 0] * ext[:, 1]))
+    longest = max(float(ext.max()) if ext.size else 0.0, 1e-12)
+    # Upper bound: the charts' total area fills the square, and the longest side fits.
+    hi = min(size / math.sqrt(max(area, 1e-12)), (size - 2 * pad - 1) / longest)
+    if hi <= 0:
+        return None
+    pos = place(hi)
+    if pos is not None:
+        return hi, pos
+    lo, best = 0.0, None
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        pos = place(mid)
+        if pos is not None:
+            lo, best = mid, (mid, pos)
+        else:
+            hi = mid
+    return best
+
+
+def _pack(extent: np.ndarray, size: int, padding: int) -> tuple[float, np.ndarray, int]:
+    """Scale (texels per world unit), placement and gutter of the chart boxes.
+
+    The gutter is ``padding`` unless a smaller one buys a much larger scale (small textures):
+    the largest gutter whose scale is at least 80% of the best over all gutters is used.
 
     Args:
         extent: (K, 2) world-unit widths and heights of the charts.
 
     Returns:
-        scale; corners (K, 2) top-left of each chart's box (gutter included), in the input order.
+        scale; corners (K, 2) top-left of each chart's box (gutter included), in the input order;
+        the padding used.
     """
     order = np.argsort(-extent[:, 1], kind="stable")
     ext = extent[order]
-    area = float(np.sum(ext[:, 0] * ext[:, 1]))
-    longest = float(ext.max()) if ext.size else 1.0
-    # Upper bound: the charts' total area fills the square, and the longest side fits.
-    scale = min(size / math.sqrt(max(area, 1e-12)), (size - 2 * padding - 1) / max(longest, 1e-12))
-    for _ in range(400):
-        boxes = np.ceil(ext * scale).astype(np.int64) + 2 * padding + 1
-        pos = shelf_pack(boxes, size)
-        if pos is not None:
-            corners = np.zeros_like(pos)
-            corners[order] = pos
-            return scale, corners
-        scale *= 0.97
-        if scale * longest < 1.0:
-            break
-    raise AtlasError(f"{len(extent)} charts with {padding} texels of padding do not fit a {size}x{size} texture")
+    pads = [padding]
+    while pads[-1] > 0:
+        pads.append(pads[-1] // 2)
+    fits = {pads[0]: _fit(ext, size, pads[0]), 0: _fit(ext, size, 0)}
+    if fits[0] is None:
+        raise AtlasError(f"{len(extent)} charts do not fit a {size}x{size} texture; use a larger texture")
+    best = fits[0][0]  # no gutter: (about) the largest scale
+    for pad in pads:
+        if pad not in fits:
+            fits[pad] = _fit(ext, size, pad)
+        f = fits[pad]
+        if f is not None and f[0] >= 0.8 * best:
+            corners = np.zeros_like(f[1])
+            corners[order] = f[1]
+            return f[0], corners, pad
+    raise AssertionError("unreachable")
 
 
 def _layer_mismatch(xy: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, chart: torch.Tensor,
@@ -254,13 +285,13 @@ def box_atlas(verts: torch.Tensor, faces: torch.Tensor, size: int = 512, padding
         hi = torch.full((K, 2), -math.inf, dtype=v.dtype, device=device).scatter_reduce(
             0, vchart[:, None].expand(-1, 2), uv, "amax")
         extent = (hi - lo).cpu().numpy()
-        scale, corners = _pack(extent, size, padding)
+        scale, corners, pad = _pack(extent, size, padding)
         # Texel coordinates: x = column (u right), y = row (v up = smaller row). Flip v inside the box.
         corner_t = torch.as_tensor(corners, dtype=v.dtype, device=device)
         box_h = torch.as_tensor(np.ceil(extent[:, 1] * scale), dtype=v.dtype, device=device)
         local = (uv - lo[vchart]) * scale
-        x = corner_t[vchart, 0] + padding + 0.5 + local[:, 0]
-        y = corner_t[vchart, 1] + padding + 0.5 + (box_h[vchart] - local[:, 1])
+        x = corner_t[vchart, 0] + pad + 0.5 + local[:, 0]
+        y = corner_t[vchart, 1] + pad + 0.5 + (box_h[vchart] - local[:, 1])
         xy = torch.stack([x, y], dim=-1)
         if rnd == max_rounds:
             break

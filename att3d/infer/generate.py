@@ -469,7 +469,7 @@ def write_outputs(meshes: Sequence[trimesh.Trimesh], prompts: Sequence[str], out
             continue
         t0 = time.perf_counter()
         with _maybe(timer, "export"):
-            written = export_mesh(mesh, out / f"{slug}.{fmt}", fmt)
+            written = export_mesh(_for_format(mesh, fmt), out / f"{slug}.{fmt}", fmt)
         row["seconds"] += time.perf_counter() - t0
         row["mesh"] = written[0]
         row["files"].extend(written)
@@ -483,6 +483,14 @@ def write_outputs(meshes: Sequence[trimesh.Trimesh], prompts: Sequence[str], out
             row["files"].append(path)
         rows.append(row)
     return rows
+
+
+def _for_format(mesh: trimesh.Trimesh, fmt: str) -> trimesh.Trimesh:
+    """PLY keeps vertex colours: use the field's own per-vertex colours rather than texture samples."""
+    rgba = mesh.vertex_attributes.get("color") if fmt == "ply" else None
+    if rgba is None or len(rgba) != len(mesh.vertices):
+        return mesh
+    return trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=rgba, process=False)
 
 
 def format_table(rows: Sequence[dict[str, Any]], root: str | os.PathLike | None = None) -> str:

@@ -87,22 +87,28 @@ def build_guidance(gcfg: dict[str, Any], device: str):
 
 
 def model_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: dict(cfg[k]) for k in ("text_encoder", "mapping", "field", "renderer")}
+    out = {k: dict(cfg[k]) for k in ("text_encoder", "mapping", "field", "renderer")}
+    if cfg.get("extraction"):
+        out["extraction"] = dict(cfg["extraction"])
+    return out
 
 
 def build_trainer(cfg: dict[str, Any], run_dir: str | Path):
     """Model, prompt bank, guidance and trainer of a resolved train config (a plain dict)."""
     import torch
 
-    from att3d.model import AmortizedModel
     from att3d.text.prompts import PromptBank, resolve_prompts
+
+    # Bad prompts fail before the heavy imports and loading.
+    prompts = PromptBank(resolve_prompts(cfg["prompts"]["train"], base_dir=configs_dir() / "prompts"))
+
+    from att3d.model import AmortizedModel
     from att3d.train import distributed
     from att3d.train.trainer import Trainer, pick_device, trainer_config_from_dict
 
     tcfg = trainer_config_from_dict(cfg["trainer"])
     device = distributed.rank_device(pick_device(tcfg.device))
-    distributed.shard(tcfg.batch_size)  # a batch that does not split over the ranks fails before the heavy loading
-    prompts = PromptBank(resolve_prompts(cfg["prompts"]["train"], base_dir=configs_dir() / "prompts"))
+    distributed.shard(tcfg.batch_size)  # a batch that does not split over the ranks fails before the loading
     torch.manual_seed(tcfg.seed)  # the initial weights depend on the seed only
     model = AmortizedModel(model_config(cfg))
     guidance = build_guidance(cfg["guidance"], str(device))
@@ -159,7 +165,7 @@ def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
         cfg.run_dir = str(run_dir)  # where the run is now (it may have been moved since)
     elif cfg.resume:
         raise Att3dError(f"resume: {run_dir} is not an att3d run folder (no config.yaml)")
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # e.g. prompts=file without .train
 
 
 def _quiet_worker_logging() -> None:
@@ -184,16 +190,32 @@ def _quiet_libraries(progress: bool) -> None:
 
 
 def _config_error(e: BaseException) -> Att3dError:
-    """One line from Hydra's / OmegaConf's error and its cause (e.g. 'Key 'x' is not in struct')."""
-    from att3d.utils.errors import one_line
-
-    msg = one_line(e)
+    """One line from Hydra's / OmegaConf's error and its cause, e.g. ``Could not override 'trainer.x': Key 'x' is
+    not in struct (to append to your config use +trainer.x=1)``."""
+    key = getattr(e, "full_key", None)
+    if key and type(e).__name__ == "MissingMandatoryValue":
+        return Att3dError(f"missing mandatory value: {key} (give it on the command line: {key}=...)")
+    if key and type(e).__module__.split(".")[0] == "omegaconf":
+        text = str(getattr(e, "msg", "") or type(e).__name__).strip().splitlines()[0].replace("$KEY", str(key))
+        return Att3dError(f"{text}{'' if str(key) in text else f' ({key})'}")
+    lines = [" ".join(x.split()) for x in str(e).strip().splitlines() if x.strip()] or [type(e).__name__]
+    msg = lines[0]
     cause = e.__cause__ or e.__context__
-    if cause is not None:
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        if first and first not in msg:
-            msg = f"{msg.rstrip('.')}: {first}"
+    first = next((x.strip() for x in str(cause).splitlines() if x.strip()), "") if cause is not None else ""
+    if first and first not in msg:
+        msg = f"{msg.rstrip('.')}: {first}"
+    if len(lines) > 1:
+        rest = " ".join(lines[1:])
+        msg = f"{msg} ({rest[0].lower()}{rest[1:]})"
     return Att3dError(msg)
+
+
+def _world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset), read without importing torch."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 2  # let att3d.train.distributed report the bad value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,33 +224,34 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from att3d.train import distributed
-    from att3d.train.trainer import TrainingInterrupted
-
     _register_resolvers()
     argv = list(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {"code": 0}
-    info = distributed.env_info()
+    distributed: Any = None  # att3d.train.distributed (imports torch): only in a multi-process job
+    rank, is_main, multi = 0, True, False
     joined = False
     saved_env = {k: os.environ.get(k) for k in (STAMP_ENV, "HYDRA_FULL_ERROR", "TRANSFORMERS_VERBOSITY",
                                                  "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
-    if info.enabled:
+    if _world_size() > 1:
+        from att3d.train import distributed
+
+        info = distributed.env_info()
+        rank, is_main, multi = info.rank, info.is_main, True
         joined = not distributed.current().enabled
         distributed.init_from_env()
         os.environ[STAMP_ENV] = str(distributed.broadcast_object(_stamp()))  # one run folder for all ranks
-        if not info.is_main:
+        if not is_main:
             argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
     # Config errors come back as exceptions (one line through att3d.cli), not as Hydra's multi-line report.
     os.environ["HYDRA_FULL_ERROR"] = "1"
 
     @hydra.main(version_base=None, config_path=str(configs_dir()), config_name="train")
     def _app(cfg: DictConfig) -> None:
-        if not info.is_main:
+        if not is_main:
             _quiet_worker_logging()
         try:
-            _quiet_libraries(bool(cfg.get("progress", True)))
             failure, container = None, None
-            if info.is_main:
+            if is_main:
                 try:
                     container = _resolved_config(cfg, list(HydraConfig.get().overrides.task))
                 except Att3dError as e:
@@ -237,21 +260,24 @@ def main(argv: list[str] | None = None) -> int:
                     if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
                         raise
                     failure = str(_config_error(e))
-            # Every rank trains with rank 0's config (and fails with its error).
-            failure, container = distributed.broadcast_object((failure, container))
+            if multi:  # every rank trains with rank 0's config (and fails with its error)
+                failure, container = distributed.broadcast_object((failure, container))
             if failure is not None:
                 raise Att3dError(failure)
+            _quiet_libraries(bool(container.get("progress", True)))
             folder = run(container, Path(container["run_dir"]))
-            if info.is_main:
+            if is_main:
                 print(f"model written to {folder}")
-        except TrainingInterrupted as e:
-            if info.is_main:
-                print(f"att3d: {e}", file=sys.stderr)
-            result["code"] = e.exit_code
         except Att3dError as e:
-            where = f"[rank {info.rank}] " if info.enabled else ""
-            print(f"att3d: error: {where}{' '.join(str(e).split())}", file=sys.stderr)
-            result["code"] = 2
+            interrupted = getattr(e, "exit_code", None)  # att3d.train.trainer.TrainingInterrupted
+            if interrupted is not None:
+                if is_main:
+                    print(f"att3d: {e}", file=sys.stderr)
+                result["code"] = int(interrupted)
+            else:
+                where = f"[rank {rank}] " if multi else ""
+                print(f"att3d: error: {where}{' '.join(str(e).split())}", file=sys.stderr)
+                result["code"] = 2
         except KeyboardInterrupt:
             print("att3d: interrupted", file=sys.stderr)
             result["code"] = 130

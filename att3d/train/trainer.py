@@ -574,13 +574,14 @@ class Trainer:
                         self.writer.add_images("train/renders", imgs, self.step)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint()
-                if self._stop_agreed is not None and self.step < cfg.max_steps:
+                # One process stops at once; ranks stop together at the step whose all-reduce carried the request.
+                stop = self._stop_agreed if self.dist.enabled else self._stop_signal
+                if stop is not None and self.step < cfg.max_steps:
                     if self._saved_step != self.step:
                         self.save_checkpoint()
                     bar.close()
                     self._close_writer()
-                    raise TrainingInterrupted(self._stop_agreed, self.step,
-                                              self.ckpt_dir / f"step-{self.step:07d}", self.run_dir)
+                    raise TrainingInterrupted(stop, self.step, self.ckpt_dir / f"step-{self.step:07d}", self.run_dir)
         bar.close()
         final = self.run_dir / "model"
         if main:

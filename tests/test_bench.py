@@ -1,0 +1,83 @@
+"""``att3d bench``: generation latency and training throughput reports on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from att3d import cli
+from att3d.eval import bench
+from att3d.model import AmortizedModel
+
+TINY = {
+    "text_encoder": {"name": "minilm", "max_length": 8},
+    "mapping": {"name": "hypernetwork", "hidden_dim": 8},
+    "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8},
+    "renderer": {"name": "volume", "num_samples": 8, "backend": "torch"},
+    "extraction": {"threshold": 2.0},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bench-model")
+    AmortizedModel(TINY).save_pretrained(folder)
+    return folder
+
+
+def test_bench_generate_writes_its_table(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "results.md"
+    code = cli.main(["bench", "generate", "--checkpoint", str(tiny_model_dir), "--batch-sizes", "1", "3",
+                     "--repeats", "1", "--warmup", "0", "--resolution", "20", "--texture-size", "32",
+                     "--device", "cpu", "--quiet", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    text = out.read_text()
+    assert text in captured.out
+    assert "Machine: " in text and "device cpu" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| batch | s / prompt | prompts / s | encode | mapping | field | extraction |")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["1", "3"]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["device"] == "cpu"
+    res = data["benchmarks"]["generate"]["rows"]
+    assert [r["batch_size"] for r in res] == [1, 3]
+    for r in res:
+        assert r["seconds_per_prompt"] > 0 and r["empty_meshes"] == 0 and r["faces_per_mesh"] > 0
+        stages = r["stage_seconds_per_prompt"]
+        assert all(stages[k] > 0 for k in ("encode", "field", "extraction", "texture", "export"))
+        assert sum(stages.values()) <= r["seconds_per_prompt"] * 1.01
+
+
+def test_bench_train_reports_throughput(tmp_path, capsys):
+    out = tmp_path / "train.md"
+    code = cli.main(["bench", "train", "--steps", "1", "--warmup", "0", "--train-batch-size", "1",
+                     "--train-resolution", "8", "--prior", "tiny", "--device", "cpu", "--quiet", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(out.with_suffix(".json").read_text())
+    (row,) = data["benchmarks"]["train"]["rows"]
+    assert row["backend"] == "torch" and row["steps_per_second"] > 0
+    assert row["rays_per_second"] == pytest.approx(64 * row["steps_per_second"])
+    assert row["peak_memory_mb"] > 10
+    assert "tiny random shapes prior" in out.read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nothing"], "unknown benchmark 'nothing'"),
+    (["generate", "--repeats", "0"], "--repeats must be >= 1"),
+    (["generate", "--format", "fbx"], "unknown format 'fbx'"),
+    (["generate", "--checkpoint", "no/such/model", "--device", "cpu"], "model not found: no/such/model"),
+])
+def test_bench_errors_are_one_line(args, message, capsys):
+    code = cli.main(["bench", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("att3d: error: ") and message in err and err.count("\n") == 1
+
+
+def test_markdown_table():
+    text = bench.markdown(["a", "b"], [["x", "1"], ["y", "22"]])
+    assert text.splitlines() == ["| a | b |", "|:---|---:|", "| x | 1 |", "| y | 22 |"]

@@ -86,19 +86,21 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def test_two_processes_equal_one_process_with_the_whole_batch(setup, tmp_path):
-    # One process, whole batch of 4, 4 steps (checkpoints at 2 and 4).
-    ref_dir = tmp_path / "single"
-    single = build_trainer(compose(overrides(setup, ref_dir)), ref_dir)
-    single.fit()
-
     # Two gloo processes (2 prompts each) under torchrun, through the documented command, 2 steps.
     two_dir = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "att3d.cli",
            "train", *overrides(setup, two_dir, trainer__max_steps=2)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("model written to") == 1  # rank 0 alone writes the model
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    # Meanwhile, one process with the whole batch of 4, 4 steps (checkpoints at 2 and 4).
+    ref_dir = tmp_path / "single"
+    single = build_trainer(compose(overrides(setup, ref_dir)), ref_dir)
+    single.fit()
+
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("model written to") == 1  # rank 0 alone writes the model
     state = json.loads((two_dir / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["batch_size"] == 4 and state["step"] == 2
 

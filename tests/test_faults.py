@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,26 +102,37 @@ def start_training(setup: tuple[Path, Path], run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180.0) -> int:
-    """Poll until the first checkpoint is complete (latest.json exists); returns its step."""
+def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 240.0) -> threading.Thread:
+    """A watcher thread: ``kill -9`` the process as soon as its first checkpoint is complete (latest.json)."""
     pointer = run_dir / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pointer.is_file():
-            return json.loads(pointer.read_text())["step"]
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"training ended (code {proc.returncode}) before its first checkpoint:\n{err[-3000:]}")
-        time.sleep(0.01)
-    proc.kill()
-    pytest.fail("no checkpoint within the timeout")
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if pointer.is_file():
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
-@pytest.fixture(scope="module")
-def reference(setup, tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The final weights of an uninterrupted run (in this process)."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    return load(make_trainer(setup, run_dir).fit())
+_REFERENCE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def reference_weights(setup: tuple[Path, Path], root: Path) -> dict[str, torch.Tensor]:
+    """The final weights of an uninterrupted run (in this process; computed once)."""
+    if "weights" not in _REFERENCE:
+        _REFERENCE["weights"] = load(make_trainer(setup, root / "reference").fit())
+    return _REFERENCE["weights"]
+
+
+@pytest.fixture()
+def reference(setup, tmp_path_factory):
+    return lambda: reference_weights(setup, tmp_path_factory.getbasetemp())
 
 
 def resume_in_process(run_dir: Path) -> int:
@@ -130,45 +142,66 @@ def resume_in_process(run_dir: Path) -> int:
 def test_kill_9_loses_at_most_one_interval_and_resumes_exactly(setup, reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = start_training(setup, run_dir)
-    wait_for_checkpoint(proc, run_dir)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    watcher = kill_after_first_checkpoint(proc, run_dir)
+    expected = reference()  # computed in this process meanwhile
+    out, err = proc.communicate(timeout=300)
+    watcher.join()
+    assert proc.returncode == -signal.SIGKILL, f"training was not killed mid-run (code {proc.returncode}): {err}"
     step = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
     assert 2 <= step < MAX_STEPS and not (run_dir / "model").exists()  # killed mid-run
     assert resume_in_process(run_dir) == 0
-    assert_identical(load(run_dir / "model"), reference)
+    assert_identical(load(run_dir / "model"), expected)
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, MAX_STEPS + 1))  # records of the lost steps were replaced, not duplicated
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_143(setup, reference, tmp_path, monkeypatch, capfd):
-    """A real SIGTERM to this process during the app's training: it finishes the step, writes a checkpoint there
-    (step 3, between the regular ones at 2 and 4) and returns 143; resuming from it is exact."""
-    run_dir = tmp_path / "run"
+def _signal_at_step(monkeypatch, step: int, signum: int, times: int = 1) -> None:
+    """Make the trainer send ``signum`` to this process (``times`` times) right after step ``step``."""
     original = Trainer.train_step
 
     def step_then_signal(self: Trainer) -> dict[str, float]:
         stats = original(self)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.step == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
         return stats
 
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
-    assert app.main(overrides(setup, run_dir)) == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_checkpoint_and_exits_128_plus_signum(setup, reference, tmp_path, monkeypatch, capfd,
+                                                                 signum):
+    """A real signal to this process during the app's training: it finishes the step, writes a checkpoint there
+    (step 3, between the regular ones at 2 and 4) and returns 143 / 130; resuming from it is exact."""
+    run_dir = tmp_path / "run"
+    handler = signal.getsignal(signum)
+    _signal_at_step(monkeypatch, 3, signum)
+    assert app.main(overrides(setup, run_dir)) == 128 + signum
     monkeypatch.undo()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the training's handler is gone
+    assert signal.getsignal(signum) is handler  # the training's handler is gone
     out, err = capfd.readouterr()
     folder = run_dir / "checkpoints" / "step-0000003"
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text()) == {"folder": folder.name, "step": 3}
     assert (folder / "optimizer.pt").is_file() and not (run_dir / "model").exists()
-    assert err.strip().splitlines()[-1] == (f"att3d: interrupted by SIGTERM at step 3: checkpoint written to {folder}; "
+    name = signal.Signals(signum).name
+    assert err.strip().splitlines()[-1] == (f"att3d: interrupted by {name} at step 3: checkpoint written to {folder}; "
                                             f"continue with: att3d train resume={run_dir}")
+    assert "Traceback" not in err
     # the documented normalisations of the prompt file, each with a warning
     assert "dropped 1 duplicate prompt(s): a blue sphere" in out + err
     assert "truncated to the encoder's 16" in out + err
     assert resume_in_process(run_dir) == 0
-    assert_identical(load(run_dir / "model"), reference)
+    assert_identical(load(run_dir / "model"), reference())
+
+
+def test_second_signal_stops_at_once(setup, tmp_path, monkeypatch, capfd):
+    run_dir = tmp_path / "run"
+    _signal_at_step(monkeypatch, 3, signal.SIGTERM, times=2)
+    assert app.main(overrides(setup, run_dir)) == 130
+    assert capfd.readouterr().err.strip().splitlines()[-1] == "att3d: interrupted"
+    # no checkpoint at step 3; the one at step 2 stays valid
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +243,14 @@ def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(setup, checkpoin
     ckpt = run_dir / "checkpoints"
     hurt, message = DAMAGE[damage]
     hurt(ckpt)
-    trainer = make_trainer(setup, run_dir, trainer__max_steps=4)
-    with pytest.raises(CheckpointError) as err:
-        trainer.fit(resume=True)
+    pointer = (ckpt / "latest.json").read_bytes()
+    with pytest.raises(CheckpointError) as err:  # from building the trainer (model weights) or from fit
+        make_trainer(setup, run_dir, trainer__max_steps=4).fit(resume=True)
     text = str(err.value)
     assert "\n" not in text and text.startswith(message.format(c=ckpt)), text
-    assert trainer.step == 0 and not (run_dir / "model").exists()  # no silent restart from scratch
+    # no silent restart from scratch: nothing trained, nothing written
+    assert not (run_dir / "model").exists() and (ckpt / "latest.json").read_bytes() == pointer
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step-0000002"]
 
 
 class _Exploit:
@@ -333,6 +368,9 @@ def test_more_bad_input_is_a_one_line_error(setup, checkpointed_run, tmp_path, c
         "resume of a folder that is no run": ([f"resume={tmp_path}"], f"resume: {tmp_path} is not an att3d run "
                                                                        "folder (no config.yaml)"),
         "unknown trainer option": ([*overrides(setup, run), "+trainer.bogus=1"], "unknown trainer option(s): bogus"),
+        "wrong type": (overrides(setup, run, trainer__batch_size="abc"),
+                       "trainer.batch_size must be an integer, got 'abc'"),
+        "batch of zero": (overrides(setup, run, trainer__batch_size=0), "trainer.batch_size must be at least 1, got 0"),
         "bad component option": (overrides(setup, run, renderer__backend="nope"),
                                  "invalid configuration: backend must be one of"),
         "missing mandatory value": ([o for o in overrides(setup, run) if not o.startswith("prompts.train=")],

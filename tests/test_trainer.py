@@ -64,9 +64,9 @@ def compose(overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def make_trainer(prior_dir: Path, prompts_file: Path, run_dir: Path, **extra: object) -> Trainer:
+def make_trainer(prior_dir: Path, prompts_file: Path, run_dir: Path, resume: bool = True, **extra: object) -> Trainer:
     cfg = compose(tiny_overrides(prior_dir, prompts_file, run_dir, **extra))
-    return build_trainer(cfg, run_dir)
+    return build_trainer(cfg, run_dir, resume=resume)
 
 
 def weights(trainer_or_folder: Trainer | Path) -> dict[str, torch.Tensor]:
@@ -92,7 +92,7 @@ def test_checkpoint_round_trip(prior_dir, prompts_file, tmp_path):
     assert json.loads((tr.ckpt_dir / "latest.json").read_text()) == {"folder": "step-0000003", "step": 3}
     assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "model_config.json", "optimizer.pt",
                                                   "rng.safetensors", "trainer_state.json"}
-    other = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=3)
+    other = make_trainer(prior_dir, prompts_file, tmp_path / "run", resume=False, trainer__max_steps=3)
     assert not torch.equal(weights(other)["field.mlp.0.weight"], weights(tr)["field.mlp.0.weight"])
     other.load_checkpoint(folder)
     assert_identical(weights(other), weights(tr))
@@ -148,8 +148,13 @@ def test_resume_is_exact(prior_dir, prompts_file, tmp_path):
 def test_resume_false_starts_over(prior_dir, prompts_file, tmp_path):
     tr = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=2)
     tr.fit()
-    again = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=2)
+    fresh = weights(make_trainer(prior_dir, prompts_file, tmp_path / "fresh", trainer__max_steps=2))
+    again = make_trainer(prior_dir, prompts_file, tmp_path / "run", resume=False, trainer__max_steps=2)
     assert again.restore(resume=False) is None and again.step == 0
+    assert_identical(weights(again), fresh)
+    # with resume (the default), building the trainer already checks the checkpoint against the model
+    resumed = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=2)
+    assert_identical(weights(resumed), weights(tmp_path / "run" / "checkpoints" / "step-0000002"))
 
 
 def test_interpolation_mixing_path(prior_dir, prompts_file, tmp_path):

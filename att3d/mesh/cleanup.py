@@ -8,6 +8,47 @@ from __future__ import annotations
 
 import torch
 
+#: Largest int64 (keys must stay below it).
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def lexicographic_keys(rows: torch.Tensor) -> torch.Tensor:
+    """One int64 key per row of an integer matrix, ordered as the rows are lexicographically.
+
+    ``torch.unique(lexicographic_keys(rows), return_inverse=True)`` gives the same inverse (and the
+    same order of groups) as ``torch.unique(rows, dim=0, return_inverse=True)``, several times faster
+    (a 1-D sort instead of a row sort). Columns are shifted to start at 0 and combined as mixed-radix
+    digits; when the product of the ranges would overflow int64, the partial key (and if needed the
+    column) is first replaced by its rank among the distinct values, which keeps the order.
+
+    Args:
+        rows: (N, K) integer tensor.
+
+    Returns:
+        (N,) int64 keys: ``key[i] < key[j]`` iff row i < row j lexicographically (equal iff equal).
+    """
+    rows = rows.long()
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be (N, K), got {tuple(rows.shape)}")
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    lo = rows.min(dim=0).values
+    hi = rows.max(dim=0).values
+    key = rows[:, 0] - lo[0]
+    key_range = int(hi[0] - lo[0]) + 1
+    for j in range(1, rows.shape[1]):
+        col = rows[:, j] - lo[j]
+        col_range = int(hi[j] - lo[j]) + 1
+        if key_range * col_range > _INT64_MAX:
+            key = torch.unique(key, return_inverse=True)[1]
+            key_range = int(key.max()) + 1
+        if key_range * col_range > _INT64_MAX:
+            col = torch.unique(col, return_inverse=True)[1]
+            col_range = int(col.max()) + 1
+        key = key * col_range + col
+        key_range *= col_range
+    return key
+
 
 def face_normals(verts: torch.Tensor, faces: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """Face normals ``(v1 - v0) x (v2 - v0)``.
@@ -74,7 +115,7 @@ def weld_vertices(verts: torch.Tensor, faces: torch.Tensor, tolerance: float = 1
     if verts.shape[0] == 0:
         return verts, faces
     keys = torch.round(verts.detach() / tolerance).long()
-    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    _, inverse = torch.unique(lexicographic_keys(keys), return_inverse=True)
     n = int(inverse.max()) + 1
     first = torch.full((n,), verts.shape[0], dtype=torch.long, device=verts.device)
     first = first.scatter_reduce(0, inverse, torch.arange(verts.shape[0], device=verts.device), "amin")
@@ -87,7 +128,7 @@ def weld_vertices(verts: torch.Tensor, faces: torch.Tensor, tolerance: float = 1
         if new_faces.shape[0]:
             # Duplicate faces: same vertex set (rotations of the same triangle included).
             srt = new_faces.sort(dim=1).values
-            _, inv = torch.unique(srt, dim=0, return_inverse=True)
+            _, inv = torch.unique(lexicographic_keys(srt), return_inverse=True)
             first_face = torch.full((int(inv.max()) + 1,), new_faces.shape[0], dtype=torch.long, device=f.device)
             first_face = first_face.scatter_reduce(0, inv, torch.arange(new_faces.shape[0], device=f.device), "amin")
             new_faces = new_faces[first_face.sort().values]
@@ -154,7 +195,10 @@ def remove_small_components(verts: torch.Tensor, faces: torch.Tensor, min_fracti
 def _adjacency(faces: torch.Tensor, num_vertices: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Directed edges (E, 2) (each once, both directions) and the (V,) vertex degrees."""
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
-    e = torch.unique(torch.cat([e, e.flip(1)], dim=0), dim=0)
+    e = torch.cat([e, e.flip(1)], dim=0)
+    n = max(int(num_vertices), int(faces.max()) + 1 if faces.numel() else 0, 1)
+    keys = torch.unique(e[:, 0] * n + e[:, 1])  # sorted: the rows of unique(e, dim=0), in its order
+    e = torch.stack([torch.div(keys, n, rounding_mode="floor"), keys % n], dim=1)
     deg = torch.zeros(num_vertices, dtype=dtype, device=faces.device).index_add(
         0, e[:, 0], torch.ones(e.shape[0], dtype=dtype, device=faces.device))
     return e, deg

@@ -77,7 +77,10 @@ def _simple_material(image) -> trimesh.visual.material.SimpleMaterial:
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file via a temporary file in the same folder and an atomic rename."""
+    """Write a file via a temporary file in the same folder and an atomic rename.
+
+    The file gets mode 0644 (``mkstemp`` creates 0600 files, which other users could not read).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -86,6 +89,7 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
             fh.write(raw)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

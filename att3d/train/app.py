@@ -93,8 +93,12 @@ def model_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_trainer(cfg: dict[str, Any], run_dir: str | Path):
-    """Model, prompt bank, guidance and trainer of a resolved train config (a plain dict)."""
+def build_trainer(cfg: dict[str, Any], run_dir: str | Path, resume: bool = True):
+    """Model, prompt bank, guidance and trainer of a resolved train config (a plain dict).
+
+    With ``resume``, the model is checked against the run's latest checkpoint (if any) before the prior is
+    loaded: a checkpoint of another architecture fails in seconds, not after loading a large prior.
+    """
     import torch
 
     from att3d.text.prompts import PromptBank, resolve_prompts
@@ -104,13 +108,15 @@ def build_trainer(cfg: dict[str, Any], run_dir: str | Path):
 
     from att3d.model import AmortizedModel
     from att3d.train import distributed
-    from att3d.train.trainer import Trainer, pick_device, trainer_config_from_dict
+    from att3d.train.trainer import Trainer, check_model_fits, pick_device, trainer_config_from_dict
 
     tcfg = trainer_config_from_dict(cfg["trainer"])
     device = distributed.rank_device(pick_device(tcfg.device))
     distributed.shard(tcfg.batch_size)  # a batch that does not split over the ranks fails before the loading
     torch.manual_seed(tcfg.seed)  # the initial weights depend on the seed only
     model = AmortizedModel(model_config(cfg))
+    if resume:
+        check_model_fits(model, run_dir)
     guidance = build_guidance(cfg["guidance"], str(device))
     background = tuple(cfg["guidance"].get("background") or (1.0, 1.0, 1.0))
     cache = cfg.get("embedding_cache")

@@ -152,6 +152,43 @@ def mix_embeddings(a: TextEmbedding, b: TextEmbedding, w: torch.Tensor) -> TextE
 _NONFINITE_LOSS, _SIGINT, _SIGTERM, _SDS_NONFINITE, _LOSS, _TOTAL, _OPACITY, _SDS_NORM, _T_MEAN = range(9)
 
 
+def latest_checkpoint(ckpt_dir: str | Path, warn: bool = True) -> Path | None:
+    """The folder ``ckpt_dir/latest.json`` points at, or None when no checkpoint was ever completed.
+
+    A damaged ``latest.json`` is a :class:`CheckpointError` naming it (a pointer to a missing folder fails when
+    the folder is loaded): a run never silently starts over. Step folders without ``latest.json`` are the
+    remains of a crash during the first checkpoint: the run starts from step 0 (with a warning).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / "latest.json"
+    if not pointer.is_file():
+        partial = sorted(p.name for p in ckpt_dir.glob("step-*")) if ckpt_dir.is_dir() else []
+        if partial and warn:
+            log.warning("%s has %s but no latest.json: no checkpoint was completed (a crash during the first "
+                        "one); starting from step 0", ckpt_dir, ", ".join(partial))
+        return None
+    data = load_json(pointer)
+    if not isinstance(data, dict) or not isinstance(data.get("folder"), str) or "/" in data["folder"]:
+        raise CheckpointError(f"corrupted checkpoint pointer {pointer}: expected {{\"folder\": \"step-...\"}}")
+    return ckpt_dir / data["folder"]
+
+
+def check_model_fits(model: torch.nn.Module, run_dir: str | Path) -> Path | None:
+    """Fail fast on resume: load the model weights of the run's latest checkpoint (if any) into ``model``.
+
+    A checkpoint of another architecture (or a damaged one) raises a one-line :class:`CheckpointError` naming
+    the file, before the expensive parts (the diffusion prior) are loaded. Returns the checkpoint folder.
+    """
+    folder = latest_checkpoint(Path(run_dir) / "checkpoints", warn=False)
+    if folder is None:
+        return None
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    weights = folder / "model.safetensors"
+    load_state_checked(model, load_tensors(weights), weights)
+    return folder
+
+
 def _short_load_error(error: CheckpointError, path: Path) -> str:
     """One line for a failed ``torch.load(weights_only=True)`` (PyTorch's own message is a paragraph)."""
     text = " ".join(str(error).split())
@@ -218,6 +255,7 @@ class Trainer:
         self._stop_agreed: int | None = None  # the stop all ranks agreed on at the last step
         self._saved_step: int | None = None  # step of the last checkpoint written or loaded
         self._restored = False  # restore() ran (the run folder is prepared, the latest checkpoint loaded)
+        self._start_step = 0  # the step this process started (or resumed) training at
 
     # -- sampling ------------------------------------------------------------------------------------------------
     def _next_prompts(self, n: int) -> torch.Tensor:
@@ -396,22 +434,8 @@ class Trainer:
             shutil.rmtree(p, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
-        """The folder ``checkpoints/latest.json`` points at, or None for a fresh run.
-
-        A damaged ``latest.json`` is a :class:`CheckpointError`; so is a pointer to a missing folder
-        (raised by :meth:`load_checkpoint`). Without ``latest.json`` no checkpoint was ever completed.
-        """
-        pointer = self.ckpt_dir / "latest.json"
-        if not pointer.is_file():
-            partial = sorted(p.name for p in self.ckpt_dir.glob("step-*")) if self.ckpt_dir.is_dir() else []
-            if partial and self.dist.is_main:
-                log.warning("%s has %s but no latest.json: no checkpoint was completed (a crash during the first "
-                            "one); starting from step 0", self.ckpt_dir, ", ".join(partial))
-            return None
-        data = load_json(pointer)
-        if not isinstance(data, dict) or not isinstance(data.get("folder"), str) or "/" in data["folder"]:
-            raise CheckpointError(f"corrupted checkpoint pointer {pointer}: expected {{\"folder\": \"step-...\"}}")
-        return self.ckpt_dir / data["folder"]
+        """The folder ``checkpoints/latest.json`` points at, or None for a fresh run (see :func:`latest_checkpoint`)."""
+        return latest_checkpoint(self.ckpt_dir, warn=self.dist.is_main)
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Restore model, optimiser, RNG and step from a checkpoint folder (errors name the bad file)."""
@@ -461,8 +485,9 @@ class Trainer:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events of steps after the checkpoint that a crashed run had logged
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+            # purge_step drops the events of steps after the resumed checkpoint that a crashed run had logged
+            purge = self._start_step + 1 if self._start_step else None
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
         return self._writer
 
     def _log(self, stats: dict[str, float], rate: float) -> None:
@@ -540,6 +565,7 @@ class Trainer:
                                     f"put the run folder {self.run_dir} on a file system that all nodes share")
         if main:
             self._trim_metrics()
+        self._start_step = self.step
         self._restored = True
         return latest
 
@@ -600,17 +626,51 @@ def config_dict(cfg: TrainerConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
+def _coerce(what: str, annotation: str, value: Any) -> Any:
+    """``value`` as the field type ``annotation`` (``int``, ``float``, ``bool``, ``str``, ``tuple[float, float]``)."""
+    try:
+        if annotation == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if annotation == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if annotation == "str":
+            return str(value)
+        if annotation.startswith("tuple[float"):
+            out = tuple(float(v) for v in value)
+            if len(out) != 2:
+                raise ValueError
+            return out
+    except (TypeError, ValueError):
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(annotation, annotation)
+        if annotation.startswith("tuple"):
+            kind = "a list of two numbers"
+        raise Att3dError(f"{what} must be {kind}, got {value!r}") from None
+    return value
+
+
 def trainer_config_from_dict(d: dict[str, Any]) -> TrainerConfig:
-    """A :class:`TrainerConfig` from the ``trainer`` config group; an unknown key is a one-line error."""
+    """A :class:`TrainerConfig` from the ``trainer`` config group; an unknown key or a value of the wrong type
+    (``trainer.batch_size=abc``) is a one-line error."""
     d = dict(d)
     interp = dict(d.pop("interpolation", {}) or {})
     for what, keys, cls in (("trainer", d, TrainerConfig), ("trainer.interpolation", interp, InterpolationConfig)):
-        unknown = sorted(set(keys) - set(cls.__dataclass_fields__) - {"interpolation"})
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(keys) - set(fields) - {"interpolation"})
         if unknown:
-            raise Att3dError(f"unknown {what} option(s): {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(cls.__dataclass_fields__))})")
-    interp = InterpolationConfig(**interp)
-    for key in ("betas", "elevation_deg"):
-        if key in d:
-            d[key] = tuple(d[key])
-    return TrainerConfig(interpolation=interp, **d)
+            raise Att3dError(f"unknown {what} option(s): {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+        for key in list(keys):
+            keys[key] = _coerce(f"{what}.{key}", str(fields[key].type), keys[key])
+    cfg = TrainerConfig(interpolation=InterpolationConfig(**interp), **d)
+    for key, least in (("max_steps", 0), ("batch_size", 1), ("resolution", 1), ("checkpoint_every", 1),
+                       ("log_every", 1), ("image_every", 0), ("max_bad_steps", 0)):
+        if getattr(cfg, key) < least:
+            raise Att3dError(f"trainer.{key} must be at least {least}, got {getattr(cfg, key)}")
+    return cfg

@@ -1,0 +1,249 @@
+"""The textured-mesh head (LATTE3D's second stage): DMTet from the density, rendering, training, output folder.
+
+A tiny amortized model (a 4^3..8^3 grid field, untrained: a soft ball of density ~6 at the centre) and a tiny
+random shapes prior keep every step a fraction of a second on a CPU. Also here: the two mesh-module fixes this
+stage relies on (1-D keys in cleanup, world-readable exported files).
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import att3d
+from att3d.mesh import face_normals, tet_grid
+from att3d.mesh.cleanup import _adjacency, lexicographic_keys, weld_vertices
+from att3d.model import AmortizedModel
+from att3d.render.cameras import OrbitCameras
+from att3d.train import mesh_head as mh
+from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
+from att3d.world.render import render_objects
+from att3d.world.shapes import WorldObject
+
+PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone"]
+TINY = {
+    "text_encoder": {"name": "minilm", "max_length": 8},
+    "mapping": {"name": "hypernetwork", "hidden_dim": 8},
+    "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8,
+              "latent_dim": 4},
+    "renderer": {"name": "volume", "num_samples": 8, "backend": "torch"},
+    "extraction": {"threshold": 2.0},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> AmortizedModel:
+    torch.manual_seed(0)
+    return AmortizedModel(TINY)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mesh-head")
+    tiny_model.save_pretrained(root / "model", extra={"steps": 7})
+    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
+    torch.manual_seed(0)
+    save_prior(root / "prior", build_unet(arch), build_scheduler(arch), arch)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return {"model": root / "model", "prior": root / "prior", "prompts": root / "prompts.txt"}
+
+
+def argv(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--init-from", str(files["model"]), "--out", str(out), "--prompts", str(files["prompts"]),
+            "--prior", str(files["prior"]), "--batch-size", "2", "--resolution", "48", "--tet-resolution", "20",
+            "--device", "cpu", "--threads", "1", "--no-progress", "--set", "mesh_head.anchor_points=256",
+            "--set", "trainer.log_every=1", *extra]
+
+
+class SphereField(torch.nn.Module):
+    """Density ``threshold * exp(4 (0.25 - |p|^2))``: above the threshold exactly inside the world's sphere."""
+
+    bound = 1.0
+
+    def __init__(self, threshold: float, colour: tuple[float, float, float]):
+        super().__init__()
+        self.threshold = threshold
+        self.colour = torch.nn.Parameter(torch.tensor(colour))
+
+    def forward(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        density = self.threshold * torch.exp(4.0 * (0.25 - points.square().sum(-1)))
+        return density, self.colour.expand(*points.shape[:-1], 3)
+
+    def density(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.forward(points, cond)[0]
+
+
+def test_density_sdf_mesh_matches_the_world_sphere():
+    field = SphereField(5.0, (0.2, 0.4, 0.9))
+    cond = {"latent": torch.zeros(8, 1)}
+    R = 48
+    verts, tets = tet_grid(R)
+    sdf = mh.grid_sdf(field, cond, R, threshold=5.0)
+    assert sdf.shape == (8, R**3)
+    assert (sdf[0].reshape(R, R, R)[0] == 5.0).all()  # box faces are outside: surfaces close
+    mesh = mh.surface_from_sdf(verts, tets, sdf[0])
+    radius = mesh.verts.norm(dim=-1)
+    assert (radius - 0.5).abs().max() < 0.01  # inside = density above the threshold
+    outward = (mesh.verts[mesh.faces].mean(1) * face_normals(mesh.verts, mesh.faces)).sum(-1)
+    assert (outward > 0).all()  # triangles face away from the inside (higher density)
+    cams = OrbitCameras.evaluation(8)
+    out = mh.render_surfaces(field, cond, [mesh] * 8, cams, 64, colour_offset=0.02)
+    truth = render_objects([WorldObject("sphere", "blue")] * 8, cams, 64)
+    fg, gt = out["mask"] > 0, truth["mask"] > 0.5
+    assert float((fg & gt).sum() / (fg | gt).sum()) > 0.97
+    assert torch.allclose(out["rgb"][fg], field.colour.detach().expand(int(fg.sum()), 3))  # no shading added
+    assert torch.equal(out["rgb"][~fg], torch.ones(int((~fg).sum()), 3))
+    # Every covered pixel's colour goes through the field: d(sum of rgb)/d colour = the number of covered pixels.
+    out["rgb"].sum().backward()
+    assert torch.allclose(field.colour.grad, fg.sum().float().expand(3))
+
+
+def test_colour_gradients_reach_the_amortized_field_through_the_rasterizer(tiny_model):
+    model = tiny_model
+    R = 16
+    verts, tets = tet_grid(R)
+    cond = model.conditioning(PROMPTS[:2])
+    sdf = mh.grid_sdf(model.field, cond, R, threshold=2.0)
+    meshes = [mh.surface_from_sdf(verts, tets, s) for s in sdf]
+    assert all(not m.empty for m in meshes) and not meshes[0].verts.requires_grad
+    cams = OrbitCameras.sample_training(2, torch.Generator().manual_seed(1))
+    out = mh.render_surfaces(model.field, cond, meshes, cams, 32, colour_offset=0.0)
+    fg = out["mask"] > 0
+    assert 0.05 < float(out["mask"].mean()) < 0.9 and out["points"].tolist() == fg.flatten(1).sum(1).tolist()
+    # The pixel colours are the field's colour at the rasterized surface points.
+    from att3d.mesh import interpolate, rasterize
+
+    rast = rasterize(meshes[1].verts, meshes[1].faces, 32, cams.index([1]))
+    pts = interpolate(meshes[1].verts, rast, meshes[1].faces)[0][rast.mask[0]]
+    _, rgb = model.field(pts[None], {k: v[1:2] for k, v in cond.items()})
+    assert torch.allclose(out["rgb"][1][fg[1]], rgb[0], atol=1e-6)
+    model.zero_grad()
+    (out["rgb"] * torch.linspace(0, 1, 3)).sum().backward()
+    head = model.field.mlp[-1].weight.grad  # rows: density, r, g, b
+    assert head[1:].abs().sum() > 0 and head[0].abs().sum() == 0  # texture mode: colour rows only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mapping.parameters())
+    model.zero_grad()
+
+
+def test_geometry_mode_surface_is_the_same_mesh_and_differentiable(tiny_model):
+    model = tiny_model
+    R = 16
+    verts, tets = tet_grid(R)
+    boundary = torch.zeros(R**3, dtype=torch.bool)
+    boundary[mh._boundary_index(R, verts.device)] = True
+    cond = model.conditioning(PROMPTS[:1])
+    sdf = mh.grid_sdf(model.field, {k: v.detach() for k, v in cond.items()}, R, threshold=2.0)[0]
+    fixed = mh.surface_from_sdf(verts, tets, sdf)
+    live = mh.differentiable_surface(model.field, cond, verts, tets, sdf, 2.0, boundary)
+    assert torch.equal(live.faces, fixed.faces) and torch.allclose(live.verts, fixed.verts, atol=1e-6)
+    model.zero_grad()
+    live.verts.square().sum().backward()
+    assert model.field.mlp[-1].weight.grad[0].abs().sum() > 0  # the density row: the geometry moves
+    model.zero_grad()
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mesh_head_trains_saves_a_model_folder_and_resumes(files, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert mh.main(argv(files, run, "--steps", "2", "--set", "trainer.checkpoint_every=2")) == 0
+    assert "model written to" in capsys.readouterr().out
+    assert mh.main(argv(files, run, "--steps", "3")) == 0  # resumes at step 2
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["total_loss"], r["grad_norm"]])).all() for r in rows)
+    assert all(r["empty"] == 0 and r["faces"] > 0 and r["grad_norm"] > 0 for r in rows)
+    folder = run / "model"
+    extra = json.loads((folder / "model_config.json").read_text())["extra"]
+    assert extra["stage"] == "mesh_head" and extra["steps"] == 3 and extra["render_resolution"] == 48
+    assert extra["prior_resolution"] == 32 and extra["previous"] == {"steps": 7}
+    model = att3d.load(folder)
+    before = att3d.load(files["model"]).state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("field.mlp") for k in changed) and any(k.startswith("mapping") for k in changed)
+    mesh = model.generate(["a red cube"], grid_resolution=24, texture_size=0, progress=False)[0]
+    assert len(mesh.faces) > 0 and mesh.metadata["att3d"]["threshold"] == 2.0
+    # Resuming is exact: the same 3 steps without the interruption give the same weights.
+    straight = tmp_path / "straight"
+    assert mh.main(argv(files, straight, "--steps", "3")) == 0
+    again = att3d.load(straight / "model").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+
+
+def test_geometry_mode_trains(files, tmp_path):
+    run = tmp_path / "geo"
+    assert mh.main(argv(files, run, "--steps", "2", "--geometry", "--anchor-weight", "0")) == 0
+    rows = _metrics(run)
+    assert len(rows) == 2 and all(r["anchor"] == 0 and r["faces"] > 0 for r in rows)
+    assert json.loads((run / "model" / "model_config.json").read_text())["extra"]["mesh_head"]["geometry"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "mesh_head.colour=1"], "unknown mesh_head option(s): colour"),
+    (["--set", "trainer.interpolation.prob=0.5"], "does not mix prompts"),
+    (["--tet-resolution", "2"], "tet_resolution must be >= 4"),
+    (["--set", "nonsense=1"], "must start with trainer."),
+    (["--set", "mesh_head.anchor_points=many"], "mesh_head.anchor_points must be an integer, got 'many'"),
+])
+def test_bad_settings_are_one_line_errors(files, tmp_path, capsys, extra, message):
+    assert mh.main(argv(files, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("att3d: error:")
+
+
+def test_missing_model_and_prior_are_one_line_errors(files, tmp_path, capsys):
+    args = argv(files, tmp_path / "bad")
+    bad_model = args.copy()
+    bad_model[1] = str(tmp_path / "nowhere")
+    assert mh.main(bad_model) == 2
+    assert "no model folder" in capsys.readouterr().err
+    bad_prior = args + ["--prior", str(tmp_path / "no-prior")]
+    assert mh.main(bad_prior) == 2
+    err = capsys.readouterr().err
+    assert "no shapes prior" in err and err.count("\n") == 1
+
+
+# -- the mesh-module fixes --------------------------------------------------------------------------------------
+
+def test_lexicographic_keys_order_rows_like_unique_dim0():
+    g = torch.Generator().manual_seed(0)
+    small = torch.randint(-3, 4, (500, 3), generator=g)
+    huge = torch.stack([torch.randint(-2**62, 2**62, (500,), generator=g), torch.randint(0, 3, (500,), generator=g),
+                        torch.randint(-2**40, 2**40, (500,), generator=g)], dim=1)
+    huge[250:] = huge[:250]  # duplicates with ranges that overflow a plain mixed-radix key
+    for rows in (small, huge):
+        _, inv_ref = torch.unique(rows, dim=0, return_inverse=True)
+        _, inv = torch.unique(lexicographic_keys(rows), return_inverse=True)
+        assert torch.equal(inv, inv_ref)
+
+
+def test_adjacency_and_weld_match_the_row_unique_versions():
+    field = SphereField(5.0, (1.0, 1.0, 1.0))
+    verts, tets = tet_grid(12)
+    sdf = mh.grid_sdf(field, {"latent": torch.zeros(1, 1)}, 12, threshold=5.0)[0]
+    mesh = mh.surface_from_sdf(verts, tets, sdf)
+    e, deg = _adjacency(mesh.faces, mesh.verts.shape[0], torch.float32)
+    f = mesh.faces
+    ref = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    ref = torch.unique(torch.cat([ref, ref.flip(1)]), dim=0)
+    assert torch.equal(e, ref) and torch.equal(deg, torch.bincount(ref[:, 0], minlength=len(mesh.verts)).float())
+    soup = mesh.verts[mesh.faces].reshape(-1, 3)
+    v, f2 = weld_vertices(soup, torch.arange(soup.shape[0]).reshape(-1, 3))
+    assert v.shape == mesh.verts.shape and f2.shape == mesh.faces.shape
+
+
+def test_exported_mesh_files_are_world_readable(tmp_path):
+    import trimesh
+
+    from att3d.mesh import export_mesh
+
+    box = trimesh.creation.box()
+    for fmt in ("glb", "obj", "ply"):
+        for path in export_mesh(box, tmp_path / f"box.{fmt}"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

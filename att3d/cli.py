@@ -92,6 +92,13 @@ COMMANDS: dict[str, Command] = {
         "Refine a trained amortized model on one or a few prompts with more score distillation steps, "
         "starting from the amortized result instead of from scratch.",
     ),
+    "mesh-head": Command(
+        "att3d.train.mesh_head:main",
+        "train the textured-mesh head (LATTE3D stage 2)",
+        "Starting from a trained amortized model, extract each prompt's mesh (DMTet), rasterize it at a higher "
+        "resolution than the NeRF stage and refine the colour field (geometry optionally) with score "
+        "distillation, amortized over the prompt set; writes a model folder that att3d generate loads.",
+    ),
     "eval": Command(
         None,
         "evaluate priors and models on the shapes world",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import trimesh
+
+from att3d.utils.checkpoint import atomic_write
 
 FORMATS = ("glb", "obj", "ply")
 
@@ -77,24 +78,9 @@ def _simple_material(image) -> trimesh.visual.material.SimpleMaterial:
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file via a temporary file in the same folder and an atomic rename.
-
-    The file gets mode 0644 (``mkstemp`` creates 0600 files, which other users could not read).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write bytes or text atomically (temporary file in the same folder, fsync, rename; mode 0644)."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
 
 
 def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, format: str | None = None) -> list[Path]:

@@ -112,6 +112,12 @@ COMMANDS: dict[str, Command] = {
                 "Evaluate the embedded view-conditioned diffusion prior: how well its samples match the "
                 "ground-truth renders of their captions.",
             ),
+            "paraphrase": Command(
+                "att3d.eval.paraphrase:main",
+                "score reworded prompts the model never trained on",
+                "Evaluate an amortized model on paraphrases of the shapes-world captions (colour and shape "
+                "synonyms, other sentence templates) with the same metrics as 'att3d eval model'.",
+            ),
             "model": Command(
                 "att3d.eval.model_eval:main",
                 "score an amortized model (IoU, colour, retrieval)",

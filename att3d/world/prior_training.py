@@ -52,6 +52,7 @@ class PriorArchitecture:
     camera_dim: int = 4
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"  # or "v_prediction" (bounded clean-image estimate at high noise)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class PriorTrainingConfig:
     seed: int = 0
     threads: int = 0
     device: str = "cpu"
+    stop_at: int = 0  # > 0: stop (with a checkpoint) at this step, keeping the schedule of max_steps
 
 
 def build_unet(arch: PriorArchitecture):
@@ -96,7 +98,7 @@ def build_scheduler(arch: PriorArchitecture):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=arch.num_train_timesteps, beta_schedule=arch.beta_schedule,
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type=arch.prediction_type, clip_sample=False)
 
 
 def caption_embeddings(arch: PriorArchitecture, captions: list[str]):
@@ -133,7 +135,8 @@ class _EMA:
 
 
 def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
-    """Train (or resume) the prior; returns the folder of the exported EMA prior."""
+    """Train (or resume) the prior; returns the folder of the exported EMA prior (the checkpoint folder when
+    stopped early by ``stop_at``)."""
     from tqdm import tqdm
 
     if cfg.threads:
@@ -167,7 +170,9 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
 
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
+    # Min-SNR-gamma weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+    denom = snr + 1 if arch.prediction_type == "v_prediction" else snr
+    loss_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / denom if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
 
     def lr_at(s: int) -> float:
         if s < cfg.warmup_steps:
@@ -185,7 +190,8 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="prior", dynamic_ncols=True)
     unet.train()
     t0, running = time.time(), []
-    while step < cfg.max_steps:
+    end = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
+    while step < end:
         idx = torch.randint(0, len(objects), (cfg.batch_size,), generator=gen)
         cams = OrbitCameras.sample_training(cfg.batch_size, gen)
         with torch.no_grad():
@@ -200,7 +206,8 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
             g["lr"] = lr_at(step)
         pred = unet(xt, t, encoder_hidden_states=emb.tokens[tidx], class_labels=cams.as_vector().to(device),
                     encoder_attention_mask=emb.mask[tidx].float()).sample
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(x0, noise, t) if arch.prediction_type == "v_prediction" else noise
+        per = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per * loss_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -220,9 +227,11 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", it_s=f"{rate:.2f}")
             log.info("step %d loss %.4f (%.2f it/s)", step, history[-1]["loss"], rate)
             t0, running = time.time(), []
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        if step % cfg.checkpoint_every == 0 or step == end:
             checkpoint()
     bar.close()
+    if step < cfg.max_steps:
+        return ckpt
     export = out / "prior"
     final = build_unet(arch)
     final.load_state_dict(ema.shadow)

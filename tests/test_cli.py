@@ -81,31 +81,15 @@ def test_console_script_and_module_entry_points():
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
-def test_subcommand_help_explains_it(name, capsys):
-    if name == "train" and cli.is_available("train"):
-        pytest.skip("att3d train --help is the Hydra app's (tested with the train configs)")
-    if name == "eval":
-        assert cli.main([name, "--help"]) == 0
-        out = capsys.readouterr().out
-        assert "prior" in out and "usage: att3d eval" in out
-        return
-    if cli.is_available(name):
-        pytest.skip(f"att3d {name} exists; its help is its own module's")
-    assert cli.main([name, "--help"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(f"usage: att3d {name}")
-    assert cli.COMMANDS[name].description.split()[0] in out
-    assert "not available yet" in out
-
-
-def test_unavailable_command_is_one_line_error():
-    name = next((n for n in ("generate", "interpolate", "refine", "bench") if not cli.is_available(n)), None)
-    if name is None:
-        pytest.skip("every stub subcommand is implemented now")
-    r = run_cli(name, "x")
-    assert r.returncode == 2
-    assert r.stdout == ""
-    assert r.stderr == f"att3d: error: 'att3d {name}' is not available yet\n"
+def test_subcommand_help_explains_it(name):
+    r = run_cli(name, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    if name == "train":  # the Hydra app's help: its config groups
+        assert "prompts" in r.stdout and "guidance" in r.stdout
+    else:
+        assert r.stdout.startswith("usage: att3d"), r.stdout[:200]
+        assert len(r.stdout.splitlines()) > 3
 
 
 def test_missing_target_module_says_not_available(fake, capsys):
@@ -176,8 +160,9 @@ def test_subprocess_error_and_debug(tmp_path):
     [
         (["trian"], "att3d: error: unknown command 'trian' for 'att3d'; did you mean 'train'?"),
         (["--bogus"], "att3d: error: unrecognized arguments: --bogus (see 'att3d --help')"),
-        (["eval"], "att3d: error: 'att3d eval' needs a target: prior, model (see 'att3d eval --help')"),
-        (["eval", "xyz"], "att3d: error: unknown target 'xyz' for 'att3d eval' (choose from: prior, model)"),
+        (["eval"], "att3d: error: 'att3d eval' needs a target: prior, paraphrase, model (see 'att3d eval --help')"),
+        (["eval", "xyz"],
+         "att3d: error: unknown target 'xyz' for 'att3d eval' (choose from: prior, paraphrase, model)"),
     ],
 )
 def test_usage_errors_are_one_line(capsys, argv, expected):

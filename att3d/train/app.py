@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
 
     old = sys.argv
     sys.argv = ["att3d train", *argv]
+    # Hydra configures the root logger (console + file handlers); undo that when the app returns, so that an
+    # in-process caller (tests, notebooks) keeps its own logging and no handler outlives its stream.
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
     try:
         _app()
     except SystemExit as e:  # Hydra exits on --help / --cfg after printing
@@ -301,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         sys.argv = old
+        for h in root.handlers[:]:
+            if h not in saved_handlers:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(saved_level)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -67,9 +67,40 @@ def render_views(model, cond: dict[str, torch.Tensor], resolution: int = 64, n_v
 
 
 @torch.no_grad()
+def exported_mesh_iou(model, cond: dict[str, torch.Tensor], prompts: Sequence[str], out_dir: str | Path,
+                      threshold: float | None = None) -> list[float]:
+    """Volume IoU against the ground truth of each prompt's exported GLB (written, then re-read with trimesh).
+
+    The meshes come from :func:`att3d.infer.generate.meshes_from_conditioning` with its defaults, as
+    ``att3d generate`` makes them; occupancy of the re-read mesh by ray parity on the 64^3 voxel centres.
+    """
+    import trimesh
+
+    from att3d.infer.generate import meshes_from_conditioning, slugify
+    from att3d.mesh.export import export_mesh
+
+    meshes = meshes_from_conditioning(model, cond, threshold=threshold)
+    out = []
+    for mesh, prompt in zip(meshes, prompts):
+        if len(mesh.faces) == 0:
+            out.append(0.0)
+            continue
+        path = Path(out_dir) / f"{slugify(prompt)}.glb"
+        export_mesh(mesh, path)
+        back = trimesh.load(path, force="mesh")
+        occ = metrics.mesh_occupancy(torch.as_tensor(back.vertices, dtype=torch.float32),
+                                     torch.as_tensor(back.faces, dtype=torch.long), metrics.VOXEL_RESOLUTION)
+        out.append(metrics.volume_iou(occ, metrics.ground_truth_occupancy(parse_caption(prompt))))
+    return out
+
+
+@torch.no_grad()
 def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolution: int = 64,
-             batch_size: int = 8, threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 8, threshold: float | None = None, progress: bool = True,
+             mesh_dir: str | Path | None = None) -> dict[str, Any]:
     """Score each prompt (a shapes-world caption) and summarise per split.
+
+    With ``mesh_dir``, each prompt's GLB is also exported there and scored (``mesh_volume_iou``).
 
     Returns:
         dict with ``per_prompt`` (list of dicts), ``summary`` (split -> mean metrics and retrieval),
@@ -88,12 +119,15 @@ def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolut
         cond = model.conditioning(chunk)
         occ = field_occupancy(model, cond, metrics.VOXEL_RESOLUTION, threshold)
         rgb, op = render_views(model, cond, resolution)
+        mesh_iou = exported_mesh_iou(model, cond, chunk, mesh_dir, threshold) if mesh_dir else None
         for i, p in enumerate(chunk):
             obj = objects[s + i]
             m = metrics.score_object(occ[i], rgb[i], op[i], obj)
             scores = metrics.retrieval_scores(occ[i], rgb[i], op[i], candidates)
             m["retrieved"] = bool(int(scores.argmax()) == cand_index[obj])
             m["best_match"] = candidates[int(scores.argmax())].caption
+            if mesh_iou is not None:
+                m["mesh_volume_iou"] = mesh_iou[i]
             rows.append({"prompt": p, "split": "heldout" if p in held else "train", **m})
         renders.append(rgb)
         opac.append(op)
@@ -102,19 +136,22 @@ def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolut
         sel = [r for r in rows if split == "all" or r["split"] == split]
         if not sel:
             continue
-        summary[split] = {k: float(np.mean([r[k] for r in sel]))
-                          for k in ("volume_iou", "silhouette_iou", "colour_error", "retrieved")}
+        keys = ["volume_iou", "silhouette_iou", "colour_error", "retrieved"] + (["mesh_volume_iou"] if mesh_dir else [])
+        summary[split] = {k: float(np.mean([r[k] for r in sel])) for k in keys}
         summary[split]["count"] = len(sel)
         summary[split]["retrieval_accuracy"] = summary[split].pop("retrieved")
     return {"per_prompt": rows, "summary": summary, "renders": torch.cat(renders), "opacity": torch.cat(opac)}
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:
-    lines = ["| split | prompts | volume IoU | silhouette IoU | colour error | retrieval |",
-             "|---|---:|---:|---:|---:|---:|"]
+    meshes = all("mesh_volume_iou" in m for m in summary.values())
+    lines = ["| split | prompts | volume IoU | silhouette IoU | colour error | retrieval |"
+             + (" GLB volume IoU |" if meshes else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if meshes else "")]
     for split, m in summary.items():
         lines.append(f"| {split} | {m['count']} | {m['volume_iou']:.3f} | {m['silhouette_iou']:.3f} | "
-                     f"{m['colour_error']:.3f} | {100 * m['retrieval_accuracy']:.1f}% |")
+                     f"{m['colour_error']:.3f} | {100 * m['retrieval_accuracy']:.1f}% |"
+                     + (f" {m['mesh_volume_iou']:.3f} |" if meshes else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -162,12 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--meshes", action="store_true", help="also export each GLB (to OUT/meshes) and score it")
     args = ap.parse_args(argv)
     model = load(args.checkpoint, device=args.device)
     prompts = resolve_prompts(args.prompts)
     heldout = resolve_prompts(args.heldout) if args.heldout else []
-    res = evaluate(model, prompts, heldout, args.resolution, threshold=args.threshold)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    res = evaluate(model, prompts, heldout, args.resolution, threshold=args.threshold,
+                   mesh_dir=out / "meshes" if args.meshes else None)
     write_report(res, prompts, out)
     print(markdown_table(res["summary"]), end="")
     print(f"wrote {out}/metrics.json, metrics.md, renders.png")

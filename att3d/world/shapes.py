@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from att3d.utils.errors import Att3dError
+
 SHAPE_NAMES: tuple[str, ...] = ("sphere", "cube", "cylinder", "cone", "torus", "pyramid", "capsule", "octahedron")
 COLOUR_NAMES: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "gray")
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -139,6 +141,10 @@ class WorldObject:
         return SDFS[self.shape](points)
 
 
+class CaptionError(Att3dError, ValueError):
+    """A prompt that is not a shapes-world caption where one is required (e.g. for scoring)."""
+
+
 def caption(colour: str, shape: str) -> str:
     """The caption of an object: exactly ``a {colour} {shape}``."""
     return f"a {colour} {shape}"
@@ -173,5 +179,5 @@ def parse_caption(text: str) -> WorldObject:
     """The object named by a caption ``a {colour} {shape}`` (case and spaces normalised)."""
     words = text.strip().lower().split()
     if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SDFS:
-        raise ValueError(f"not a shapes-world caption: {text!r} (expected 'a <colour> <shape>')")
+        raise CaptionError(f"not a shapes-world caption: {text!r} (expected 'a <colour> <shape>')")
     return WorldObject(words[2], words[1])

@@ -238,8 +238,8 @@ def _atlas(verts: torch.Tensor, faces: torch.Tensor, size: int, padding: int, me
     raise GenerationError(f"unknown uv method {method!r}; choose one of {', '.join(UV_METHODS)}")
 
 
-def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_resolution: int = 128,
-                             threshold: float | None = None, texture_size: int = 512,
+def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_resolution: int = 96,
+                             threshold: float | None = None, texture_size: int = 256,
                              min_component_fraction: float = 0.05, smooth_iterations: int = 10,
                              colour_offset: float | None = None, uv_method: str = "box", texture_padding: int = 4,
                              timer: StageTimer | None = None, progress: bool = False) -> list[trimesh.Trimesh]:
@@ -569,8 +569,8 @@ def build_parser(prog: str = "att3d generate") -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="PATH",
                    help=f"model folder (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--format", default="glb", metavar="FMT", help="mesh format: glb, obj or ply (default: glb)")
-    p.add_argument("--resolution", type=int, default=128, help="density grid samples per axis (default: 128)")
-    p.add_argument("--texture-size", type=int, default=512, help="texture size; 0: vertex colours only (default: 512)")
+    p.add_argument("--resolution", type=int, default=96, help="density grid samples per axis (default: 96)")
+    p.add_argument("--texture-size", type=int, default=256, help="texture size; 0: vertex colours only (default: 256)")
     p.add_argument("--threshold", type=float, default=None,
                    help="density threshold of the surface (default: the model's extraction threshold)")
     p.add_argument("--smooth", type=int, default=10, help="Taubin smoothing iterations (default: 10)")

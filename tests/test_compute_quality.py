@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from att3d.model import AmortizedModel
-from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 from att3d.world.shapes import heldout_captions, train_captions
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compute_quality.py"
@@ -139,12 +138,8 @@ def snapshots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prior_folder(tmp_path_factory) -> Path:
-    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-prior")
-    save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
-    return folder
+def prior_folder(tiny_prior_dir) -> Path:
+    return tiny_prior_dir
 
 
 def _argv(snapshots: Path, prior: Path, out: Path, *extra: str) -> list[str]:

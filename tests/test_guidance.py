@@ -8,7 +8,6 @@ import torch
 from att3d.guidance import PromptConditioning, ScoreDistillation, ShapesPrior
 from att3d.guidance.priors import DiffusionPrior
 from att3d.render.cameras import OrbitCameras
-from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 
 
 class ToyPrior(DiffusionPrior):
@@ -39,12 +38,8 @@ class ToyPrior(DiffusionPrior):
 
 
 @pytest.fixture(scope="module")
-def shapes_prior(tmp_path_factory) -> ShapesPrior:
-    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("prior")
-    save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
-    return ShapesPrior.from_pretrained(folder)
+def shapes_prior(tiny_prior_dir) -> ShapesPrior:
+    return ShapesPrior.from_pretrained(tiny_prior_dir)
 
 
 def _images(b: int, res: int, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,6 @@ from att3d import cli
 from att3d.guidance import ScoreDistillation, ShapesPrior
 from att3d.model import AmortizedModel
 from att3d.train import refine as rf
-from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 
 TINY_CONFIG = {
     "text_encoder": {"name": "minilm", "max_length": 16},
@@ -32,12 +31,8 @@ def model() -> AmortizedModel:
 
 
 @pytest.fixture(scope="module")
-def prior_folder(tmp_path_factory):
-    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-prior")
-    save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
-    return folder
+def prior_folder(tiny_prior_dir):
+    return tiny_prior_dir
 
 
 @pytest.fixture(scope="module")

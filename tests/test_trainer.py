@@ -16,18 +16,13 @@ from att3d.render.cameras import OrbitCameras
 from att3d.train import distributed
 from att3d.train.app import build_trainer
 from att3d.train.trainer import Trainer
-from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 
 PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone", "a purple cylinder", "a pink capsule"]
 
 
 @pytest.fixture(scope="module")
-def prior_dir(tmp_path_factory) -> Path:
-    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("prior")
-    save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
-    return folder
+def prior_dir(tiny_prior_dir) -> Path:
+    return tiny_prior_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import torch
 
 from att3d.train import distributed
 from att3d.train.app import build_trainer
-from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 
 ATOL = 1e-4
 MEAN_ATOL = 1e-7
@@ -32,13 +31,10 @@ PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone", "a p
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(0)
+def setup(tmp_path_factory, tiny_prior_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dist")
-    save_prior(root / "prior", build_unet(arch), build_scheduler(arch), arch)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return root / "prior", root / "prompts.txt"
+    return tiny_prior_dir, root / "prompts.txt"
 
 
 def overrides(setup: tuple[Path, Path], run_dir: Path, **extra: object) -> list[str]:

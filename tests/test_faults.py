@@ -27,7 +27,6 @@ import torch
 from att3d.train import app
 from att3d.train.trainer import Trainer, TrainingError
 from att3d.utils.checkpoint import CheckpointError
-from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 
 # Blank lines, a comment, a duplicate (normalised away, with a warning) and a prompt longer than the text
 # encoder's 16 tokens (truncated, with a warning): the run trains on 6 prompts.
@@ -48,13 +47,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(0)
+def setup(tmp_path_factory, tiny_prior_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("faults")
-    save_prior(root / "prior", build_unet(arch), build_scheduler(arch), arch)
     (root / "prompts.txt").write_text(PROMPT_FILE)
-    return root / "prior", root / "prompts.txt"
+    return tiny_prior_dir, root / "prompts.txt"
 
 
 def overrides(setup: tuple[Path, Path], run_dir: Path, **extra: object) -> list[str]:

@@ -210,6 +210,11 @@ def _neighbour_mean(verts: torch.Tensor, edges: torch.Tensor, deg: torch.Tensor)
     return torch.where(deg[:, None] > 0, acc / deg.clamp(min=1)[:, None], verts)
 
 
+def _umbrella_step(verts: torch.Tensor, edges: torch.Tensor, deg: torch.Tensor, factor: float) -> torch.Tensor:
+    """One umbrella-operator step ``v <- v + factor (mean(neighbours) - v)``."""
+    return verts + factor * (_neighbour_mean(verts, edges, deg) - verts)
+
+
 def laplacian_smooth(verts: torch.Tensor, faces: torch.Tensor, iterations: int = 1, lam: float = 0.5) -> torch.Tensor:
     """Uniform Laplacian smoothing ``v <- v + lam (mean(neighbours) - v)`` (shrinks the mesh).
 
@@ -221,7 +226,7 @@ def laplacian_smooth(verts: torch.Tensor, faces: torch.Tensor, iterations: int =
     """
     edges, deg = _adjacency(faces, verts.shape[0], verts.dtype)
     for _ in range(iterations):
-        verts = verts + lam * (_neighbour_mean(verts, edges, deg) - verts)
+        verts = _umbrella_step(verts, edges, deg, lam)
     return verts
 
 
@@ -237,8 +242,7 @@ def taubin_smooth(verts: torch.Tensor, faces: torch.Tensor, iterations: int = 10
     """
     edges, deg = _adjacency(faces, verts.shape[0], verts.dtype)
     for _ in range(iterations):
-        verts = verts + lam * (_neighbour_mean(verts, edges, deg) - verts)
-        verts = verts + mu * (_neighbour_mean(verts, edges, deg) - verts)
+        verts = _umbrella_step(_umbrella_step(verts, edges, deg, lam), edges, deg, mu)
     return verts
 
 

@@ -430,6 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="model folder whose architecture the per-prompt runs use (default: the latest snapshot)")
     ap.add_argument("--prior", default="assets/shapes-prior", help="shapes prior folder of the per-prompt runs")
     ap.add_argument("--guidance", default="shapes", help="guidance config (configs/guidance/NAME.yaml)")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance scale of the per-prompt runs (default: the guidance config's)")
     ap.add_argument("--train-prompts", default="shapes64_train", help="the amortized model's training prompts")
     ap.add_argument("--heldout-prompts", default="shapes64_heldout", help="its held-out prompts")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per amortized training step")
@@ -443,6 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=32, help="render resolution of the per-prompt SDS steps")
     ap.add_argument("--mode", choices=("params", "model"), default="params", help="what the per-prompt runs optimise")
     ap.add_argument("--lr", type=float, default=None, help="learning rate of the per-prompt runs")
+    ap.add_argument("--lr-final", type=float, default=1.0,
+                    help="the per-prompt runs' learning rates decay (cosine) to this fraction at the last step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-resolution", type=int, default=64, help="render resolution of the evaluation views")
     ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
@@ -511,7 +515,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     amort_settings = {"prompts": scored, "eval_resolution": args.eval_resolution, "threshold": args.threshold}
     scratch_settings = {"prompts": optimised, "steps": args.steps, "every": args.every,
                         "batch_views": args.batch_views, "resolution": args.resolution, "mode": args.mode,
-                        "lr": args.lr, "seed": args.seed, "prior": args.prior, "guidance": args.guidance,
+                        "lr": args.lr, "lr_final": args.lr_final, "seed": args.seed, "prior": args.prior,
+                        "guidance": args.guidance,
+                        "guidance_scale": args.guidance_scale,
                         "eval_resolution": args.eval_resolution, "threshold": args.threshold}
     results: dict[str, Any] = {"amortized": {}, "scratch": {}}
     if args.resume and path.is_file():
@@ -558,13 +564,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise ComputeQualityError("no model folder for the per-prompt runs' architecture: pass --checkpoint "
                                           "or --snapshots with a snapshot")
             model = load(arch, device=device)
-            guidance, background = load_guidance(args.guidance, args.prior, device)
+            guidance, background = load_guidance(args.guidance, args.prior, device,
+                                                  guidance_scale=args.guidance_scale)
             results["settings"]["scratch_architecture"] = str(arch)
             for i, (split, prompt) in enumerate(todo):
                 if progress:
                     tqdm.write(f"[{i + 1}/{len(todo)}] per-prompt from scratch: {prompt!r} ({split})")
                 t0 = time.time()
                 _, hist = from_scratch(model, prompt, args.steps, guidance, mode=args.mode, lr=args.lr,
+                                       lr_final=args.lr_final,
                                        resolution=args.resolution, batch_views=args.batch_views, seed=args.seed,
                                        eval_fn=scratch_eval_fn(prompt, args.eval_resolution, args.threshold),
                                        eval_every=args.every, background=background, progress=progress)

@@ -7,6 +7,9 @@ N SDS steps twice with the same prior, architecture, settings and seed:
 - **scratch**: :func:`att3d.train.refine.from_scratch`, the DreamFusion-style baseline from a fresh
   initialisation of the same architecture;
 
+each with its own SDS schedule (``--{amortized,scratch}-{guidance-scale,t-max,lr-final}``): the refinement
+starts from the right shape and only needs the lower noise levels, the baseline must first form the shape;
+
 and scores the object every k steps (and at step 0) with WORLD.md's metrics (volume IoU on 64^3,
 colour error and silhouette IoU in the 8 evaluation views). It writes, in ``--out``:
 
@@ -20,7 +23,11 @@ steps with an evaluation every 25 steps take about 35-45 minutes; a GPU takes a 
 The command that produces the issue's numbers, once the trained model and prior are in ``assets/``::
 
     python scripts/refine_curve.py --checkpoint assets/att3d-shapes64 --prior assets/shapes-prior \\
-        --steps 200 --every 25 --out outputs/refine_curve
+        --steps 200 --every 25 --amortized-guidance-scale 2.0 --amortized-t-max 0.5 --amortized-lr-final 0.1 \\
+        --scratch-guidance-scale 5.0 --out docs/results/refine_curve
+
+(the amortized schedule is ``configs/guidance/shapes.yaml``'s ``refine:`` block, which ``att3d refine``
+uses; the baseline keeps the amortized model's training schedule: guidance 5, full timestep range).
 
 A quick check (about 1-2 minutes)::
 
@@ -55,6 +62,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--every", type=int, default=25, help="evaluate every k steps")
     ap.add_argument("--mode", choices=("params", "model"), default="params")
     ap.add_argument("--lr", type=float, default=None)
+    # Each start has its own SDS schedule (both default to the guidance config's): refinement starts from an
+    # object of the right shape and needs only detail-level noise, the baseline must first form the shape.
+    for start in STARTS:
+        ap.add_argument(f"--{start}-guidance-scale", type=float, default=None,
+                        help=f"{start} start: classifier-free guidance scale (default: the guidance config's)")
+        ap.add_argument(f"--{start}-t-max", type=float, default=None,
+                        help=f"{start} start: upper end of the SDS timestep range, fraction of T (default: config)")
+        ap.add_argument(f"--{start}-lr-final", type=float, default=1.0,
+                        help=f"{start} start: learning rates decay (cosine) to this fraction at the end (default 1)")
     ap.add_argument("--resolution", type=int, default=32, help="render resolution of the SDS steps")
     ap.add_argument("--batch-views", type=int, default=4)
     ap.add_argument("--eval-resolution", type=int, default=64, help="resolution of the evaluation renders")
@@ -143,19 +159,28 @@ def main(argv: list[str] | None = None) -> int:
     prompts = list(args.prompts or heldout_captions())
     device = pick_device(args.device)
     model = load(resolve_path(args.checkpoint), device=device)
-    guidance, background = load_guidance(args.guidance, args.prior, device)
+    schedules = {start: {"guidance_scale": getattr(args, f"{start}_guidance_scale"),
+                         "t_max": getattr(args, f"{start}_t_max"), "lr_final": getattr(args, f"{start}_lr_final")}
+                 for start in STARTS}
+    guidances = {start: load_guidance(args.guidance, args.prior, device, guidance_scale=sch["guidance_scale"])
+                 for start, sch in schedules.items()}
+    background = guidances["amortized"][1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "refine_curve.json"
     settings = {k: getattr(args, k) for k in ("checkpoint", "prior", "guidance", "steps", "every", "mode", "lr",
                                               "resolution", "batch_views", "eval_resolution", "seed")}
+    settings["schedules"] = schedules
     runs: dict[str, dict[str, Any]] = {}
     if args.resume and result_path.is_file():
         old = json.loads(result_path.read_text())
-        if old.get("settings") == settings:
-            runs = old.get("runs", {})
-        else:
-            print("settings differ from the earlier run: starting over", file=sys.stderr)
+        same = {k: v for k, v in old.get("settings", {}).items() if k != "schedules"} == \
+            {k: v for k, v in settings.items() if k != "schedules"}
+        kept = [s for s in STARTS if same and old["settings"].get("schedules", {}).get(s) == schedules[s]]
+        runs = {k: r for k, r in old.get("runs", {}).items() if r["start"] in kept}
+        if len(kept) < len(STARTS):
+            print(f"settings differ from the earlier run: keeping the finished runs of {kept or 'neither start'}",
+                  file=sys.stderr)
     kwargs = dict(mode=args.mode, lr=args.lr, resolution=args.resolution, batch_views=args.batch_views,
                   seed=args.seed, eval_every=args.every, background=background)
     t_all = time.time()
@@ -167,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[{i + 1}/{len(prompts)}] {prompt!r} from {start}", flush=True)
             fn = refine if start == "amortized" else from_scratch
-            _, hist = fn(model, prompt, args.steps, guidance, eval_fn=eval_fn, **kwargs)
+            sch = schedules[start]
+            _, hist = fn(model, prompt, args.steps, guidances[start][0], eval_fn=eval_fn, t_max=sch["t_max"],
+                         lr_final=sch["lr_final"], **kwargs)
             runs[key] = {"prompt": prompt, "start": start, "evals": hist.evals, "seconds": hist.seconds,
                          "final_loss": hist.train[-1]["loss"] if hist.train else None}
             first, last = hist.evals[0], hist.evals[-1]

@@ -3,34 +3,23 @@ end-to-end run (two snapshots, tiny prior, 1 prompt per split, 2 steps) with res
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import load_script, tiny_config
 
 from att3d.model import AmortizedModel
 from att3d.world.shapes import heldout_captions, train_captions
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compute_quality.py"
-TINY_CONFIG = {
-    "text_encoder": {"name": "minilm", "max_length": 16},
-    "mapping": {"name": "hypernetwork", "hidden_dim": 8},
-    "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8},
-    "renderer": {"name": "volume", "backend": "torch", "num_samples": 8},
-}
+TINY_CONFIG = tiny_config()
 
 
 @pytest.fixture(scope="module")
 def cq():
-    spec = importlib.util.spec_from_file_location("compute_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compute_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compute_quality")
 
 
 # ---------------------------------------------------------------------------------------------------------------

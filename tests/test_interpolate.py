@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_config
 
 from att3d import cli
 from att3d.infer import interpolate as interp
@@ -15,12 +16,7 @@ from att3d.model import AmortizedModel
 from att3d.render.cameras import OrbitCameras
 from att3d.text.encoders import TextEmbedding
 
-TINY_CONFIG = {
-    "text_encoder": {"name": "minilm", "max_length": 16},
-    "mapping": {"name": "hypernetwork", "hidden_dim": 8},
-    "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8},
-    "renderer": {"name": "volume", "backend": "torch", "num_samples": 12},
-}
+TINY_CONFIG = tiny_config(12)
 PROMPTS = ["a red cube", "a blue sphere", "a green torus"]
 
 

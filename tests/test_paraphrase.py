@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import tiny_config
 
 from att3d.eval import paraphrase as pp
 from att3d.eval.model_eval import evaluate
@@ -17,12 +18,7 @@ from att3d.model import AmortizedModel
 from att3d.world.shapes import COLOUR_NAMES, SHAPE_NAMES, WorldObject, all_captions, all_objects
 
 TABLE_FILE = Path(__file__).resolve().parents[1] / pp.DEFAULT_TABLE
-TINY_CONFIG = {
-    "text_encoder": {"name": "minilm", "max_length": 16},
-    "mapping": {"name": "hypernetwork", "hidden_dim": 8},
-    "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8},
-    "renderer": {"name": "volume", "backend": "torch", "num_samples": 8},
-}
+TINY_CONFIG = tiny_config()
 
 
 @pytest.fixture(scope="module")

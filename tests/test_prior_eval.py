@@ -67,7 +67,7 @@ def test_eval_prior_on_a_tiny_prior(tiny_prior, tmp_path):
         assert m["most_matched_as"] in all_captions()
     means = [m["silhouette_iou"] for m in result["per_prompt"].values()]
     assert result["mean"]["silhouette_iou"] == pytest.approx(sum(means) / 2, abs=1e-6)
-    assert result["settings"]["steps"] == 2
+    assert result["settings"]["steps"] == 2 and result["settings"]["eta"] == 1.0  # ancestral by default
     md = (out / "metrics.md").read_text()
     assert "| a red sphere |" in md and "retrieval accuracy" in md
     grid = np.asarray(Image.open(out / "samples.png"))
@@ -76,6 +76,8 @@ def test_eval_prior_on_a_tiny_prior(tiny_prior, tmp_path):
 
 
 def test_eval_prior_rejects_bad_arguments(tiny_prior, tmp_path):
+    with pytest.raises(SystemExit):
+        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--eta", "2"])
     with pytest.raises(SystemExit):
         prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--prompts", "0"])
     with pytest.raises(FileNotFoundError):

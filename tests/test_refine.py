@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import tiny_config
 
 import att3d
 from att3d import cli
@@ -14,12 +15,7 @@ from att3d.guidance import ScoreDistillation, ShapesPrior
 from att3d.model import AmortizedModel
 from att3d.train import refine as rf
 
-TINY_CONFIG = {
-    "text_encoder": {"name": "minilm", "max_length": 16},
-    "mapping": {"name": "hypernetwork", "hidden_dim": 8},
-    "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8},
-    "renderer": {"name": "volume", "backend": "torch", "num_samples": 8},
-}
+TINY_CONFIG = tiny_config()
 PROMPT = "a red sphere"
 FAST = {"resolution": 16, "batch_views": 2, "progress": False}
 
@@ -100,6 +96,51 @@ def test_refine_is_reproducible_and_freeze_field(model, guidance):
     assert [r["loss"] for r in ha.train] == [r["loss"] for r in hb.train]
     assert torch.equal(a.refined["grid"], b.refined["grid"])
     assert not _changed(a.model, model, "")  # frozen field, untouched mapping: only the conditioning moved
+
+
+def test_cosine_lr_factor_and_t_max_window(model, guidance, monkeypatch):
+    assert rf.cosine_factor(0, 10, 0.1) == 1.0
+    assert rf.cosine_factor(9, 10, 0.1) == pytest.approx(0.1)
+    assert 0.1 < rf.cosine_factor(5, 10, 0.1) < 1.0
+    assert rf.cosine_factor(9, 10, 1.0) == 1.0 and rf.cosine_factor(0, 1, 0.1) == 1.0
+    seen_t, seen_lr = [], []
+    real_call = type(guidance).__call__
+
+    def spy(self, images, cond, cameras=None, step=0, generator=None, **kw):
+        out = real_call(self, images, cond, cameras, step=step, generator=generator, **kw)
+        seen_t.append(out.t.detach().clone())
+        return out
+
+    real_step = torch.optim.Adam.step
+
+    def spy_step(self, *a, **kw):
+        seen_lr.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(type(guidance), "__call__", spy)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
+    before = (guidance.t_range, guidance.t_anneal)
+    rf.refine(model, PROMPT, 4, guidance, t_max=0.3, lr=1e-2, lr_final=0.1, **FAST)
+    t = torch.cat(seen_t)
+    assert int(t.max()) <= round(0.3 * guidance.prior.num_train_timesteps)
+    assert (guidance.t_range, guidance.t_anneal) == before  # the caller's guidance is not modified
+    assert seen_lr[0] == pytest.approx(1e-2) and seen_lr[-1] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(seen_lr, seen_lr[1:]))
+    for bad in ({"lr_final": 0.0}, {"t_max": 1.5}, {"mode": "nope"}):
+        with pytest.raises(rf.Att3dError):
+            rf.refine(model, PROMPT, 1, guidance, **bad, **FAST)
+
+
+def test_refine_schedule_precedence(tmp_path):
+    shapes = rf.refine_schedule("shapes")  # the shipped config's refine block
+    assert shapes == {"guidance_scale": 2.0, "t_max": 0.5, "lr_final": 0.1}
+    assert rf.refine_schedule("shapes", from_scratch=True) == {"guidance_scale": None, "t_max": None, "lr_final": 1.0}
+    assert rf.refine_schedule("shapes", overrides={"t_max": 0.3, "guidance_scale": None})["t_max"] == 0.3
+    assert rf.refine_schedule("stable_diffusion")["t_max"] is None  # no refine block: the config's own schedule
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prior: {name: shapes, path: x}\nrefine: {guidance: 2}\n")
+    with pytest.raises(rf.Att3dError, match="unknown keys"):
+        rf.refine_schedule(str(bad))
 
 
 def test_refine_model_mode_trains_a_copy_of_the_whole_model(model, guidance):

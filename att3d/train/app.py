@@ -75,6 +75,7 @@ def build_guidance(gcfg: dict[str, Any], device: str):
     gcfg = dict(gcfg)
     prior_cfg = dict(gcfg.pop("prior"))
     gcfg.pop("background", None)
+    gcfg.pop("refine", None)  # test-time refinement settings (att3d.train.refine), not SDS arguments
     name = prior_cfg.pop("name")
     path = prior_cfg.pop("path")
     local = resolve_path(path)

@@ -33,7 +33,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ MODES = ("params", "model")
 REFINED_NAME = "refined_conditioning.safetensors"
 #: Default model folder of ``att3d refine`` (relative to the repository root when not found here).
 DEFAULT_CHECKPOINT = "assets/att3d-shapes64"
+#: Settings of ``att3d refine`` (from the amortized start) that a guidance config's ``refine:`` block may set.
+REFINE_KEYS = ("guidance_scale", "t_max", "lr_final")
 
 EvalFn = Callable[["RefinedModel"], dict[str, float]]
 
@@ -203,23 +205,92 @@ class RefineHistory:
         return all(math.isfinite(v) for v in vals)
 
 
+@dataclass
+class RefineSettings:
+    """How one prompt is optimised by :func:`refine` and :func:`from_scratch` (the same for both starts).
+
+    Attributes:
+        mode: ``params`` (the prompt's generated conditioning as free parameters, plus the field MLP when
+            ``train_field``) or ``model`` (the whole copied model on this prompt).
+        lr: learning rate of the conditioning (params mode, default 1e-2) or of the mapping (model mode,
+            default 1e-3).
+        field_lr: learning rate of the shared field (default 1e-3 in params mode, ``lr`` in model mode).
+        lr_final: the learning rates decay along a cosine to ``lr_final`` times their start value at the last
+            step (1.0: constant). Damps the step-to-step jitter of SDS at the end of a short run.
+        t_max: upper end of the SDS timestep range during the run, as a fraction of T (None: the guidance's
+            own range and annealing). A start that already has the right shape needs only the lower,
+            detail-level noise levels.
+        train_field: params mode: also train the copy's field MLP (and level gains).
+        resolution / batch_views: render size and random views per step.
+        eval_every: score every k steps (0: at start and end only) when an ``eval_fn`` is given.
+        grad_clip: global gradient-norm clip (None: off); opacity_reg: weight of the mean opacity.
+        elevation_deg / radius / fov_deg: the random training cameras.
+    """
+
+    mode: str = "params"
+    lr: float | None = None
+    field_lr: float | None = None
+    lr_final: float = 1.0
+    t_max: float | None = None
+    train_field: bool = True
+    resolution: int = 32
+    batch_views: int = 4
+    seed: int = 0
+    eval_every: int = 0
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    grad_clip: float | None = 1.0
+    opacity_reg: float = 0.0
+    elevation_deg: tuple[float, float] = (-10.0, 45.0)
+    radius: float = 2.2
+    fov_deg: float = 40.0
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise Att3dError(f"unknown refinement mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.batch_views < 1 or self.resolution < 1:
+            raise Att3dError("batch_views and resolution must be positive")
+        if not 0.0 < self.lr_final <= 1.0:
+            raise Att3dError(f"lr_final must be in (0, 1], got {self.lr_final}")
+        if self.t_max is not None and not 0.0 < self.t_max <= 1.0:
+            raise Att3dError(f"t_max must be in (0, 1], got {self.t_max}")
+
+
+def cosine_factor(step: int, steps: int, final: float) -> float:
+    """Learning-rate factor at ``step`` of ``steps``: 1 at step 0, ``final`` at the last step (cosine)."""
+    if steps <= 1 or final >= 1.0:
+        return 1.0
+    p = min(1.0, step / (steps - 1))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _with_t_max(guidance, t_max: float | None):
+    """``guidance`` itself, or a shallow copy (sharing the prior) whose timestep range ends at ``t_max``."""
+    if t_max is None:
+        return guidance
+    g = copy.copy(guidance)
+    lo = min(float(guidance.t_range[0]), float(t_max))
+    g.t_range, g.t_anneal = (lo, float(t_max)), None
+    return g
+
+
 def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: list[dict[str, Any]],
-              resolution: int, batch_views: int, seed: int, eval_fn: EvalFn | None, eval_every: int,
-              background: tuple[float, float, float], grad_clip: float | None, opacity_reg: float,
-              elevation_deg: tuple[float, float], radius: float, fov_deg: float, progress: bool,
-              history: RefineHistory, desc: str) -> None:
-    """SDS on one prompt for ``steps`` steps, ``batch_views`` random views per step (updates ``refined``)."""
+              opts: RefineSettings, eval_fn: EvalFn | None, history: RefineHistory, desc: str) -> None:
+    """SDS on one prompt for ``steps`` steps, ``opts.batch_views`` random views per step (updates ``refined``)."""
     from tqdm import tqdm
 
     from att3d.eval.model_eval import repeat_cond
     from att3d.render.cameras import OrbitCameras
 
     device = refined.device
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    guidance = _with_t_max(guidance, opts.t_max)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
-    prior_cond = guidance.prior.encode_prompts([prompt]).repeat_interleave(batch_views)
-    bg = torch.tensor(background, dtype=torch.float32, device=device)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    views = opts.batch_views
+    prior_cond = guidance.prior.encode_prompts([prompt]).repeat_interleave(views)
+    bg = torch.tensor(opts.background, dtype=torch.float32, device=device)
 
     def evaluate(step: int) -> None:
         if eval_fn is None:
@@ -230,23 +301,25 @@ def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: 
         history.evals.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
     evaluate(0)
-    bar = tqdm(range(steps), disable=not progress, desc=desc, dynamic_ncols=True)
+    bar = tqdm(range(steps), disable=not opts.progress, desc=desc, dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
         refined.train()
-        cams = OrbitCameras.sample_training(batch_views, gen, elevation_deg, radius, fov_deg).to(device)
-        cond = repeat_cond(refined.conditioning([prompt]), batch_views)
-        out = refined.renderer(refined.field, cond, cams, resolution, background=bg, generator=gen)
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * cosine_factor(step, steps, opts.lr_final)
+        cams = OrbitCameras.sample_training(views, gen, opts.elevation_deg, opts.radius, opts.fov_deg).to(device)
+        cond = repeat_cond(refined.conditioning([prompt]), views)
+        out = refined.renderer(refined.field, cond, cams, opts.resolution, background=bg, generator=gen)
         images = out["rgb"].float().permute(0, 3, 1, 2)
         sds = guidance(images, prior_cond, cams, step=step, generator=gen)
         opacity = out["opacity"].float().mean()
-        loss = sds.loss + opacity_reg * opacity if opacity_reg else sds.loss
+        loss = sds.loss + opts.opacity_reg * opacity if opts.opacity_reg else sds.loss
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             log.warning("non-finite loss at refinement step %d: skipped", step + 1)
             continue
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip else float("inf"))
         if not torch.isfinite(norm):
             log.warning("non-finite gradient at refinement step %d: skipped", step + 1)
             opt.zero_grad(set_to_none=True)
@@ -256,7 +329,8 @@ def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: 
                "opacity": float(opacity.detach())}
         history.train.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3g}", op=f"{rec['opacity']:.2f}")
-        if eval_fn is not None and (step + 1 == steps or (eval_every > 0 and (step + 1) % eval_every == 0)):
+        every = opts.eval_every
+        if eval_fn is not None and (step + 1 == steps or (every > 0 and (step + 1) % every == 0)):
             history.seconds += time.time() - t0
             evaluate(step + 1)
             t0 = time.time()
@@ -265,57 +339,60 @@ def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: 
     refined.eval()
 
 
-def _run(start: AmortizedModel, prompt: str, steps: int, guidance, mode: str, lr: float | None,
-         field_lr: float | None, train_field: bool, resolution: int, batch_views: int, seed: int,
-         eval_fn: EvalFn | None, eval_every: int, background: tuple[float, float, float], grad_clip: float | None,
-         opacity_reg: float, elevation_deg: tuple[float, float], radius: float, fov_deg: float, progress: bool,
+def _run(start: AmortizedModel, prompt: str, steps: int, guidance, opts: RefineSettings, eval_fn: EvalFn | None,
          info: dict[str, Any]) -> tuple[RefinedModel, RefineHistory]:
     """Refine ``start`` (already a private copy) on ``prompt``."""
-    if mode not in MODES:
-        raise Att3dError(f"unknown refinement mode {mode!r}; choose one of {', '.join(MODES)}")
+    opts.check()
     if steps < 0:
         raise Att3dError(f"steps must be >= 0, got {steps}")
-    if batch_views < 1 or resolution < 1:
-        raise Att3dError("batch_views and resolution must be positive")
     prompt = _normalize(prompt)
     start.eval()  # no spectral-norm power iteration while reading the starting conditioning
-    if mode == "params":
-        lr = 1e-2 if lr is None else float(lr)
-        field_lr = 1e-3 if field_lr is None else float(field_lr)
+    if opts.mode == "params":
+        lr = 1e-2 if opts.lr is None else float(opts.lr)
+        field_lr = 1e-3 if opts.field_lr is None else float(opts.field_lr)
         with torch.no_grad():
             cond = start.conditioning([prompt])
         refined = RefinedModel(start, prompt, cond)
         start.mapping.requires_grad_(False)
-        start.field.requires_grad_(train_field)
+        start.field.requires_grad_(opts.train_field)
         groups = [{"params": list(refined.refined.parameters()), "lr": lr}]
-        if train_field:
+        if opts.train_field:
             groups.append({"params": [p for p in start.field.parameters()], "lr": field_lr})
     else:
-        lr = 1e-3 if lr is None else float(lr)
-        field_lr = lr if field_lr is None else float(field_lr)
+        lr = 1e-3 if opts.lr is None else float(opts.lr)
+        field_lr = lr if opts.field_lr is None else float(opts.field_lr)
         refined = RefinedModel(start, prompt, None)
         start.requires_grad_(True)
         groups = [{"params": list(start.mapping.parameters()), "lr": lr},
                   {"params": list(start.field.parameters()), "lr": field_lr}]
     groups = [g for g in groups if g["params"]]
-    history = RefineHistory(config={"prompt": prompt, "mode": mode, "steps": steps, "lr": lr, "field_lr": field_lr,
-                                    "train_field": train_field, "resolution": resolution,
-                                    "batch_views": batch_views, "seed": seed, **info})
-    refined.info = {"mode": mode, "steps": steps, **info}
-    _optimise(refined, prompt, steps, guidance, groups, resolution, batch_views, seed, eval_fn, eval_every,
-              background, grad_clip, opacity_reg, elevation_deg, radius, fov_deg, progress, history,
+    history = RefineHistory(config={"prompt": prompt, "mode": opts.mode, "steps": steps, "lr": lr,
+                                    "field_lr": field_lr, "lr_final": opts.lr_final, "t_max": opts.t_max,
+                                    "train_field": opts.train_field, "resolution": opts.resolution,
+                                    "batch_views": opts.batch_views, "seed": opts.seed, **info})
+    refined.info = {"mode": opts.mode, "steps": steps, **info}
+    _optimise(refined, prompt, steps, guidance, groups, opts, eval_fn, history,
               desc="refine" if not info.get("from_scratch") else "scratch")
     for p in refined.parameters():
         p.requires_grad_(False)
     return refined, history
 
 
-def refine(model: AmortizedModel, prompt: str, steps: int, guidance, mode: str = "params", lr: float | None = None,
-           field_lr: float | None = None, train_field: bool = True, resolution: int = 32, batch_views: int = 4,
-           seed: int = 0, eval_fn: EvalFn | None = None, eval_every: int = 0,
-           background: tuple[float, float, float] = (1.0, 1.0, 1.0), grad_clip: float | None = 1.0,
-           opacity_reg: float = 0.0, elevation_deg: tuple[float, float] = (-10.0, 45.0), radius: float = 2.2,
-           fov_deg: float = 40.0, progress: bool = True) -> tuple[RefinedModel, RefineHistory]:
+def _settings(kwargs: dict[str, Any], caller: str) -> tuple[RefineSettings, EvalFn | None]:
+    kwargs = dict(kwargs)
+    eval_fn = kwargs.pop("eval_fn", None)
+    names = {f.name for f in fields(RefineSettings)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected arguments {sorted(unknown)}")
+    for key in ("elevation_deg", "background"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return RefineSettings(**kwargs), eval_fn
+
+
+def refine(model: AmortizedModel, prompt: str, steps: int, guidance, **kwargs: Any
+           ) -> tuple[RefinedModel, RefineHistory]:
     """Refine the amortized model's output for one prompt with ``steps`` SDS steps; ``model`` is left unchanged.
 
     Each step renders the prompt's field from ``batch_views`` random training views at ``resolution``
@@ -326,22 +403,16 @@ def refine(model: AmortizedModel, prompt: str, steps: int, guidance, mode: str =
         prompt: the prompt to refine.
         steps: SDS steps.
         guidance: a :class:`att3d.guidance.sds.ScoreDistillation` (see :func:`att3d.train.app.build_guidance`).
-        mode: ``params`` (the prompt's generated conditioning as free parameters, plus the field MLP when
-            ``train_field``) or ``model`` (the whole copied model on this prompt).
-        lr: learning rate of the conditioning (params mode, default 1e-2) or of the mapping (model mode,
-            default 1e-3).
-        field_lr: learning rate of the shared field (default 1e-3 in params mode, ``lr`` in model mode).
-        train_field: params mode: also train the copy's field MLP (and level gains).
-        eval_fn: optional ``fn(refined_model) -> {metric: value}`` called (without gradients, in eval mode) before
-            the first step, every ``eval_every`` steps and after the last (e.g. :func:`shapes_eval_fn`).
-        opacity_reg: weight of the mean opacity (as the trainer's ``opacity_reg``).
+        kwargs: the fields of :class:`RefineSettings` (``mode``, ``lr``, ``lr_final``, ``t_max``, ...) and
+            ``eval_fn``: optional ``fn(refined_model) -> {metric: value}`` called (without gradients, in eval
+            mode) before the first step, every ``eval_every`` steps and after the last (e.g.
+            :func:`shapes_eval_fn`).
 
     Returns:
         ``(refined, history)``: the :class:`RefinedModel` (a copy) and its :class:`RefineHistory`.
     """
-    return _run(copy_model(model), prompt, steps, guidance, mode, lr, field_lr, train_field, resolution, batch_views,
-                seed, eval_fn, eval_every, background, grad_clip, opacity_reg, tuple(elevation_deg), radius, fov_deg,
-                progress, {"from_scratch": False})
+    opts, eval_fn = _settings(kwargs, "refine")
+    return _run(copy_model(model), prompt, steps, guidance, opts, eval_fn, {"from_scratch": False})
 
 
 def fresh_model(model: AmortizedModel, seed: int = 0) -> AmortizedModel:
@@ -355,8 +426,8 @@ def fresh_model(model: AmortizedModel, seed: int = 0) -> AmortizedModel:
     return fresh.to(model.device)
 
 
-def from_scratch(model: AmortizedModel, prompt: str, steps: int, guidance, mode: str = "params",
-                 init_seed: int | None = None, **kwargs) -> tuple[RefinedModel, RefineHistory]:
+def from_scratch(model: AmortizedModel, prompt: str, steps: int, guidance, init_seed: int | None = None,
+                 **kwargs: Any) -> tuple[RefinedModel, RefineHistory]:
     """The DreamFusion-style baseline: the same architecture, prior and steps, from a fresh initialisation.
 
     A newly initialised model of ``model``'s configuration (:func:`fresh_model`; ``model`` itself is only
@@ -365,22 +436,12 @@ def from_scratch(model: AmortizedModel, prompt: str, steps: int, guidance, mode:
     free conditioning, in model mode the whole fresh model is trained.
 
     Args:
-        init_seed: seed of the fresh initialisation (default: ``kwargs["seed"]``).
+        init_seed: seed of the fresh initialisation (default: the ``seed`` setting).
         kwargs: as :func:`refine`.
     """
-    seed = int(kwargs.get("seed", 0))
-    start = fresh_model(model, seed if init_seed is None else init_seed)
-    args = {"lr": None, "field_lr": None, "train_field": True, "resolution": 32, "batch_views": 4, "seed": 0,
-            "eval_fn": None, "eval_every": 0, "background": (1.0, 1.0, 1.0), "grad_clip": 1.0, "opacity_reg": 0.0,
-            "elevation_deg": (-10.0, 45.0), "radius": 2.2, "fov_deg": 40.0, "progress": True}
-    unknown = set(kwargs) - set(args)
-    if unknown:
-        raise TypeError(f"from_scratch() got unexpected arguments {sorted(unknown)}")
-    args.update(kwargs)
-    return _run(start, prompt, steps, guidance, mode, args["lr"], args["field_lr"], args["train_field"],
-                args["resolution"], args["batch_views"], args["seed"], args["eval_fn"], args["eval_every"],
-                tuple(args["background"]), args["grad_clip"], args["opacity_reg"], tuple(args["elevation_deg"]),
-                args["radius"], args["fov_deg"], args["progress"], {"from_scratch": True})
+    opts, eval_fn = _settings(kwargs, "from_scratch")
+    start = fresh_model(model, opts.seed if init_seed is None else init_seed)
+    return _run(start, prompt, steps, guidance, opts, eval_fn, {"from_scratch": True})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,16 +506,43 @@ def guidance_config(name_or_path: str, prior: str | None = None) -> dict[str, An
     return cfg
 
 
-def load_guidance(name_or_path: str = "shapes", prior: str | None = None, device: str | torch.device = "cpu"):
-    """``(ScoreDistillation, background)`` of a guidance config (see :func:`guidance_config`)."""
+def load_guidance(name_or_path: str = "shapes", prior: str | None = None, device: str | torch.device = "cpu",
+                  guidance_scale: float | None = None):
+    """``(ScoreDistillation, background)`` of a guidance config (see :func:`guidance_config`); ``guidance_scale``
+    overrides the config's classifier-free guidance scale."""
     from att3d.train.app import build_guidance, resolve_path
 
     cfg = guidance_config(name_or_path, prior)
     prior_path = cfg["prior"].get("path")
     if cfg["prior"].get("name") == "shapes" and prior_path and not resolve_path(prior_path).exists():
         raise Att3dError(f"no shapes prior at {prior_path} (train one with scripts/train_prior.py or pass --prior)")
+    if guidance_scale is not None:
+        if not guidance_scale > 0:
+            raise Att3dError(f"--guidance-scale must be positive, got {guidance_scale}")
+        cfg["guidance_scale"] = float(guidance_scale)
     background = tuple(cfg.get("background") or (1.0, 1.0, 1.0))
     return build_guidance(cfg, str(device)), background
+
+
+def refine_schedule(name_or_path: str = "shapes", from_scratch: bool = False,
+                    overrides: dict[str, float | None] | None = None) -> dict[str, float | None]:
+    """The SDS schedule of one refinement run: ``{"guidance_scale", "t_max", "lr_final"}``.
+
+    Precedence: ``overrides`` (values that are not None) > the guidance config's ``refine:`` block (only when
+    refining from the amortized start: a start of the right shape needs other settings than a run that must
+    first form it) > the config's own ``guidance_scale``, its full timestep range and a constant learning rate.
+    """
+    cfg = guidance_config(name_or_path)
+    block = dict(cfg.get("refine") or {})
+    unknown = set(block) - set(REFINE_KEYS)
+    if unknown:
+        raise Att3dError(f"unknown keys {sorted(unknown)} in the refine block of guidance {name_or_path!r} "
+                         f"(allowed: {', '.join(REFINE_KEYS)})")
+    out: dict[str, float | None] = {"guidance_scale": None, "t_max": None, "lr_final": 1.0}
+    if not from_scratch:
+        out.update({k: float(v) for k, v in block.items() if v is not None})
+    out.update({k: float(v) for k, v in (overrides or {}).items() if v is not None})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,8 +563,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="baseline: a freshly initialised model of the same architecture instead of the trained one")
     ap.add_argument("--guidance", default="shapes", help="guidance config name (configs/guidance/) or YAML file")
     ap.add_argument("--prior", default=None, help="prior folder (overrides the guidance config's prior.path)")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance scale (default: the guidance config's refine.guidance_scale "
+                         "when refining, else its guidance_scale)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 params, 1e-3 model)")
     ap.add_argument("--field-lr", type=float, default=None, help="learning rate of the field MLP")
+    ap.add_argument("--lr-final", type=float, default=None,
+                    help="learning rates decay (cosine) to this fraction at the end (default: the guidance config's "
+                         "refine.lr_final when refining, else 1 = constant)")
+    ap.add_argument("--t-max", type=float, default=None,
+                    help="upper end of the SDS timestep range as a fraction of T (default: the guidance config's "
+                         "refine.t_max when refining, else its own range)")
     ap.add_argument("--freeze-field", action="store_true", help="params mode: keep the shared field MLP fixed")
     ap.add_argument("--resolution", type=int, default=32, help="render resolution of the SDS steps")
     ap.add_argument("--batch-views", type=int, default=4, help="random views per step")
@@ -500,11 +597,16 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpt.is_dir():
         raise Att3dError(f"no model folder at {args.checkpoint} (train one with 'att3d train' or pass --checkpoint)")
     model = load(ckpt, device=device)
-    guidance, background = load_guidance(args.guidance, args.prior, device)
+    schedule = refine_schedule(args.guidance, from_scratch=args.from_scratch,
+                               overrides={"guidance_scale": args.guidance_scale, "t_max": args.t_max,
+                                          "lr_final": args.lr_final})
+    guidance, background = load_guidance(args.guidance, args.prior, device, guidance_scale=schedule["guidance_scale"])
     eval_fn = None
     if not args.no_eval and is_shapes_caption(args.prompt):
         eval_fn = shapes_eval_fn(args.prompt)
-    kwargs = dict(mode=args.mode, lr=args.lr, field_lr=args.field_lr, train_field=not args.freeze_field,
+    kwargs = dict(mode=args.mode, lr=args.lr, field_lr=args.field_lr, lr_final=schedule["lr_final"],
+                  t_max=schedule["t_max"],
+                  train_field=not args.freeze_field,
                   resolution=args.resolution, batch_views=args.batch_views, seed=args.seed, eval_fn=eval_fn,
                   eval_every=args.eval_every, background=background)
     if args.from_scratch:

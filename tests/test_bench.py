@@ -59,8 +59,11 @@ def test_bench_train_reports_throughput(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     data = json.loads(out.with_suffix(".json").read_text())
-    (row,) = data["benchmarks"]["train"]["rows"]
+    row, nerfacc_row = data["benchmarks"]["train"]["rows"]
     assert row["backend"] == "torch" and row["steps_per_second"] > 0
+    if not torch.cuda.is_available():  # the nerfacc path is listed, as skipped, not silently dropped
+        assert nerfacc_row == {"backend": "cuda", "skipped": "needs CUDA and nerfacc"}
+        assert "skipped: needs CUDA and nerfacc" in out.read_text()
     assert row["rays_per_second"] == pytest.approx(64 * row["steps_per_second"])
     assert row["peak_memory_mb"] > 10
     assert "tiny random shapes prior" in out.read_text()

@@ -257,7 +257,8 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     if args.train_resolution:
         overrides.append(f"trainer.resolution={args.train_resolution}")
     cfg = train_config(args.experiment, overrides)
-    backends = list(dict.fromkeys(args.backends or (["torch", "cuda"] if device.type == "cuda" else ["torch"])))
+    # Both paths by default: without CUDA the nerfacc row says it was skipped rather than vanishing.
+    backends = list(dict.fromkeys(args.backends or ["torch", "cuda"]))
     for b in backends:
         if b not in ("torch", "cuda"):
             raise BenchError(f"unknown renderer backend {b!r}; choose torch or cuda")
@@ -347,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
     t.add_argument("--train-batch-size", type=int, default=None, help="prompts per step (default: the config's)")
     t.add_argument("--train-resolution", type=int, default=None, help="render size (default: the config's)")
-    t.add_argument("--backends", nargs="+", default=None, help="renderer backends (default: torch, and cuda on GPUs)")
+    t.add_argument("--backends", nargs="+", default=None,
+                   help="renderer backends (default: torch cuda; cuda is skipped without CUDA)")
     t.add_argument("--prior", default="auto", help="auto (shipped, else tiny), tiny, or a prior folder")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more train config overrides")
     return p

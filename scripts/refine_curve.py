@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for start in STARTS:
         ap.add_argument(f"--{start}-guidance-scale", type=float, default=None,
                         help=f"{start} start: classifier-free guidance scale (default: the guidance config's)")
+        ap.add_argument(f"--{start}-guidance-scale-low", type=float, default=None,
+                        help=f"{start} start: guidance scale of the low-noise steps (t <= low-t T; default: none)")
+        ap.add_argument(f"--{start}-low-t", type=float, default=None,
+                        help=f"{start} start: boundary of the low-noise guidance scale, fraction of T (default 0.5)")
         ap.add_argument(f"--{start}-t-max", type=float, default=None,
                         help=f"{start} start: upper end of the SDS timestep range, fraction of T (default: config)")
         ap.add_argument(f"--{start}-lr-final", type=float, default=1.0,
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from att3d.model import load
     from att3d.train.app import resolve_path
-    from att3d.train.refine import from_scratch, load_guidance, refine, shapes_eval_fn
+    from att3d.train.refine import SDS_KEYS, from_scratch, load_guidance, refine, shapes_eval_fn
     from att3d.train.trainer import pick_device
     from att3d.world.shapes import heldout_captions
 
@@ -159,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = list(args.prompts or heldout_captions())
     device = pick_device(args.device)
     model = load(resolve_path(args.checkpoint), device=device)
-    schedules = {start: {"guidance_scale": getattr(args, f"{start}_guidance_scale"),
-                         "t_max": getattr(args, f"{start}_t_max"), "lr_final": getattr(args, f"{start}_lr_final")}
+    schedules = {start: {k: getattr(args, f"{start}_{k}") for k in ("guidance_scale", "guidance_scale_low", "low_t",
+                                                                     "t_max", "lr_final")}
                  for start in STARTS}
-    guidances = {start: load_guidance(args.guidance, args.prior, device, guidance_scale=sch["guidance_scale"])
+    guidances = {start: load_guidance(args.guidance, args.prior, device, **{k: sch[k] for k in SDS_KEYS})
                  for start, sch in schedules.items()}
     background = guidances["amortized"][1]
     out = Path(args.out)

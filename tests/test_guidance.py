@@ -100,6 +100,37 @@ def test_cfg_scale_changes_gradient(shapes_prior):
     assert (grads[0] - grads[1]).abs().max() > 1e-6
 
 
+def test_low_noise_guidance_scale_per_item():
+    """With guidance_scale_low, items at t <= low_t T are guided with it, the others with guidance_scale."""
+    prior = ToyPrior(resolution=16)
+    b = 6
+    cond = prior.encode_prompts(["a red cube", "a blue sphere", "a gray cone", "a", "b", "c"])
+    sds = ScoreDistillation(prior, guidance_scale=7.0, guidance_scale_low=2.0, low_t=0.5)
+    t = torch.tensor([10, 499, 500, 501, 800, 990])
+    assert sds.scales(t).tolist() == [2.0, 2.0, 2.0, 7.0, 7.0, 7.0]
+    images = _images(b, 16)
+    out = sds(images, cond, None, t=t, noise=torch.zeros(b, 3, 16, 16))
+    out.loss.backward()
+    x0 = images.detach() * 2 - 1
+    a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0
+    e_c = 0.5 * x_t + cond.cond.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    e_u = 0.5 * x_t + cond.uncond.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    s = torch.tensor([2.0, 2.0, 2.0, 7.0, 7.0, 7.0]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(images.grad, 2 * (1 - a) * (e_u + s * (e_c - e_u)) / b, rtol=1e-5, atol=1e-6)
+    # a per-item tensor of scales equals the scalar path where all scales agree
+    x = torch.randn(3, 3, 16, 16)
+    c3 = cond.index(torch.arange(3))
+    torch.testing.assert_close(prior.predict_noise(x, t[:3], c3, None, torch.full((3,), 4.0)),
+                               prior.predict_noise(x, t[:3], c3, None, 4.0))
+    with pytest.raises(ValueError, match="guidance_scale"):
+        prior.predict_noise(x, t[:3], c3, None, torch.ones(2))
+    for bad in ({"guidance_scale_low": 0.0}, {"low_t": 1.5}):
+        with pytest.raises(ValueError):
+            ScoreDistillation(prior, **bad)
+    assert ScoreDistillation(prior, guidance_scale=3.0).scales(t) == 3.0  # off by default: one scalar
+
+
 def test_cfg_uses_one_batched_forward():
     prior = ToyPrior()
     cond = prior.encode_prompts(["a", "b", "c"])

@@ -133,8 +133,9 @@ def test_cosine_lr_factor_and_t_max_window(model, guidance, monkeypatch):
 
 def test_refine_schedule_precedence(tmp_path):
     shapes = rf.refine_schedule("shapes")  # the shipped config's refine block
-    assert shapes == {"guidance_scale": 2.0, "t_max": 0.5, "lr_final": 0.1}
-    assert rf.refine_schedule("shapes", from_scratch=True) == {"guidance_scale": None, "t_max": None, "lr_final": 1.0}
+    assert shapes == {"guidance_scale": 5.0, "guidance_scale_low": 2.0, "low_t": 0.5, "t_max": None, "lr_final": 0.1}
+    assert rf.refine_schedule("shapes", from_scratch=True) == {"guidance_scale": None, "guidance_scale_low": None,
+                                                                "low_t": None, "t_max": None, "lr_final": 1.0}
     assert rf.refine_schedule("shapes", overrides={"t_max": 0.3, "guidance_scale": None})["t_max"] == 0.3
     assert rf.refine_schedule("stable_diffusion")["t_max"] is None  # no refine block: the config's own schedule
     bad = tmp_path / "bad.yaml"

@@ -44,8 +44,10 @@ def test_refine_curve_end_to_end_and_resume(rc, checkpoint, tiny_prior_dir, tmp_
         assert [e["step"] for e in run["evals"]] == [0, 1, 2]
         assert all(0.0 <= e[m] <= 1.0 for e in run["evals"] for m in rc.METRICS)
     sched = res["settings"]["schedules"]
-    assert sched["amortized"] == {"guidance_scale": 2.0, "t_max": 0.5, "lr_final": 0.1}
-    assert sched["scratch"] == {"guidance_scale": None, "t_max": None, "lr_final": 1.0}
+    assert sched["amortized"] == {"guidance_scale": 2.0, "guidance_scale_low": None, "low_t": None, "t_max": 0.5,
+                                  "lr_final": 0.1}
+    assert sched["scratch"] == {"guidance_scale": None, "guidance_scale_low": None, "low_t": None, "t_max": None,
+                                "lr_final": 1.0}
     # the two starts differ at step 0: the trained (here: tiny) model's output vs a fresh initialisation
     a0 = res["runs"]["amortized|a red sphere"]["evals"][0]
     s0 = res["runs"]["scratch|a red sphere"]["evals"][0]

@@ -59,11 +59,17 @@ class ScoreDistillation:
             ``sqrt(a_t) (1 - a_t)`` (signal-scaled: also down-weights the noisiest steps, as in Fantasia3D).
         grad_clip: if set, each element of the gradient is clamped to ``[-grad_clip, grad_clip]``.
         per_item_t: draw one timestep per batch item (True) or one for the whole batch.
+        guidance_scale_low: if set, the scale of the low-noise items (``t <= low_t * T``); ``guidance_scale``
+            stays the scale of the noisier ones. High-noise steps decide the shape and want strong guidance;
+            low-noise steps decide colour and detail, where strong guidance pulls colours off (oversaturated,
+            shifted hue).
+        low_t: the boundary of ``guidance_scale_low``, as a fraction of T.
     """
 
     def __init__(self, prior: DiffusionPrior, guidance_scale: float = 7.5, t_range: tuple[float, float] = (0.02, 0.98),
                  t_anneal: tuple[float, float, int] | None = None, weighting: str = "sds",
-                 grad_clip: float | None = None, per_item_t: bool = True):
+                 grad_clip: float | None = None, per_item_t: bool = True, guidance_scale_low: float | None = None,
+                 low_t: float = 0.5):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown SDS weighting {weighting!r}; choose one of {WEIGHTINGS}")
         lo, hi = (float(v) for v in t_range)
@@ -75,6 +81,10 @@ class ScoreDistillation:
             t_anneal = (float(t_anneal[0]), float(t_anneal[1]), int(t_anneal[2]))
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError("grad_clip must be positive (or None)")
+        if guidance_scale_low is not None and not guidance_scale_low > 0:
+            raise ValueError(f"guidance_scale_low must be positive (or None), got {guidance_scale_low}")
+        if not 0.0 <= float(low_t) <= 1.0:
+            raise ValueError(f"low_t must be in [0, 1], got {low_t}")
         self.prior = prior
         self.guidance_scale = float(guidance_scale)
         self.t_range = (lo, hi)
@@ -82,6 +92,8 @@ class ScoreDistillation:
         self.weighting = weighting
         self.grad_clip = grad_clip
         self.per_item_t = per_item_t
+        self.guidance_scale_low = None if guidance_scale_low is None else float(guidance_scale_low)
+        self.low_t = float(low_t)
 
     def t_bounds(self, step: int = 0) -> tuple[int, int]:
         """Inclusive integer timestep range ``(t_min, t_max)`` used at training ``step``."""
@@ -103,6 +115,13 @@ class ScoreDistillation:
         gdev = generator.device if generator is not None else torch.device("cpu")
         t = torch.randint(t_min, t_max + 1, (n,), generator=generator, device=gdev)
         return t.expand(batch).to(self.prior.device)
+
+    def scales(self, t: torch.Tensor) -> float | torch.Tensor:
+        """The CFG scale of each item: ``guidance_scale``, or (B,) scales when ``guidance_scale_low`` is set."""
+        if self.guidance_scale_low is None:
+            return self.guidance_scale
+        low = t <= round(self.low_t * self.prior.num_train_timesteps)
+        return torch.where(low, self.guidance_scale_low, self.guidance_scale).float()
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) weights ``w(t)``."""
@@ -151,7 +170,7 @@ class ScoreDistillation:
             else:
                 noise = noise.to(device=x0.device, dtype=x0.dtype)
             x_t = self.prior.add_noise(x0.detach(), noise, t)
-            eps = self.prior.predict_noise(x_t, t, cond, cameras, self.guidance_scale).to(x0.dtype)
+            eps = self.prior.predict_noise(x_t, t, cond, cameras, self.scales(t)).to(x0.dtype)
             grad = self.weight(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) * (eps - noise)
             bad = ~torch.isfinite(grad).flatten(1).all(dim=1)
             num_bad = int(bad.sum().item())

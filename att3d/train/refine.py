@@ -52,7 +52,9 @@ REFINED_NAME = "refined_conditioning.safetensors"
 #: Default model folder of ``att3d refine`` (relative to the repository root when not found here).
 DEFAULT_CHECKPOINT = "assets/att3d-shapes64"
 #: Settings of ``att3d refine`` (from the amortized start) that a guidance config's ``refine:`` block may set.
-REFINE_KEYS = ("guidance_scale", "t_max", "lr_final")
+REFINE_KEYS = ("guidance_scale", "guidance_scale_low", "low_t", "t_max", "lr_final")
+#: Keys of :data:`REFINE_KEYS` that configure the :class:`ScoreDistillation` (the rest configure the run).
+SDS_KEYS = ("guidance_scale", "guidance_scale_low", "low_t")
 
 EvalFn = Callable[["RefinedModel"], dict[str, float]]
 
@@ -507,9 +509,9 @@ def guidance_config(name_or_path: str, prior: str | None = None) -> dict[str, An
 
 
 def load_guidance(name_or_path: str = "shapes", prior: str | None = None, device: str | torch.device = "cpu",
-                  guidance_scale: float | None = None):
+                  guidance_scale: float | None = None, **sds: float | None):
     """``(ScoreDistillation, background)`` of a guidance config (see :func:`guidance_config`); ``guidance_scale``
-    overrides the config's classifier-free guidance scale."""
+    and ``sds`` (``guidance_scale_low``, ``low_t``; None: keep the config's) override the config's values."""
     from att3d.train.app import build_guidance, resolve_path
 
     cfg = guidance_config(name_or_path, prior)
@@ -520,6 +522,10 @@ def load_guidance(name_or_path: str = "shapes", prior: str | None = None, device
         if not guidance_scale > 0:
             raise Att3dError(f"--guidance-scale must be positive, got {guidance_scale}")
         cfg["guidance_scale"] = float(guidance_scale)
+    unknown = set(sds) - set(SDS_KEYS)
+    if unknown:
+        raise TypeError(f"load_guidance() got unexpected arguments {sorted(unknown)}")
+    cfg.update({k: float(v) for k, v in sds.items() if v is not None})
     background = tuple(cfg.get("background") or (1.0, 1.0, 1.0))
     return build_guidance(cfg, str(device)), background
 
@@ -538,7 +544,8 @@ def refine_schedule(name_or_path: str = "shapes", from_scratch: bool = False,
     if unknown:
         raise Att3dError(f"unknown keys {sorted(unknown)} in the refine block of guidance {name_or_path!r} "
                          f"(allowed: {', '.join(REFINE_KEYS)})")
-    out: dict[str, float | None] = {"guidance_scale": None, "t_max": None, "lr_final": 1.0}
+    out: dict[str, float | None] = {"guidance_scale": None, "guidance_scale_low": None, "low_t": None,
+                                    "t_max": None, "lr_final": 1.0}
     if not from_scratch:
         out.update({k: float(v) for k, v in block.items() if v is not None})
     out.update({k: float(v) for k, v in (overrides or {}).items() if v is not None})
@@ -566,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the guidance config's refine.guidance_scale "
                          "when refining, else its guidance_scale)")
+    ap.add_argument("--guidance-scale-low", type=float, default=None,
+                    help="guidance scale of the low-noise steps (t <= --low-t T; default: the config's refine block)")
+    ap.add_argument("--low-t", type=float, default=None, help="boundary of --guidance-scale-low, fraction of T")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 params, 1e-3 model)")
     ap.add_argument("--field-lr", type=float, default=None, help="learning rate of the field MLP")
     ap.add_argument("--lr-final", type=float, default=None,
@@ -599,8 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load(ckpt, device=device)
     schedule = refine_schedule(args.guidance, from_scratch=args.from_scratch,
                                overrides={"guidance_scale": args.guidance_scale, "t_max": args.t_max,
-                                          "lr_final": args.lr_final})
-    guidance, background = load_guidance(args.guidance, args.prior, device, guidance_scale=schedule["guidance_scale"])
+                                          "lr_final": args.lr_final, "guidance_scale_low": args.guidance_scale_low,
+                                          "low_t": args.low_t})
+    guidance, background = load_guidance(args.guidance, args.prior, device, **{k: schedule[k] for k in SDS_KEYS})
     eval_fn = None
     if not args.no_eval and is_shapes_caption(args.prompt):
         eval_fn = shapes_eval_fn(args.prompt)

@@ -408,7 +408,7 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptConditioning,
-                      cameras: OrbitCameras | None = None, guidance_scale: float = 7.5) -> torch.Tensor:
+                      cameras: OrbitCameras | None = None, guidance_scale: float | torch.Tensor = 7.5) -> torch.Tensor:
         """Classifier-free guided noise prediction.
 
         ``eps = eps_uncond + s * (eps_cond - eps_uncond)``, both branches in one forward pass of
@@ -419,7 +419,7 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
             t: (B,) or scalar integer timesteps in [0, T).
             cond: conditioning of batch B.
             cameras: B cameras (required by camera-conditioned priors; also select view prompts).
-            guidance_scale: CFG scale s.
+            guidance_scale: CFG scale s: a number, or a (B,) tensor of one scale per item.
 
         Returns:
             (B, C, h, w) predicted noise (epsilon, also for v-prediction models), in ``x_t``'s dtype.
@@ -435,8 +435,16 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
         dt = self.model_dtype
         c = cond.for_cameras(cameras).to(self.device)
         x_in = x_t.to(self.device, dt)
+        if torch.is_tensor(guidance_scale):
+            if guidance_scale.numel() not in (1, b):
+                raise ValueError(f"guidance_scale must be a number or ({b},), got {tuple(guidance_scale.shape)}")
+            scale = guidance_scale.to(self.device, torch.float32).reshape(-1, 1, 1, 1)
+            if bool((scale == 1.0).all()):
+                guidance_scale = 1.0
+        else:
+            scale = float(guidance_scale)
         with torch.no_grad():
-            if guidance_scale == 1.0:
+            if not torch.is_tensor(guidance_scale) and guidance_scale == 1.0:
                 out = self._denoise(x_in, t, c.cond.to(dt), c.cond_mask, cameras).float()
             else:
                 tokens = torch.cat([c.cond, c.uncond]).to(dt)
@@ -452,7 +460,7 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
                                          cameras.fov_deg)
                 both = self._denoise(torch.cat([x_in, x_in]), torch.cat([t, t]), tokens, mask, cams2).float()
                 e_c, e_u = both.chunk(2)
-                out = e_u + guidance_scale * (e_c - e_u)
+                out = e_u + scale * (e_c - e_u)
             if self.prediction_type == "v_prediction":
                 a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
                 out = a.sqrt() * out + (1 - a).sqrt() * x_in.float()

@@ -119,13 +119,17 @@ def test_cosine_lr_factor_and_t_max_window(model, guidance, monkeypatch):
 
     monkeypatch.setattr(type(guidance), "__call__", spy)
     monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
-    before = (guidance.t_range, guidance.t_anneal)
+    before = (guidance.t_range, guidance.t_anneal, guidance.per_item_t)
     rf.refine(model, PROMPT, 4, guidance, t_max=0.3, lr=1e-2, lr_final=0.1, **FAST)
     t = torch.cat(seen_t)
     assert int(t.max()) <= round(0.3 * guidance.prior.num_train_timesteps)
-    assert (guidance.t_range, guidance.t_anneal) == before  # the caller's guidance is not modified
+    assert all(len(set(step_t.tolist())) == 1 for step_t in seen_t)  # shared_t: one timestep per step
+    assert (guidance.t_range, guidance.t_anneal, guidance.per_item_t) == before  # the caller's is not modified
     assert seen_lr[0] == pytest.approx(1e-2) and seen_lr[-1] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(seen_lr, seen_lr[1:]))
+    seen_t.clear()
+    rf.refine(model, PROMPT, 3, guidance, shared_t=False, seed=1, **{**FAST, "batch_views": 4})
+    assert any(len(set(step_t.tolist())) > 1 for step_t in seen_t)  # one timestep per view
     for bad in ({"lr_final": 0.0}, {"t_max": 1.5}, {"mode": "nope"}):
         with pytest.raises(rf.Att3dError):
             rf.refine(model, PROMPT, 1, guidance, **bad, **FAST)

@@ -222,6 +222,10 @@ class RefineSettings:
         t_max: upper end of the SDS timestep range during the run, as a fraction of T (None: the guidance's
             own range and annealing). A start that already has the right shape needs only the lower,
             detail-level noise levels.
+        shared_t: one SDS timestep per step, shared by its views (DreamFusion), instead of one per view. With
+            ``guidance_scale_low``, whole steps then alternate between shape (noisy) and colour (low-noise)
+            updates, each normalised by Adam on its own; mixed in one step, the small low-noise gradients
+            would be drowned by the noisy ones.
         train_field: params mode: also train the copy's field MLP (and level gains).
         resolution / batch_views: render size and random views per step.
         eval_every: score every k steps (0: at start and end only) when an ``eval_fn`` is given.
@@ -234,6 +238,7 @@ class RefineSettings:
     field_lr: float | None = None
     lr_final: float = 1.0
     t_max: float | None = None
+    shared_t: bool = True
     train_field: bool = True
     resolution: int = 32
     batch_views: int = 4
@@ -266,13 +271,14 @@ def cosine_factor(step: int, steps: int, final: float) -> float:
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def _with_t_max(guidance, t_max: float | None):
-    """``guidance`` itself, or a shallow copy (sharing the prior) whose timestep range ends at ``t_max``."""
-    if t_max is None:
-        return guidance
+def _run_guidance(guidance, t_max: float | None, shared_t: bool):
+    """A shallow copy of ``guidance`` (sharing the prior) for one run: its timestep range ends at ``t_max``
+    (None: unchanged) and it draws one timestep per step (``shared_t``) or one per view."""
     g = copy.copy(guidance)
-    lo = min(float(guidance.t_range[0]), float(t_max))
-    g.t_range, g.t_anneal = (lo, float(t_max)), None
+    g.per_item_t = not shared_t
+    if t_max is not None:
+        lo = min(float(guidance.t_range[0]), float(t_max))
+        g.t_range, g.t_anneal = (lo, float(t_max)), None
     return g
 
 
@@ -286,7 +292,7 @@ def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: 
 
     device = refined.device
     gen = torch.Generator().manual_seed(opts.seed)
-    guidance = _with_t_max(guidance, opts.t_max)
+    guidance = _run_guidance(guidance, opts.t_max, opts.shared_t)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -370,6 +376,7 @@ def _run(start: AmortizedModel, prompt: str, steps: int, guidance, opts: RefineS
     groups = [g for g in groups if g["params"]]
     history = RefineHistory(config={"prompt": prompt, "mode": opts.mode, "steps": steps, "lr": lr,
                                     "field_lr": field_lr, "lr_final": opts.lr_final, "t_max": opts.t_max,
+                                    "shared_t": opts.shared_t,
                                     "train_field": opts.train_field, "resolution": opts.resolution,
                                     "batch_views": opts.batch_views, "seed": opts.seed, **info})
     refined.info = {"mode": opts.mode, "steps": steps, **info}

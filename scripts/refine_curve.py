@@ -17,17 +17,17 @@ colour error and silhouette IoU in the 8 evaluation views). It writes, in ``--ou
 - ``refine_curve.md``: the mean over prompts of each metric at each evaluated step, for both starts;
 - ``refine_curve.png``: metric vs steps, both starts, mean over prompts (shaded: min..max over prompts).
 
-Budget (2-core CPU, default settings: 32x32 renders, 4 views per step, 64x64 evaluation renders):
-about 0.5-0.8 s per SDS step and ~2 s per evaluation, so the default 8 prompts x 2 starts x 200
-steps with an evaluation every 25 steps take about 35-45 minutes; a GPU takes a few minutes.
+Budget (one core of the 2-core CPU, default settings: 32x32 renders, 4 views per step, 64x64 evaluation
+renders): about 0.3 s per SDS step and ~2 s per evaluation, so the default 8 prompts x 2 starts x 200
+steps with an evaluation every 25 steps take about 20 minutes (measured: 61 s of optimisation per run).
 The command that produces the issue's numbers, once the trained model and prior are in ``assets/``::
 
     python scripts/refine_curve.py --checkpoint assets/att3d-shapes64 --prior assets/shapes-prior \\
-        --steps 200 --every 25 --amortized-guidance-scale 2.0 --amortized-t-max 0.5 --amortized-lr-final 0.1 \\
-        --scratch-guidance-scale 5.0 --out docs/results/refine_curve
+        --steps 200 --every 25 --amortized-guidance-scale 5.0 --amortized-guidance-scale-low 2.0 \\
+        --amortized-low-t 0.5 --amortized-lr-final 0.1 --scratch-guidance-scale 5.0 --out docs/results/refine_curve
 
 (the amortized schedule is ``configs/guidance/shapes.yaml``'s ``refine:`` block, which ``att3d refine``
-uses; the baseline keeps the amortized model's training schedule: guidance 5, full timestep range).
+uses; the baseline keeps the amortized model's training schedule: guidance 5, constant learning rate).
 
 A quick check (about 1-2 minutes)::
 

@@ -170,6 +170,7 @@ def test_from_scratch_is_a_new_initialisation(model, guidance):
     assert torch.equal(torch.random.get_rng_state(), state)  # the fresh init draws from a forked RNG
     _assert_unchanged(model, snap)
     assert hist.config["from_scratch"] is True and len(hist.train) == 2 and hist.finite()
+    assert hist.config["guidance_scale"] == guidance.guidance_scale  # the SDS schedule is recorded
     with torch.no_grad():
         start = fresh.conditioning([PROMPT])["grid"]
         assert not torch.allclose(scratch.conditioning([PROMPT])["grid"], start)

@@ -377,6 +377,8 @@ def _run(start: AmortizedModel, prompt: str, steps: int, guidance, opts: RefineS
     history = RefineHistory(config={"prompt": prompt, "mode": opts.mode, "steps": steps, "lr": lr,
                                     "field_lr": field_lr, "lr_final": opts.lr_final, "t_max": opts.t_max,
                                     "shared_t": opts.shared_t,
+                                    "guidance_scale": getattr(guidance, "guidance_scale", None),
+                                    "guidance_scale_low": getattr(guidance, "guidance_scale_low", None),
                                     "train_field": opts.train_field, "resolution": opts.resolution,
                                     "batch_views": opts.batch_views, "seed": opts.seed, **info})
     refined.info = {"mode": opts.mode, "steps": steps, **info}

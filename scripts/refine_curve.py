@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     schedules = {start: {k: getattr(args, f"{start}_{k}") for k in ("guidance_scale", "guidance_scale_low", "low_t",
                                                                      "t_max", "lr_final")}
                  for start in STARTS}
-    guidances = {start: load_guidance(args.guidance, args.prior, device, **{k: sch[k] for k in SDS_KEYS})
+    base, background = load_guidance(args.guidance, args.prior, device)  # one prior, shared by both starts
+    guidances = {start: base.replace(**{k: sch[k] for k in SDS_KEYS if sch[k] is not None})
                  for start, sch in schedules.items()}
-    background = guidances["amortized"][1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "refine_curve.json"
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(prompts)}] {prompt!r} from {start}", flush=True)
             fn = refine if start == "amortized" else from_scratch
             sch = schedules[start]
-            _, hist = fn(model, prompt, args.steps, guidances[start][0], eval_fn=eval_fn, t_max=sch["t_max"],
+            _, hist = fn(model, prompt, args.steps, guidances[start], eval_fn=eval_fn, t_max=sch["t_max"],
                          lr_final=sch["lr_final"], **kwargs)
             runs[key] = {"prompt": prompt, "start": start, "evals": hist.evals, "seconds": hist.seconds,
                          "final_loss": hist.train[-1]["loss"] if hist.train else None}

@@ -131,6 +131,20 @@ def test_low_noise_guidance_scale_per_item():
     assert ScoreDistillation(prior, guidance_scale=3.0).scales(t) == 3.0  # off by default: one scalar
 
 
+def test_replace_makes_a_validated_copy_on_the_same_prior():
+    prior = ToyPrior()
+    sds = ScoreDistillation(prior, guidance_scale=7.0, t_range=(0.1, 0.9), weighting="uniform")
+    other = sds.replace(guidance_scale_low=2.0, per_item_t=False)
+    assert other.prior is prior and other is not sds
+    assert (other.guidance_scale, other.t_range, other.weighting) == (7.0, (0.1, 0.9), "uniform")
+    assert other.guidance_scale_low == 2.0 and not other.per_item_t
+    assert sds.guidance_scale_low is None and sds.per_item_t  # the original is untouched
+    with pytest.raises(ValueError):
+        sds.replace(t_range=(0.9, 0.1))
+    with pytest.raises(TypeError):
+        sds.replace(prior=prior)
+
+
 def test_cfg_uses_one_batched_forward():
     prior = ToyPrior()
     cond = prior.encode_prompts(["a", "b", "c"])

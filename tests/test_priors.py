@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from att3d.guidance.priors import (
 from att3d.guidance.sds import ScoreDistillation
 from att3d.registry import PRIORS
 from att3d.render.cameras import OrbitCameras
-from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, caption_embeddings, save_prior
+from att3d.world.prior_training import PriorArchitecture, caption_embeddings
 
 WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "red", "blue", "green", "cube", "sphere", "torus", ",", "front",
          "side", "back", "overhead", "view"]
@@ -38,12 +39,9 @@ def _tokenizer():
 
 
 @pytest.fixture(scope="module")
-def shapes_folder(tmp_path_factory):
-    arch = PriorArchitecture(block_out_channels=(16, 32), attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("shapes-prior")
-    save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
-    return folder, arch
+def shapes_folder(tiny_prior_dir):
+    arch = PriorArchitecture.from_dict(json.loads((tiny_prior_dir / "prior_config.json").read_text())["arch"])
+    return tiny_prior_dir, arch
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from att3d.utils.errors import Att3dError
+from att3d.utils.files import read_utf8_text
 from att3d.world.shapes import COLOUR_NAMES, SHAPE_NAMES, WorldObject, all_objects, heldout_objects, parse_caption
 
 #: Kinds of rewording, in report order.
@@ -191,14 +192,7 @@ def parse_table(text: str, source: str = "<text>") -> list[Paraphrase]:
 
 def read_table(path: str | Path) -> list[Paraphrase]:
     """Read a paraphrase file (see :func:`parse_table`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParaphraseError(f"paraphrase file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ParaphraseError(f"paraphrase file {path} is not UTF-8 text (byte {e.start})") from None
-    return parse_table(text, str(path))
+    return parse_table(read_utf8_text(path, "paraphrase file", ParaphraseError), str(path))
 
 
 def evenly_spaced(items: Sequence[Any], n: int) -> list[Any]:

@@ -18,6 +18,7 @@ diagnostic of the gradient size, not a quantity that decreases during training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,20 @@ class ScoreDistillation:
         self.per_item_t = per_item_t
         self.guidance_scale_low = None if guidance_scale_low is None else float(guidance_scale_low)
         self.low_t = float(low_t)
+
+    def replace(self, **changes: Any) -> ScoreDistillation:
+        """A new ``ScoreDistillation`` on the same prior with some settings changed (validated as in ``__init__``).
+
+        Args:
+            changes: any of the ``__init__`` arguments except ``prior``.
+        """
+        args = {"guidance_scale": self.guidance_scale, "t_range": self.t_range, "t_anneal": self.t_anneal,
+                "weighting": self.weighting, "grad_clip": self.grad_clip, "per_item_t": self.per_item_t,
+                "guidance_scale_low": self.guidance_scale_low, "low_t": self.low_t}
+        unknown = set(changes) - set(args)
+        if unknown:
+            raise TypeError(f"replace() got unexpected arguments {sorted(unknown)}")
+        return ScoreDistillation(self.prior, **{**args, **changes})
 
     def t_bounds(self, step: int = 0) -> tuple[int, int]:
         """Inclusive integer timestep range ``(t_min, t_max)`` used at training ``step``."""

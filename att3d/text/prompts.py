@@ -20,6 +20,7 @@ import torch
 
 from att3d.text.encoders import TextEmbedding
 from att3d.utils.errors import Att3dError
+from att3d.utils.files import read_utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,7 @@ def dedupe(prompts: Iterable[str]) -> list[str]:
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
     """Prompts of a text file, one per line (blank and ``#`` lines skipped, duplicates dropped)."""
     path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"prompt file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PromptError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from None
+    text = read_utf8_text(path, "prompt file", PromptError)
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         raise PromptError(f"prompt file {path} holds no prompt")

@@ -272,14 +272,12 @@ def cosine_factor(step: int, steps: int, final: float) -> float:
 
 
 def _run_guidance(guidance, t_max: float | None, shared_t: bool):
-    """A shallow copy of ``guidance`` (sharing the prior) for one run: its timestep range ends at ``t_max``
+    """``guidance`` for one run (a new object on the same prior): its timestep range ends at ``t_max``
     (None: unchanged) and it draws one timestep per step (``shared_t``) or one per view."""
-    g = copy.copy(guidance)
-    g.per_item_t = not shared_t
+    changes: dict[str, Any] = {"per_item_t": not shared_t}
     if t_max is not None:
-        lo = min(float(guidance.t_range[0]), float(t_max))
-        g.t_range, g.t_anneal = (lo, float(t_max)), None
-    return g
+        changes.update(t_range=(min(float(guidance.t_range[0]), float(t_max)), float(t_max)), t_anneal=None)
+    return guidance.replace(**changes)
 
 
 def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: list[dict[str, Any]],

@@ -54,6 +54,11 @@ class PriorArchitecture:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"  # or "v_prediction" (bounded clean-image estimate at high noise)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> PriorArchitecture:
+        """The architecture recorded in a ``prior_config.json`` / training ``config.json`` (``arch``)."""
+        return cls(**{**d, "block_out_channels": tuple(d["block_out_channels"])})
+
 
 @dataclass
 class PriorTrainingConfig:
@@ -245,7 +250,7 @@ def export_checkpoint(out_dir: str | Path, export: str | Path | None = None) -> 
     """Export the EMA weights of the latest complete checkpoint in ``out_dir`` as a prior folder."""
     out = Path(out_dir)
     cfg = load_json(out / "config.json")
-    arch = PriorArchitecture(**{**cfg["arch"], "block_out_channels": tuple(cfg["arch"]["block_out_channels"])})
+    arch = PriorArchitecture.from_dict(cfg["arch"])
     meta = load_json(out / "checkpoint" / "meta.json")
     unet = build_unet(arch)
     unet.load_state_dict(load_tensors(out / "checkpoint" / "ema.safetensors"))

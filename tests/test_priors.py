@@ -166,6 +166,44 @@ def test_shapes_prior_sample(shapes_prior):
     assert (img - other).abs().max() > 1e-3
 
 
+def test_shapes_prior_restart_sampling(shapes_prior):
+    prompts = ["a red cube", "a blue sphere"]
+    cams = _cams(2)
+    kw = dict(num_inference_steps=10, eta=1.0)
+    plain = shapes_prior.sample(prompts, cams, generator=torch.Generator().manual_seed(0), **kw)
+    rs = shapes_prior.sample(prompts, cams, generator=torch.Generator().manual_seed(0), restarts=2, restart_t=0.3,
+                             **kw)
+    assert rs.shape == plain.shape and torch.isfinite(rs).all() and rs.min() >= 0 and rs.max() <= 1
+    # the first trajectory is the same; the restarts change the result
+    assert (rs - plain).abs().max() > 1e-3
+    again = shapes_prior.sample(prompts, cams, generator=torch.Generator().manual_seed(0), restarts=2,
+                                restart_t=0.3, batch_size=1, **kw)
+    assert again.shape == rs.shape and torch.isfinite(again).all()
+    with pytest.raises(ValueError, match="restart_t"):
+        shapes_prior.sample(prompts, cams, restarts=1, restart_t=1.5, **kw)
+    with pytest.raises(ValueError, match="below the first step"):
+        shapes_prior.sample(prompts, cams, restarts=1, restart_t=0.01, num_inference_steps=4)
+    with pytest.raises(ValueError, match="restarts"):
+        shapes_prior.sample(prompts, cams, restarts=-1, **kw)
+
+
+def test_shapes_prior_restart_rounds_are_counted(shapes_prior, monkeypatch):
+    calls = []
+    real = shapes_prior.predict_noise
+
+    def counting(x, t, *a, **k):
+        calls.append(int(t[0]))
+        return real(x, t, *a, **k)
+
+    monkeypatch.setattr(shapes_prior, "predict_noise", counting)
+    shapes_prior.sample(["a red cube"], _cams(1), num_inference_steps=10, restarts=3, restart_t=0.35)
+    # 10 steps of the trajectory, then 3 rounds over the grid steps at or below 350 (300, 200, 100, 0 with
+    # diffusers' "leading" spacing of a 1000-step schedule)
+    restart_grid = [t for t in calls[:10] if t <= 350]
+    assert len(restart_grid) >= 1
+    assert calls[10:] == restart_grid * 3
+
+
 def test_registry_builds_shapes_prior(shapes_folder):
     assert {"shapes", "stable_diffusion", "deepfloyd_if"} <= set(PRIORS.names())
     prior = PRIORS.build("shapes", path=str(shapes_folder[0]), dtype="float32")

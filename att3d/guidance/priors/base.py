@@ -470,8 +470,14 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
     def sample(self, prompts: Sequence[str] | PromptConditioning, cameras: OrbitCameras | None = None,
                guidance_scale: float = 3.0, num_inference_steps: int = 25, generator: torch.Generator | None = None,
                batch_size: int = 64, progress: bool = False, eta: float = 0.0,
-               clip_denoised: bool | None = None) -> torch.Tensor:
-        """Generate images with DDIM and classifier-free guidance.
+               clip_denoised: bool | None = None, restarts: int = 0, restart_t: float = 0.3) -> torch.Tensor:
+        """Generate images with DDIM and classifier-free guidance, optionally with restarts.
+
+        Restart sampling (Xu et al., 2023): after the full trajectory, the sample is noised again to
+        the level ``restart_t`` and denoised over the same step grid, ``restarts`` times. Each round
+        re-applies the denoiser where it is accurate (moderate noise) to a sample that already has
+        its object, which removes the error that the first, high-noise steps leave behind (for the
+        shapes prior: background noise; see ``assets/shapes-prior/README.md``).
 
         Args:
             prompts: B prompts (or an already encoded / mixed :class:`PromptConditioning`).
@@ -484,6 +490,9 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
             eta: DDIM eta (0 = deterministic).
             clip_denoised: clip each step's predicted clean sample to [-1, 1] (default: for pixel priors;
                 the scheduler's own dynamic thresholding, as in IF, takes precedence).
+            restarts: restart rounds after the first trajectory (0: plain DDIM).
+            restart_t: noise level of each restart as a fraction of T (the restart starts at the last
+                step of the grid at or below ``restart_t * T``).
 
         Returns:
             (B, 3, H, W) images in [0, 1] (H = ``resolution``).
@@ -499,24 +508,42 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
         ddim = DDIMScheduler.from_config(self.scheduler.config, prediction_type="epsilon", clip_sample=clip,
                                          clip_sample_range=1.0)
         ddim.set_timesteps(num_inference_steps, device=self.device)
+        if restarts < 0:
+            raise ValueError(f"restarts must be >= 0, got {restarts}")
+        if restarts and not 0.0 < restart_t < 1.0:
+            raise ValueError(f"restart_t must be in (0, 1), got {restart_t}")
+        restart_steps = ddim.timesteps[ddim.timesteps <= restart_t * self.num_train_timesteps] if restarts else None
+        if restarts and (len(restart_steps) == 0 or int(restart_steps[0]) == 0):
+            raise ValueError(f"restart_t={restart_t} lies below the first step above 0 of a "
+                             f"{num_inference_steps}-step grid")
         shape = (self.latent_channels, self.latent_resolution, self.latent_resolution)
         out = []
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=math.ceil(b / batch_size) * len(ddim.timesteps), desc="sample", dynamic_ncols=True)
+            per_batch = len(ddim.timesteps) + (restarts * len(restart_steps) if restarts else 0)
+            bar = tqdm(total=math.ceil(b / batch_size) * per_batch, desc="sample", dynamic_ncols=True)
+
+        def denoise(x: torch.Tensor, steps: torch.Tensor, c: PromptConditioning, cams) -> torch.Tensor:
+            for t in steps:
+                x_in = ddim.scale_model_input(x, t)
+                eps = self.predict_noise(x_in, t.expand(len(x)), c, cams, guidance_scale)
+                x = ddim.step(eps, t, x, eta=eta, generator=generator).prev_sample
+                if bar is not None:
+                    bar.update(1)
+            return x
+
         for s in range(0, b, batch_size):
             idx = torch.arange(s, min(b, s + batch_size))
             c = cond.index(idx)
             cams = cameras.index(idx) if cameras is not None else None
             x = _randn((len(idx), *shape), generator, self.device) * ddim.init_noise_sigma
-            for t in ddim.timesteps:
-                x_in = ddim.scale_model_input(x, t)
-                eps = self.predict_noise(x_in, t.expand(len(idx)), c, cams, guidance_scale)
-                x = ddim.step(eps, t, x, eta=eta, generator=generator).prev_sample
-                if bar is not None:
-                    bar.update(1)
+            x = denoise(x, ddim.timesteps, c, cams)
+            for _ in range(restarts):
+                t0 = restart_steps[0].expand(len(idx))
+                x = self.add_noise(x, _randn(x.shape, generator, self.device, x.dtype), t0)
+                x = denoise(x, restart_steps, c, cams)
             out.append(self.decode(x))
         if bar is not None:
             bar.close()

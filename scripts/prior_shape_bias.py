@@ -8,9 +8,10 @@ timesteps ``--t``, this measures
 
     err(S' | S) = mean || eps_hat(x_t(render of S'), t, caption "a {colour} S", camera) - eps ||^2
 
-with the same noise and views for every cell (guidance 1, i.e. the conditional branch). An unbiased
-prior has the smallest error on the diagonal of every row; a row whose minimum is off the diagonal
-names the shape SDS drifts to (the shipped model's pyramids become cones this way).
+with the same noise and views for every cell (guidance 1, i.e. the conditional branch). Two readings:
+the column view (which caption explains a render best: a diffusion classifier) and the row view (which
+render fits a caption best). The row view mixes the prior's preference with how hard each image is to
+denoise (edges cost more), so smooth shapes win most rows; compare rows with each other, not with zero.
 
 Writes ``shape_bias.json`` and ``shape_bias.md`` (one matrix per timestep plus a summary: for each
 caption shape, its own error, the best other shape and its margin). Budget: 8 x 8 x views x |t| UNet
@@ -61,10 +62,8 @@ def shape_bias(prior, colour: str, views: int, timesteps: list[int], seed: int =
                 row = []
                 for s_img in shapes:
                     x_t = prior.add_noise(images[s_img], noise, tt)
+                    # epsilon for every prior, v-prediction models included (predict_noise converts)
                     eps = prior.predict_noise(x_t, tt, cond, cameras=cams, guidance_scale=1.0)
-                    if prior.prediction_type == "v_prediction":  # compare in epsilon space
-                        a = prior.alphas_cumprod[tt].view(-1, 1, 1, 1)
-                        eps = a.sqrt() * eps + (1 - a).sqrt() * x_t
                     row.append(float((eps.float() - noise).pow(2).mean()))
                 rows.append(row)
             out[int(t)] = rows
@@ -89,7 +88,7 @@ def markdown(matrices: dict[int, list[list[float]]], shapes: list[str], colour: 
     lines = [f"# Shape bias of `{prior}`", "",
              f"Noise-prediction error (x 1000) of renders of each shape (columns) under the caption "
              f"`a {colour} <row>`, {views} random training views, guidance 1. Bold: the row's minimum "
-             "(an unbiased prior has it on the diagonal).", ""]
+             "(easy-to-denoise shapes win many rows; the column view at the end is the classifier reading).", ""]
     for t, m in matrices.items():
         lines += [f"## t = {t}", "", "| caption \\ image | " + " | ".join(shapes) + " |",
                   "| --- |" + " ---: |" * len(shapes)]

@@ -512,7 +512,7 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
             raise ValueError(f"restarts must be >= 0, got {restarts}")
         if restarts and not 0.0 < restart_t < 1.0:
             raise ValueError(f"restart_t must be in (0, 1), got {restart_t}")
-        restart_steps = ddim.timesteps[ddim.timesteps <= restart_t * self.num_train_timesteps] if restarts else None
+        restart_steps = ddim.timesteps[ddim.timesteps <= restart_t * self.num_train_timesteps]
         if restarts and (len(restart_steps) == 0 or int(restart_steps[0]) == 0):
             raise ValueError(f"restart_t={restart_t} lies below the first step above 0 of a "
                              f"{num_inference_steps}-step grid")
@@ -522,7 +522,7 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
         if progress:
             from tqdm import tqdm
 
-            per_batch = len(ddim.timesteps) + (restarts * len(restart_steps) if restarts else 0)
+            per_batch = len(ddim.timesteps) + restarts * len(restart_steps)
             bar = tqdm(total=math.ceil(b / batch_size) * per_batch, desc="sample", dynamic_ncols=True)
 
         def denoise(x: torch.Tensor, steps: torch.Tensor, c: PromptConditioning, cams) -> torch.Tensor:

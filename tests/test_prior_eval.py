@@ -69,6 +69,8 @@ def test_eval_prior_on_a_tiny_prior(tiny_prior, tmp_path):
     assert result["mean"]["silhouette_iou"] == pytest.approx(sum(means) / 2, abs=1e-6)
     assert result["settings"]["steps"] == 2 and result["settings"]["eta"] == 1.0  # ancestral by default
     assert result["settings"]["restarts"] == prior_eval.DEFAULT_RESTARTS
+    assert result["settings"]["spacing"] == "trailing"
+    assert result["settings"]["guidance_interval"] == list(prior_eval.DEFAULT_GUIDANCE_INTERVAL)
     md = (out / "metrics.md").read_text()
     assert "| a red sphere |" in md and "retrieval accuracy" in md
     grid = np.asarray(Image.open(out / "samples.png"))
@@ -85,6 +87,10 @@ def test_eval_prior_rejects_bad_arguments(tiny_prior, tmp_path):
         prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--restarts", "-1"])
     with pytest.raises(SystemExit):
         prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--restart-t", "0"])
+    with pytest.raises(SystemExit):
+        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--guidance-interval", "0.7", "0.2"])
+    with pytest.raises(SystemExit):
+        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--spacing", "backwards"])
     with pytest.raises(FileNotFoundError):
         prior_eval.main(["--prior", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert len(all_objects()) == 64

@@ -46,3 +46,30 @@ def test_v_prediction_trains_and_loads(tmp_path, prediction_type):
     x = prior.sample(["a red cube"], OrbitCameras.evaluation(1), num_inference_steps=2,
                      generator=torch.Generator().manual_seed(0))
     assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def test_init_from_fine_tunes_an_epsilon_prior_into_v_prediction(tmp_path):
+    source = train_prior(tiny(tmp_path / "eps", 5), progress=False)
+    # zero steps: the exported weights are exactly the source's (fp16 round trip both ways)
+    same = train_prior(tiny(tmp_path / "v0", 0, "v_prediction", init_from=str(source)), progress=False)
+    a = load_tensors(source / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_tensors(same / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((same / "prior_config.json").read_text())
+    assert record["arch"]["prediction_type"] == "v_prediction"
+    assert record["training"]["init_from"]["prediction_type"] == "epsilon"
+    assert record["training"]["init_from"]["training"]["steps"] == 5
+    # a few steps move away from the source; a fresh start (no init_from) differs from both
+    tuned = train_prior(tiny(tmp_path / "v", 5, "v_prediction", init_from=str(source)), progress=False)
+    c = load_tensors(tuned / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_init_from_rejects_a_different_network(tmp_path):
+    source = train_prior(tiny(tmp_path / "eps", 2), progress=False)
+    wider = tiny(tmp_path / "w", 2, init_from=str(source))
+    wider.arch.block_out_channels = (16, 48)
+    with pytest.raises(ValueError, match="block_out_channels"):
+        train_prior(wider, progress=False)
+    with pytest.raises(ValueError, match="not a prior folder"):
+        train_prior(tiny(tmp_path / "x", 2, init_from=str(tmp_path)), progress=False)

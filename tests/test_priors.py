@@ -197,11 +197,48 @@ def test_shapes_prior_restart_rounds_are_counted(shapes_prior, monkeypatch):
 
     monkeypatch.setattr(shapes_prior, "predict_noise", counting)
     shapes_prior.sample(["a red cube"], _cams(1), num_inference_steps=10, restarts=3, restart_t=0.35)
-    # 10 steps of the trajectory, then 3 rounds over the grid steps at or below 350 (300, 200, 100, 0 with
-    # diffusers' "leading" spacing of a 1000-step schedule)
+    # 10 steps of the trajectory, then 3 rounds over the grid steps at or below 350 (299, 199, 99 with the
+    # "trailing" spacing of a 1000-step schedule)
     restart_grid = [t for t in calls[:10] if t <= 350]
     assert len(restart_grid) >= 1
     assert calls[10:] == restart_grid * 3
+
+
+def _record_calls(prior, monkeypatch) -> list[tuple[int, float]]:
+    calls = []
+    real = prior.predict_noise
+
+    def recording(x, t, cond, cams, scale, *a, **k):
+        calls.append((int(t[0]), float(scale)))
+        return real(x, t, cond, cams, scale, *a, **k)
+
+    monkeypatch.setattr(prior, "predict_noise", recording)
+    return calls
+
+
+def test_shapes_prior_timestep_spacing(shapes_prior, monkeypatch):
+    calls = _record_calls(shapes_prior, monkeypatch)
+    shapes_prior.sample(["a red cube"], _cams(1), num_inference_steps=4)
+    assert [t for t, _ in calls] == [999, 749, 499, 249]  # the scheduler config: trailing (no signal left at T-1)
+    calls.clear()
+    shapes_prior.sample(["a red cube"], _cams(1), num_inference_steps=4, timestep_spacing="leading")
+    assert [t for t, _ in calls] == [750, 500, 250, 0]
+
+
+def test_shapes_prior_guidance_interval(shapes_prior, monkeypatch):
+    calls = _record_calls(shapes_prior, monkeypatch)
+    cams = _cams(1)
+    gen = torch.Generator().manual_seed(0)
+    limited = shapes_prior.sample(["a red cube"], cams, guidance_scale=3.0, num_inference_steps=4,
+                                  guidance_interval=(0.0, 0.5), generator=gen)
+    # guidance only where t <= 0.5 T; the conditional prediction alone above
+    assert calls == [(999, 1.0), (749, 1.0), (499, 3.0), (249, 3.0)]
+    full = shapes_prior.sample(["a red cube"], cams, guidance_scale=3.0, num_inference_steps=4,
+                               generator=torch.Generator().manual_seed(0))
+    assert (limited - full).abs().max() > 1e-4
+    for bad in [(0.5, 0.2), (0.0, 1.5), (0.1,)]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            shapes_prior.sample(["a red cube"], cams, num_inference_steps=2, guidance_interval=bad)
 
 
 def test_registry_builds_shapes_prior(shapes_folder):

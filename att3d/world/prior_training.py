@@ -81,6 +81,9 @@ class PriorTrainingConfig:
     threads: int = 0
     device: str = "cpu"
     stop_at: int = 0  # > 0: stop (with a checkpoint) at this step, keeping the schedule of max_steps
+    #: A prior folder whose UNet weights start the training (fine-tuning, e.g. converting an epsilon
+    #: prior to v-prediction); ignored when resuming from a checkpoint.
+    init_from: str | None = None
 
 
 def build_unet(arch: PriorArchitecture):
@@ -102,8 +105,10 @@ def build_unet(arch: PriorArchitecture):
 def build_scheduler(arch: PriorArchitecture):
     from diffusers import DDPMScheduler
 
+    # trailing: a sampler's first step is t = T - 1, where the cosine schedule leaves no signal (alpha_bar ~ 2e-9);
+    # "leading" would start at t = 960 of 1000 for 25 steps, where training images still carry their mean.
     return DDPMScheduler(num_train_timesteps=arch.num_train_timesteps, beta_schedule=arch.beta_schedule,
-                         prediction_type=arch.prediction_type, clip_sample=False)
+                         prediction_type=arch.prediction_type, clip_sample=False, timestep_spacing="trailing")
 
 
 def caption_embeddings(arch: PriorArchitecture, captions: list[str]):
@@ -171,6 +176,10 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
         step = int(meta["step"])
         history = meta.get("history", [])
         log.info("resumed prior training from step %d", step)
+    elif cfg.init_from:
+        init_unet_from(unet, cfg.init_from, arch)
+        ema.shadow = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        log.info("initialised the UNet from %s", cfg.init_from)
     save_json(out / "config.json", asdict(cfg))
 
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -242,8 +251,49 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     final.load_state_dict(ema.shadow)
     save_prior(export, final, scheduler, arch, {"training": {"steps": step, "batch_size": cfg.batch_size,
                                                               "lr": cfg.lr, "ema_decay": cfg.ema_decay,
-                                                              "cond_drop": cfg.cond_drop, "history": history}})
+                                                              "cond_drop": cfg.cond_drop,
+                                                              "min_snr_gamma": cfg.min_snr_gamma,
+                                                              "init_from": _init_record(cfg.init_from),
+                                                              "history": history}})
     return export
+
+
+def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchitecture) -> None:
+    """Load the UNet weights of the prior folder ``folder`` into ``unet`` (built for ``arch``).
+
+    The network must match (resolution, blocks, text and camera sizes); the prediction type may differ, which
+    is how an epsilon prior is fine-tuned into a v-prediction one.
+
+    Raises:
+        ValueError: the folder is not a prior, or its network does not match ``arch``.
+    """
+    folder = Path(folder)
+    config = folder / "prior_config.json"
+    if not config.is_file():
+        raise ValueError(f"init_from={folder}: no prior_config.json (not a prior folder)")
+    other = PriorArchitecture.from_dict(load_json(config)["arch"])
+    mismatched = [k for k, v in asdict(arch).items()
+                  if k != "prediction_type" and _as_list(getattr(other, k)) != _as_list(v)]
+    if mismatched:
+        raise ValueError(f"init_from={folder}: architecture differs in {', '.join(sorted(mismatched))}")
+    weights = sorted((folder / "unet").glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"init_from={folder}: no unet/*.safetensors")
+    state = load_tensors(weights[0])
+    unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _init_record(folder: str | None) -> dict | None:
+    """What a fine-tuned prior started from: the folder and its own training record."""
+    if not folder:
+        return None
+    meta = load_json(Path(folder) / "prior_config.json")
+    return {"path": str(folder), "prediction_type": meta["arch"].get("prediction_type"),
+            "training": {k: v for k, v in meta.get("training", {}).items() if k != "history"}}
 
 
 def export_checkpoint(out_dir: str | Path, export: str | Path | None = None) -> Path:

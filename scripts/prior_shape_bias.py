@@ -104,7 +104,8 @@ def markdown(matrices: dict[int, list[list[float]]], shapes: list[str], colour: 
                      f"{r['margin']:+.1%} | {', '.join(map(str, r['own_best_at'])) or 'none'} |")
     hits = [m[j][j] == min(m[i][j] for i in range(len(shapes))) for m in matrices.values() for j in range(len(shapes))]
     lines += ["", f"Caption as a classifier (the column view): the render's own caption gives the lowest error in "
-              f"{sum(hits)} of {len(hits)} (shape, t) cells; the row view above is what score distillation follows."]
+              f"{sum(hits)} of {len(hits)} (shape, t) cells. The row view above mixes the prior's preference with "
+              "how hard each image is to denoise (smooth shapes win rows); compare rows with each other."]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,7 +26,11 @@ def main(cfg: DictConfig) -> None:
         return
     arch = PriorArchitecture(**{**raw.pop("arch"), })
     arch.block_out_channels = tuple(arch.block_out_channels)
-    folder = train_prior(PriorTrainingConfig(arch=arch, **raw))
+    try:
+        folder = train_prior(PriorTrainingConfig(arch=arch, **raw))
+    except ValueError as e:  # bad input (e.g. init_from): one line, exit code 2
+        print(f"train_prior: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     logging.getLogger(__name__).info("exported prior to %s", folder)
     print(folder)
 

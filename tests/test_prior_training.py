@@ -63,6 +63,11 @@ def test_init_from_fine_tunes_an_epsilon_prior_into_v_prediction(tmp_path):
     tuned = train_prior(tiny(tmp_path / "v", 5, "v_prediction", init_from=str(source)), progress=False)
     c = load_tensors(tuned / "unet" / "diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    # a checkpoint exported mid-way keeps the record of where the fine-tune started
+    from att3d.world.prior_training import export_checkpoint
+
+    exported = export_checkpoint(tmp_path / "v", tmp_path / "v-export")
+    assert json.loads((exported / "prior_config.json").read_text())["training"]["init_from"]["path"] == str(source)
 
 
 def test_init_from_rejects_a_different_network(tmp_path):
@@ -73,3 +78,19 @@ def test_init_from_rejects_a_different_network(tmp_path):
         train_prior(wider, progress=False)
     with pytest.raises(ValueError, match="not a prior folder"):
         train_prior(tiny(tmp_path / "x", 2, init_from=str(tmp_path)), progress=False)
+
+
+def test_train_prior_script_reports_a_bad_init_from_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_prior.py"
+    proc = subprocess.run([sys.executable, str(script), f"out_dir={tmp_path / 'run'}", "max_steps=1",
+                           f"init_from={tmp_path}", "arch.block_out_channels=[16,32]", "arch.norm_num_groups=8",
+                           "arch.attention_head_dim=8", "arch.resolution=16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"train_prior: error: init_from={tmp_path}: no prior_config.json (not a prior folder)"]
+    assert "Traceback" not in proc.stderr

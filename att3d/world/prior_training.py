@@ -305,6 +305,8 @@ def export_checkpoint(out_dir: str | Path, export: str | Path | None = None) -> 
     unet = build_unet(arch)
     unet.load_state_dict(load_tensors(out / "checkpoint" / "ema.safetensors"))
     export = Path(export) if export else out / f"prior-step{meta['step']}"
-    save_prior(export, unet, build_scheduler(arch), arch, {"training": {"steps": meta["step"],
-                                                                         "history": meta.get("history", [])}})
+    init = cfg.get("init_from")
+    record = {"steps": meta["step"], "init_from": _init_record(init) if init and Path(init).is_dir() else init,
+              "history": meta.get("history", [])}
+    save_prior(export, unet, build_scheduler(arch), arch, {"training": record})
     return export

@@ -50,7 +50,7 @@ def shape_bias(prior, colour: str, views: int, timesteps: list[int], seed: int =
     images = {}
     for s in shapes:
         rgb = render_objects([WorldObject(s, colour)] * views, cams, prior.resolution)["rgb"]
-        images[s] = rgb.permute(0, 3, 1, 2) * 2.0 - 1.0  # (V, 3, h, w) in [-1, 1]
+        images[s] = prior.encode_images(rgb.permute(0, 3, 1, 2))  # (V, 3, h, w) in [-1, 1]
     noise = torch.randn(views, 3, prior.resolution, prior.resolution, generator=gen).to(device)
     out: dict[int, list[list[float]]] = {}
     with torch.no_grad():

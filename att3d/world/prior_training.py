@@ -271,9 +271,9 @@ def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchite
     config = folder / "prior_config.json"
     if not config.is_file():
         raise ValueError(f"init_from={folder}: no prior_config.json (not a prior folder)")
-    other = PriorArchitecture.from_dict(load_json(config)["arch"])
-    mismatched = [k for k, v in asdict(arch).items()
-                  if k != "prediction_type" and _as_list(getattr(other, k)) != _as_list(v)]
+    theirs = asdict(PriorArchitecture.from_dict(load_json(config)["arch"]))
+    mine = asdict(PriorArchitecture.from_dict(asdict(arch)))  # the same normalisation (tuples) on both sides
+    mismatched = [k for k, v in mine.items() if k != "prediction_type" and theirs.get(k) != v]
     if mismatched:
         raise ValueError(f"init_from={folder}: architecture differs in {', '.join(sorted(mismatched))}")
     weights = sorted((folder / "unet").glob("*.safetensors"))
@@ -281,10 +281,6 @@ def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchite
         raise ValueError(f"init_from={folder}: no unet/*.safetensors")
     state = load_tensors(weights[0])
     unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-
-
-def _as_list(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _init_record(folder: str | None) -> dict | None:

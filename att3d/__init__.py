@@ -33,8 +33,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Amortiz
     """Load a trained amortized model folder onto ``device``.
 
     Raises:
-        Att3dError: the folder is missing or not an att3d model, or this version has no model loader.
+        Att3dError: the folder is missing or not an att3d model (one line).
     """
-    from att3d.cli import import_target
+    from att3d.model import load as load_model
 
-    return import_target("att3d.model:load", "att3d.load")(path, device=device)
+    return load_model(path, device=device)

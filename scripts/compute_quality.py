@@ -489,13 +489,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the missing units, write the results after each, and return the results dict."""
     from tqdm import tqdm
 
+    from att3d.config import background_of, build_guidance, guidance_config
     from att3d.eval.model_eval import evaluate
     from att3d.model import AmortizedModel, load
     from att3d.text.prompts import resolve_prompts
-    from att3d.train.app import resolve_path
-    from att3d.train.refine import from_scratch, load_guidance
-    from att3d.train.trainer import pick_device
+    from att3d.train.refine import from_scratch
     from att3d.utils.checkpoint import load_json
+    from att3d.utils.devices import pick_device
+    from att3d.utils.paths import resolve_path
 
     for name in ("steps", "every", "batch_views", "resolution", "eval_resolution", "batch_size"):
         if getattr(args, name) < 1:
@@ -564,8 +565,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise ComputeQualityError("no model folder for the per-prompt runs' architecture: pass --checkpoint "
                                           "or --snapshots with a snapshot")
             model = load(arch, device=device)
-            guidance, background = load_guidance(args.guidance, args.prior, device,
-                                                  guidance_scale=args.guidance_scale)
+            gcfg = guidance_config(args.guidance, args.prior)
+            guidance, background = build_guidance(gcfg, device, guidance_scale=args.guidance_scale), background_of(gcfg)
             results["settings"]["scratch_architecture"] = str(arch)
             for i, (split, prompt) in enumerate(todo):
                 if progress:

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from att3d.infer.interpolate import frame_strip, smoothness, to_uint8
     from att3d.model import load
-    from att3d.train.app import resolve_path
-    from att3d.train.trainer import pick_device
+    from att3d.utils.devices import pick_device
+    from att3d.utils.paths import resolve_path
 
     labels = args.labels or [Path(m).resolve().name if Path(m).name != "model" else Path(m).resolve().parent.name
                              for m in args.models]

@@ -151,10 +151,12 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from att3d.config import background_of, build_guidance, guidance_config
+    from att3d.eval.refine_eval import shapes_eval_fn
     from att3d.model import load
-    from att3d.train.app import resolve_path
-    from att3d.train.refine import SDS_KEYS, from_scratch, load_guidance, refine, shapes_eval_fn
-    from att3d.train.trainer import pick_device
+    from att3d.train.refine import SDS_KEYS, from_scratch, refine
+    from att3d.utils.devices import pick_device
+    from att3d.utils.paths import resolve_path
     from att3d.world.shapes import heldout_captions
 
     if args.steps < 1 or args.every < 1:
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     schedules = {start: {k: getattr(args, f"{start}_{k}") for k in ("guidance_scale", "guidance_scale_low", "low_t",
                                                                      "t_max", "lr_final")}
                  for start in STARTS}
-    base, background = load_guidance(args.guidance, args.prior, device)  # one prior, shared by both starts
+    gcfg = guidance_config(args.guidance, args.prior)
+    base, background = build_guidance(gcfg, device), background_of(gcfg)  # one prior, shared by both starts
     guidances = {start: base.replace(**{k: sch[k] for k in SDS_KEYS if sch[k] is not None})
                  for start, sch in schedules.items()}
     out = Path(args.out)

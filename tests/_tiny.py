@@ -15,7 +15,7 @@ _TINY_CONFIG: dict[str, Any] = {
     "text_encoder": {"name": "minilm", "max_length": 16},
     "mapping": {"name": "hypernetwork", "hidden_dim": 8},
     "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8},
-    "renderer": {"name": "volume", "backend": "torch", "num_samples": 8},
+    "renderer": {"name": "volume", "backend": "torch", "num_samples": 8, "region": "box"},
 }
 
 

@@ -92,10 +92,29 @@ def test_subcommand_help_explains_it(name):
         assert len(r.stdout.splitlines()) > 3
 
 
-def test_missing_target_module_says_not_available(fake, capsys):
-    assert cli.main(["ghost", "a", "b"]) == 2
+def test_a_missing_target_module_is_one_line(fake, capsys):
+    assert cli.main(["ghost", "a", "b"]) == 1
     err = capsys.readouterr().err
-    assert err == "att3d: error: 'att3d ghost' is not available yet\n"
+    assert err.count("\n") == 1 and err.startswith("att3d: error: ") and "att3d_no_such_pkg" in err
+
+
+def test_every_command_row_names_a_function():
+    code = textwrap.dedent("""
+        from att3d import cli
+
+        def rows(table, words=()):
+            for name, cmd in table.items():
+                yield from rows(cmd.subcommands, (*words, name)) if cmd.subcommands else [((*words, name), cmd)]
+
+        for words, cmd in rows(cli.COMMANDS):
+            if words == ("demo",):  # needs the optional gradio extra
+                continue
+            assert callable(cli.import_target(cmd.target)), words
+            assert cli.lookup(list(words)) is cmd
+        print("ok")
+    """)
+    r = run_cli(code=code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_arguments_are_forwarded_untouched(fake, capsys):
@@ -181,22 +200,28 @@ def test_import_is_cheap_and_load_is_lazy():
     assert r.stdout.split() == ["False", "True"]
 
 
-def test_load_without_model_module_is_a_user_error(monkeypatch):
-    real = cli.import_target
-
-    def missing(target, what):
-        assert target == "att3d.model:load"
-        return real("att3d_no_such_pkg.model:load", what)
-
-    monkeypatch.setattr(cli, "import_target", missing)
-    with pytest.raises(Att3dError, match=r"^att3d\.load is not available yet$"):
-        att3d.load("nowhere")
+def test_load_of_a_missing_folder_is_a_user_error(tmp_path):
+    code = textwrap.dedent(f"""
+        import att3d
+        try:
+            att3d.load({str(tmp_path / "nowhere")!r})
+        except att3d.Att3dError as e:
+            print(type(e).__name__, e)
+    """)
+    r = run_cli(code=code)
+    assert r.returncode == 0 and "is not an att3d model folder" in r.stdout, r.stderr
 
 
 def test_command_parser_uses_the_table():
-    p = cli.command_parser("eval prior")
+    from att3d.cli._args import CommandParser
+
+    p = CommandParser("eval prior")
     assert p.prog == "att3d eval prior"
     assert p.description == cli.COMMANDS["eval"].subcommands["prior"].description
+    p.add_argument("--steps", type=int)
+    with pytest.raises(cli.UsageError, match=r"^argument --steps: invalid int value: 'x' \(see 'att3d eval prior "
+                                             r"--help'\)$"):
+        p.parse_args(["--steps", "x"])
 
 
 def test_checkpoint_error_is_a_user_error():
@@ -212,3 +237,18 @@ def test_help_of_a_hydra_style_command_prints_the_description_first(fake, capsys
     out = capsys.readouterr().out
     assert out.startswith("usage: att3d fake") and "A fake Hydra app." in out
     assert out.rstrip().endswith("fake got ['ok', '--help']")
+
+
+def test_a_missing_model_folder_is_named(tmp_path, monkeypatch):
+    from att3d.utils import paths
+
+    with pytest.raises(Att3dError, match=r"^model not found: no/such/model \(pass --checkpoint PATH"):
+        paths.resolve_model_folder("no/such/model")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Att3dError, match="a file, not a folder"):
+        paths.resolve_model_folder(tmp_path / "file")
+    assert paths.resolve_model_folder(tmp_path) == tmp_path
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)  # a checkout without the shipped model
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Att3dError, match="the shipped model is not in this checkout"):
+        paths.resolve_model_folder(paths.DEFAULT_MODEL)

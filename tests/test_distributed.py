@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from att3d.config import build_trainer
+from att3d.config import compose as compose_config
 from att3d.train import distributed
-from att3d.train.app import build_trainer
 
 ATOL = 1e-4
 MEAN_ATOL = 1e-7
@@ -51,15 +52,7 @@ def overrides(setup: tuple[Path, Path], run_dir: Path, **extra: object) -> list[
 
 
 def compose(args: list[str]) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from att3d.train.app import _register_resolvers, configs_dir
-
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(configs_dir()), version_base=None):
-        return OmegaConf.to_container(hydra_compose("train", overrides=args), resolve=True)
+    return compose_config("train", args)
 
 
 def load(folder: Path) -> dict[str, torch.Tensor]:

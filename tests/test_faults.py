@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from att3d.train import app
+from att3d import config
+from att3d.cli import train as app
 from att3d.train.trainer import Trainer, TrainingError
 from att3d.utils.checkpoint import CheckpointError
 
@@ -68,17 +69,11 @@ def overrides(setup: tuple[Path, Path], run_dir: Path, **extra: object) -> list[
 
 
 def compose(args: list[str]) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    app._register_resolvers()
-    with initialize_config_dir(config_dir=str(app.configs_dir()), version_base=None):
-        return OmegaConf.to_container(hydra_compose("train", overrides=args), resolve=True)
+    return config.compose("train", args)
 
 
 def make_trainer(setup: tuple[Path, Path], run_dir: Path, **extra: object) -> Trainer:
-    return app.build_trainer(compose(overrides(setup, run_dir, **extra)), run_dir)
+    return config.build_trainer(compose(overrides(setup, run_dir, **extra)), run_dir)
 
 
 def load(folder: Path) -> dict[str, torch.Tensor]:
@@ -321,8 +316,8 @@ def test_bad_input_is_a_one_line_error_through_the_cli(setup, checkpointed_run, 
     run = tmp_path / "run"
     cases = {
         "unknown config key": (overrides(setup, run, trainer__no_such_option=1),
-                               "Could not override 'trainer.no_such_option': Key 'no_such_option' is not in struct "
-                               "(to append to your config use +trainer.no_such_option=1)"),
+                               "Could not override 'trainer.no_such_option': Key 'no_such_option' not in "
+                               "'TrainerConfigSchema' (to append to your config use +trainer.no_such_option=1)"),
         "missing prompt file": (overrides(setup, run, prompts__train=tmp_path / "nope.txt"),
                                 f"prompt file not found: {tmp_path / 'nope.txt'}"),
         "non-UTF-8 prompt file": (overrides(setup, run, prompts__train=tmp_path / "latin1.txt"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from att3d.field import GridField, GridFieldConfig, encoding, trunc_exp
+from att3d.field import GridField, encoding, trunc_exp
 from att3d.registry import FIELDS
 
 
@@ -91,7 +91,7 @@ def test_layout_hashes_only_large_levels():
     layout = encoding.level_layout([8, 16, 64], 2, 2**14)
     assert [k for k, _, _ in layout] == ["dense", "dense", "hash"]
     assert layout[2][2] == 2**14 * 2
-    field = GridField(resolutions=(4, 40), features_per_level=2, hashmap_size=1000)
+    field = GridField(resolutions=(4, 40), features_per_level=2, hashmap_size=1000, latent_dim=0)
     assert field.conditioning_shapes() == {"grid": (2 * 4**3 + 2 * 1000,)}
     cond = {"grid": torch.randn(2, field.grid_size) * 0.1}
     d, rgb = field(torch.rand(2, 30, 3) * 2 - 1, cond)
@@ -99,8 +99,10 @@ def test_layout_hashes_only_large_levels():
 
 
 def test_conditioning_shapes_both_variants():
-    gen = GridField(resolutions=(4, 8), features_per_level=3)
+    gen = GridField(resolutions=(4, 8), features_per_level=3, latent_dim=0)
     assert gen.conditioning_shapes() == {"grid": (3 * (4**3 + 8**3),)}
+    coded = GridField(resolutions=(4, 8), features_per_level=3)  # the default: a 16-d per-prompt code too
+    assert coded.conditioning_shapes() == {"grid": (3 * (4**3 + 8**3),), "latent": (16,)}
     assert gen.grid is None
     shared = GridField(generated=False, resolutions=(4, 8), features_per_level=3, text_dim=11)
     assert shared.conditioning_shapes() == {"text": (11,)}
@@ -108,14 +110,14 @@ def test_conditioning_shapes_both_variants():
     assert isinstance(FIELDS.build("grid"), GridField)
 
 
-def test_config_build_matches_kwargs():
-    f = GridFieldConfig(resolutions=[4, 8], hidden_dim=8, blob_density=3.0).build()
+def test_registry_build_matches_kwargs():
+    f = FIELDS.build("grid", resolutions=[4, 8], hidden_dim=8, blob_density=3.0)
     assert f.resolutions == [4, 8] and f.blob_density == 3.0 and f.mlp[0].out_features == 8
 
 
 def test_per_prompt_grids_stay_separate():
     torch.manual_seed(0)
-    field = GridField(resolutions=(4, 8), hidden_dim=8)
+    field = GridField(resolutions=(4, 8), hidden_dim=8, latent_dim=0)
     cond = {"grid": torch.randn(3, field.grid_size)}
     pts = torch.rand(3, 64, 3) * 1.6 - 0.8
     d0, c0 = field(pts, cond)
@@ -168,7 +170,7 @@ def test_density_bump_makes_centre_dense_and_corners_empty(activation):
 
 def test_density_equals_forward_and_is_nonnegative():
     torch.manual_seed(0)
-    field = GridField(resolutions=(4, 8), hidden_dim=8)
+    field = GridField(resolutions=(4, 8), hidden_dim=8, latent_dim=0)
     cond = {"grid": torch.randn(2, field.grid_size) * 3}
     pts = torch.rand(2, 200, 3) * 2.4 - 1.2
     d, _ = field(pts, cond)
@@ -188,7 +190,7 @@ def test_trunc_exp_clamps_gradient():
 
 def test_level_gain_scales_features():
     torch.manual_seed(0)
-    field = GridField(resolutions=(4,), hidden_dim=8, include_position=False)
+    field = GridField(resolutions=(4,), hidden_dim=8, include_position=False, latent_dim=0)
     cond = {"grid": torch.randn(1, field.grid_size)}
     pts = torch.rand(1, 10, 3) * 2 - 1
     f1 = field.features_at(pts, cond)

@@ -12,8 +12,8 @@ import trimesh
 
 from att3d import cli
 from att3d.infer import generate as gen
-from att3d.infer.atlas import box_atlas
 from att3d.mesh import bake_texture, export_mesh, texture_sample
+from att3d.mesh.atlas import box_atlas
 from att3d.model import AmortizedModel
 from att3d.world.metrics import mesh_occupancy, volume_iou
 from att3d.world.render import voxel_centres

@@ -24,7 +24,7 @@ PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone"]
 
 @pytest.mark.slow
 def test_amortized_training_learns_each_prompt(tmp_path):
-    from att3d.train.app import main
+    from att3d.cli.train import main
 
     code = main([
         "experiment=quickstart", f"prompts.train=[{','.join(PROMPTS)}]", f"guidance.prior.path={PRIOR}",

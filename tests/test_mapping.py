@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from att3d.field import GridField
-from att3d.mapping import ConcatConditioning, ConcatConditioningConfig, HyperNetwork, HyperNetworkConfig
+from att3d.mapping import ConcatConditioning, HyperNetwork
 from att3d.registry import MAPPINGS
 from att3d.render import VolumeRenderer
 from att3d.render.cameras import OrbitCameras
@@ -50,17 +50,18 @@ def test_hypernetwork_output_shapes(use_tokens):
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
-def test_concat_output_shapes_and_config():
-    c = ConcatConditioningConfig(hidden_dim=0).build(L, D, {"text": (7,)})
+def test_concat_output_shapes_and_linear_variant():
+    c = MAPPINGS.build("concat", text_len=L, text_dim=D, out_shapes={"text": (7,)}, hidden_dim=0)
     assert isinstance(c.net, torch.nn.Linear)
     assert c(make_emb(5))["text"].shape == (5, 7)
     c2 = ConcatConditioning(L, D, {"text": (7,)}, hidden_dim=12, use_tokens=True)
     assert c2(make_emb(2))["text"].shape == (2, 7)
 
 
-def test_config_builds_equivalent_module():
+def test_registry_builds_equivalent_module():
     torch.manual_seed(0)
-    a = HyperNetworkConfig(hidden_dim=8, output_scale=0.5).build(L, D, {"grid": (20,)})
+    a = MAPPINGS.build("hypernetwork", text_len=L, text_dim=D, out_shapes={"grid": (20,)}, hidden_dim=8,
+                       output_scale=0.5)
     torch.manual_seed(0)
     b = HyperNetwork(L, D, {"grid": (20,)}, hidden_dim=8, output_scale=0.5)
     a.eval()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _tiny import tiny_config
 
+from att3d.cli.eval import paraphrase_main
 from att3d.eval import paraphrase as pp
 from att3d.eval.model_eval import evaluate
 from att3d.model import AmortizedModel
@@ -150,7 +151,7 @@ def test_scores_match_att3d_eval_model(model):
 def test_cli_end_to_end(model, tmp_path, capsys):
     ckpt = model.save_pretrained(tmp_path / "model")
     out = tmp_path / "para"
-    assert pp.main(["--checkpoint", str(ckpt), "--out", str(out), "--max-prompts", "2", "--kinds", "template",
+    assert paraphrase_main(["--checkpoint", str(ckpt), "--out", str(out), "--max-prompts", "2", "--kinds", "template",
                     "both synonyms", "--resolution", "16", "--no-canonical"]) == 0
     printed = capsys.readouterr().out
     data = json.loads((out / "paraphrase.json").read_text())
@@ -158,8 +159,8 @@ def test_cli_end_to_end(model, tmp_path, capsys):
     assert data["canonical"] == {} and "canonical_volume_iou" not in data["summary"]["all"]
     assert (out / "paraphrase.md").read_text() in printed
     with pytest.raises(pp.ParaphraseError, match="no paraphrases of kind"):
-        pp.main(["--checkpoint", str(ckpt), "--kinds", "nonsense"])
+        paraphrase_main(["--checkpoint", str(ckpt), "--kinds", "nonsense"])
     written = tmp_path / "table.txt"
-    assert pp.main(["--write-table", str(written)]) == 0
+    assert paraphrase_main(["--write-table", str(written)]) == 0
     assert written.read_text() == TABLE_FILE.read_text()
     assert set(SHAPE_NAMES) == set(pp.SHAPE_SYNONYMS) and set(COLOUR_NAMES) == set(pp.COLOUR_SYNONYMS)

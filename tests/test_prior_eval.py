@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from att3d.cli._args import UsageError
+from att3d.cli.eval import prior_main
 from att3d.eval import prior_eval
 from att3d.world import metrics
 from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
@@ -52,7 +54,7 @@ def test_score_samples_of_the_ground_truth_is_perfect():
 
 def test_eval_prior_on_a_tiny_prior(tiny_prior, tmp_path):
     out = tmp_path / "eval"
-    rc = prior_eval.main(["--prior", str(tiny_prior), "--out", str(out), "--prompts", "2", "--steps", "2",
+    rc = prior_main(["--prior", str(tiny_prior), "--out", str(out), "--prompts", "2", "--steps", "2",
                           "--batch-size", "8", "--device", "cpu", "--no-progress"])
     assert rc == 0
     result = json.loads((out / "metrics.json").read_text())
@@ -79,18 +81,18 @@ def test_eval_prior_on_a_tiny_prior(tiny_prior, tmp_path):
 
 
 def test_eval_prior_rejects_bad_arguments(tiny_prior, tmp_path):
-    with pytest.raises(SystemExit):
-        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--eta", "2"])
-    with pytest.raises(SystemExit):
-        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--prompts", "0"])
-    with pytest.raises(SystemExit):
-        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--restarts", "-1"])
-    with pytest.raises(SystemExit):
-        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--restart-t", "0"])
-    with pytest.raises(SystemExit):
-        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--guidance-interval", "0.7", "0.2"])
-    with pytest.raises(SystemExit):
-        prior_eval.main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--spacing", "backwards"])
+    with pytest.raises(UsageError):
+        prior_main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--eta", "2"])
+    with pytest.raises(UsageError):
+        prior_main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--prompts", "0"])
+    with pytest.raises(UsageError):
+        prior_main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--restarts", "-1"])
+    with pytest.raises(UsageError):
+        prior_main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--restart-t", "0"])
+    with pytest.raises(UsageError):
+        prior_main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--guidance-interval", "0.7", "0.2"])
+    with pytest.raises(UsageError):
+        prior_main(["--prior", str(tiny_prior), "--out", str(tmp_path), "--spacing", "backwards"])
     with pytest.raises(FileNotFoundError):
-        prior_eval.main(["--prior", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"])
+        prior_main(["--prior", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert len(all_objects()) == 64

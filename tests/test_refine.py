@@ -11,6 +11,8 @@ from _tiny import tiny_config
 
 import att3d
 from att3d import cli
+from att3d.cli import refine as cli_refine
+from att3d.eval import refine_eval
 from att3d.guidance import ScoreDistillation, ShapesPrior
 from att3d.model import AmortizedModel
 from att3d.train import refine as rf
@@ -99,10 +101,13 @@ def test_refine_is_reproducible_and_freeze_field(model, guidance):
 
 
 def test_cosine_lr_factor_and_t_max_window(model, guidance, monkeypatch):
-    assert rf.cosine_factor(0, 10, 0.1) == 1.0
-    assert rf.cosine_factor(9, 10, 0.1) == pytest.approx(0.1)
-    assert 0.1 < rf.cosine_factor(5, 10, 0.1) < 1.0
-    assert rf.cosine_factor(9, 10, 1.0) == 1.0 and rf.cosine_factor(0, 1, 0.1) == 1.0
+    from att3d.train.optim import lr_factor
+
+    assert lr_factor(0, 10, lr_final=0.1) == 1.0
+    assert lr_factor(9, 10, lr_final=0.1) == pytest.approx(0.1)
+    assert 0.1 < lr_factor(5, 10, lr_final=0.1) < 1.0
+    assert lr_factor(9, 10, lr_final=1.0) == 1.0 and lr_factor(0, 1, lr_final=0.1) == 1.0
+    assert [lr_factor(s, 10, warmup_steps=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     seen_t, seen_lr = [], []
     real_call = type(guidance).__call__
 
@@ -136,16 +141,16 @@ def test_cosine_lr_factor_and_t_max_window(model, guidance, monkeypatch):
 
 
 def test_refine_schedule_precedence(tmp_path):
-    shapes = rf.refine_schedule("shapes")  # the shipped config's refine block
+    shapes = cli_refine.refine_schedule("shapes")  # the shipped config's refine block
     assert shapes == {"guidance_scale": 5.0, "guidance_scale_low": 2.0, "low_t": 0.5, "t_max": None, "lr_final": 0.1}
-    assert rf.refine_schedule("shapes", from_scratch=True) == {"guidance_scale": None, "guidance_scale_low": None,
-                                                                "low_t": None, "t_max": None, "lr_final": 1.0}
-    assert rf.refine_schedule("shapes", overrides={"t_max": 0.3, "guidance_scale": None})["t_max"] == 0.3
-    assert rf.refine_schedule("stable_diffusion")["t_max"] is None  # no refine block: the config's own schedule
+    assert cli_refine.refine_schedule("shapes", from_scratch=True) == {
+        "guidance_scale": None, "guidance_scale_low": None, "low_t": None, "t_max": None, "lr_final": 1.0}
+    assert cli_refine.refine_schedule("shapes", overrides={"t_max": 0.3, "guidance_scale": None})["t_max"] == 0.3
+    assert cli_refine.refine_schedule("stable_diffusion")["t_max"] is None  # no refine block: the config's own schedule
     bad = tmp_path / "bad.yaml"
     bad.write_text("prior: {name: shapes, path: x}\nrefine: {guidance: 2}\n")
     with pytest.raises(rf.Att3dError, match="unknown keys"):
-        rf.refine_schedule(str(bad))
+        cli_refine.refine_schedule(str(bad))
 
 
 def test_refine_model_mode_trains_a_copy_of_the_whole_model(model, guidance):
@@ -195,11 +200,11 @@ def test_refined_model_saves_and_loads(model, guidance, tmp_path):
 
 
 def test_shapes_eval_fn_scores_against_the_ground_truth(model):
-    fn = rf.shapes_eval_fn(PROMPT, resolution=16)
+    fn = refine_eval.shapes_eval_fn(PROMPT, resolution=16)
     scores = fn(model)
     assert set(scores) == {"volume_iou", "silhouette_iou", "colour_error"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
-    assert rf.is_shapes_caption(PROMPT) and not rf.is_shapes_caption("a dragon")
+    assert refine_eval.is_shapes_caption(PROMPT) and not refine_eval.is_shapes_caption("a dragon")
 
 
 def test_cli_refine(model, prior_folder, tmp_path, capsys):
@@ -227,7 +232,7 @@ def test_cli_refine(model, prior_folder, tmp_path, capsys):
 def test_cli_refine_user_errors(model, prior_folder, tmp_path, capsys):
     ckpt = model.save_pretrained(tmp_path / "model")
     assert cli.main(["refine", PROMPT, "--checkpoint", str(tmp_path / "nope")]) == 2
-    assert "no model folder" in capsys.readouterr().err
+    assert "model not found" in capsys.readouterr().err
     assert cli.main(["refine", PROMPT, "--checkpoint", str(ckpt), "--guidance", "nope"]) == 2
     assert "unknown guidance" in capsys.readouterr().err
     assert cli.main(["refine", PROMPT, "--checkpoint", str(ckpt), "--prior", str(tmp_path / "none"),

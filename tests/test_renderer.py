@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from att3d.registry import RENDERERS
-from att3d.render import VolumeRenderer, VolumeRendererConfig, nerfacc_backend, render_chunked, sampling
+from att3d.render import VolumeRenderer, nerfacc_backend, sampling
 from att3d.render.cameras import OrbitCameras
 from att3d.world.render import render_objects
 from att3d.world.shapes import WorldObject
@@ -100,7 +100,7 @@ def test_compositing_constant_density_matches_beer_lambert():
 def test_slab_render_matches_analytic_opacity():
     sigma, half = 3.0, 0.25
     cams = OrbitCameras.from_angles([0.0], 0.0)  # looks along -z, through the slab
-    r = VolumeRenderer(backend="torch", num_samples=400).eval()
+    r = VolumeRenderer(backend="torch", num_samples=400, region="box").eval()  # the slab spans the box
     out = r(SlabField(sigma, half), {}, cams, 16)
     _, rays_d = cams.rays(16)
     length = 2 * half / rays_d[..., 2].abs()
@@ -173,7 +173,7 @@ def test_registry_and_config():
     assert "volume" in RENDERERS.names()
     r = RENDERERS.build("volume", backend="torch", num_samples=20)
     assert isinstance(r, VolumeRenderer) and r.num_samples == 20
-    assert VolumeRendererConfig(num_importance=8).build().num_importance == 8
+    assert RENDERERS.build("volume", num_importance=8).num_importance == 8
     with pytest.raises(ValueError):
         VolumeRenderer(backend="vulkan")
 
@@ -212,7 +212,7 @@ def test_render_chunked_matches_full_render_and_restores_mode():
     r = VolumeRenderer(backend="torch", num_samples=24, num_importance=8)
     full = r.eval()(field, {}, cams, 20)
     r.train()
-    chunked = render_chunked(r, field, {}, cams, 20, chunk_rays=37)
+    chunked = r.render_chunked(field, {}, cams, 20, chunk_rays=37)
     assert r.training
     for k in ("rgb", "opacity", "depth"):
         assert torch.allclose(full[k], chunked[k], atol=1e-6), k

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from att3d.config import build_trainer
+from att3d.config import compose as compose_config
 from att3d.render.cameras import OrbitCameras
 from att3d.train import distributed
-from att3d.train.app import build_trainer
 from att3d.train.trainer import Trainer
 
 PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone", "a purple cylinder", "a pink capsule"]
@@ -47,16 +48,7 @@ def tiny_overrides(prior_dir: Path, prompts_file: Path, run_dir: Path, **extra: 
 
 def compose(overrides: list[str]) -> dict:
     """The resolved ``att3d train`` config (a plain dict), as the Hydra app composes it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from att3d.train.app import _register_resolvers, configs_dir
-
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(configs_dir()), version_base=None):
-        cfg = hydra_compose("train", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config("train", overrides)
 
 
 def make_trainer(prior_dir: Path, prompts_file: Path, run_dir: Path, resume: bool = True, **extra: object) -> Trainer:
@@ -156,13 +148,13 @@ def test_interpolation_mixing_path(prior_dir, prompts_file, tmp_path):
     tr = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__interpolation__prob=0.5,
                       trainer__interpolation__kappa=1.0, trainer__max_steps=2)
     batch = tr.sample_batch()
-    assert batch["n_mix"] == 2 and len(batch["emb"]) == 4 and len(batch["cond"]) == 4 and len(batch["cameras"]) == 4
-    emb, idx, w, partner = tr.text_emb, batch["idx"], batch["mix_weight"], batch["mix_partner"]
+    assert batch.n_mix == 2 and len(batch.emb) == 4 and len(batch.cond) == 4 and len(batch.cameras) == 4
+    emb, idx, w, partner = tr.text_emb, batch.idx, batch.mix_weight, batch.mix_partner
     assert w.shape == partner.shape == (2,) and bool(((w > 0) & (w < 1)).all())
     expected = w[:, None, None] * emb.tokens[idx[:2]] + (1 - w)[:, None, None] * emb.tokens[partner]
-    torch.testing.assert_close(batch["emb"].tokens[:2], expected)
-    assert torch.equal(batch["emb"].tokens[2:], emb.tokens[idx[2:]])  # the other rows are plain prompts
-    c = batch["cond"]
+    torch.testing.assert_close(batch.emb.tokens[:2], expected)
+    assert torch.equal(batch.emb.tokens[2:], emb.tokens[idx[2:]])  # the other rows are plain prompts
+    c = batch.cond
     expected_cond = tr.prior_cond.index(idx[:2]).mix(tr.prior_cond.index(partner), w)
     torch.testing.assert_close(c.index(slice(0, 2)).cond, expected_cond.cond)
     before = weights(tr)
@@ -180,7 +172,7 @@ def test_sds_draws_match_internal_draws(prior_dir, prompts_file, tmp_path):
     cond = tr.prior_cond.index(torch.arange(4))
     cams = OrbitCameras.evaluation(4)
     tr.generator.manual_seed(5)
-    t, noise = tr._sds_random()
+    t, noise = tr.sds_random(slice(0, 4))
     own = tr.guidance(images, cond, cams, step=0, generator=torch.Generator().manual_seed(5))
     given = tr.guidance(images, cond, cams, step=0, t=t, noise=noise)
     assert torch.equal(own.t, given.t)

@@ -5,13 +5,13 @@
     att3d bench all ...
 
 Each benchmark is a function ``(args, device) -> dict`` in :data:`BENCHMARKS` returning its
-settings, result rows and a Markdown table; :func:`main` adds a description of the machine
-(CPU model, GPU name, threads, load average: a busy machine makes every number slower) and
-writes ``results.md`` and ``results.json``.
+settings, result rows and a Markdown table; :func:`report` adds a description of the machine
+(CPU model, GPU name, threads, load average: a busy machine makes every number slower), and the
+command (:mod:`att3d.cli.bench`) writes ``results.md`` and ``results.json``.
 
 - **generate**: text -> GLB on disk, the whole path of ``att3d generate`` without turntables
   (text encoder, mapping, field on the grid, extraction, texture, mesh file), per prompt, for
-  each batch size; per-stage seconds from :class:`att3d.infer.generate.StageTimer`. The median
+  each batch size; per-stage seconds from :class:`att3d.utils.timing.StageTimer`. The median
   over ``--repeats`` runs after ``--warmup`` untimed ones.
 - **train**: amortized SDS training steps of the trainer itself (:class:`att3d.train.trainer.Trainer`)
   built from the Hydra configs, with the shapes prior (or a tiny random one when it is not
@@ -23,7 +23,6 @@ writes ``results.md`` and ``results.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -38,19 +37,12 @@ from typing import Any
 
 import torch
 
-from att3d.infer.generate import (
-    DEFAULT_CHECKPOINT,
-    FORMATS,
-    STAGES,
-    GenerationError,
-    StageTimer,
-    generate,
-    is_empty,
-    pick_device,
-    resolve_checkpoint,
-    write_outputs,
-)
+from att3d.infer.generate import write_outputs
+from att3d.mesh.extract import is_empty
+from att3d.model import generate_meshes as generate
 from att3d.utils.errors import Att3dError
+from att3d.utils.paths import resolve_model_folder, resolve_path
+from att3d.utils.timing import STAGES, StageTimer
 
 
 class BenchError(Att3dError):
@@ -149,7 +141,7 @@ def bench_generate(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
     from att3d.model import load
 
-    folder = resolve_checkpoint(args.checkpoint)
+    folder = resolve_model_folder(args.checkpoint)
     model = load(folder, device=device)
     kw = {"grid_resolution": args.resolution, "texture_size": args.texture_size, "threshold": args.threshold,
           "smooth_iterations": args.smooth, "uv_method": args.uv}
@@ -225,31 +217,22 @@ def tiny_prior(folder: str | os.PathLike) -> Path:
 
 
 def train_config(experiment: str | None, overrides: Sequence[str]) -> dict[str, Any]:
-    """The resolved ``att3d train`` config (Hydra compose) without the run-folder keys."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from att3d.train.app import configs_dir
+    """The resolved ``att3d train`` config (:func:`att3d.config.compose`) without the run-folder keys."""
+    from att3d.config import compose
 
     ov = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
-    try:
-        with initialize_config_dir(config_dir=str(configs_dir().resolve()), version_base=None):
-            cfg = compose(config_name="train", overrides=ov)
-    except Exception as e:  # Hydra's errors for a bad override / unknown experiment
-        raise BenchError(f"train config: {' '.join(str(e).split())}") from None
-    OmegaConf.set_struct(cfg, False)
-    for key in ("run_dir", "name", "hydra", "resume"):  # del, not pop: pop would resolve the value
-        if key in cfg:
-            del cfg[key]
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    cfg = compose("train", ov)
+    for key in ("run_dir", "name", "hydra", "resume"):
+        cfg.pop(key, None)
+    return cfg
 
 
 def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Training steps per second and rendered rays per second per renderer backend."""
     from tqdm import tqdm
 
+    from att3d.config import build_trainer
     from att3d.render import nerfacc_backend
-    from att3d.train.app import build_trainer, resolve_path
 
     overrides = [*args.set, f"trainer.device={device}", "progress=false"]
     if args.train_batch_size:
@@ -315,62 +298,8 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line
+# Report
 # ---------------------------------------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise BenchError(f"{message} (see '{self.prog} --help')")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from att3d.cli import COMMANDS
-
-    p = _Parser(prog="att3d bench", description=COMMANDS["bench"].description)
-    p.add_argument("target", metavar="TARGET", help=f"{', '.join(BENCHMARKS)} or all")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    p.add_argument("--out", default=None, metavar="FILE.md",
-                   help="write the Markdown report here and the JSON next to it (default: print only)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("generate")
-    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model folder (default: {DEFAULT_CHECKPOINT})")
-    g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], metavar="B", help="default: 1 16")
-    g.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default: 3)")
-    g.add_argument("--resolution", type=int, default=96, help="density grid per axis (default: 96)")
-    g.add_argument("--texture-size", type=int, default=256, help="default: 256")
-    g.add_argument("--threshold", type=float, default=None, help="density threshold (default: the model's)")
-    g.add_argument("--smooth", type=int, default=10, help="Taubin iterations (default: 10)")
-    g.add_argument("--uv", default="box", help="UV atlas: box or xatlas (default: box)")
-    g.add_argument("--format", default="glb", help="mesh file format (default: glb)")
-    t = p.add_argument_group("train")
-    t.add_argument("--experiment", default="quickstart", help="train config experiment (default: quickstart)")
-    t.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
-    t.add_argument("--train-batch-size", type=int, default=None, help="prompts per step (default: the config's)")
-    t.add_argument("--train-resolution", type=int, default=None, help="render size (default: the config's)")
-    t.add_argument("--backends", nargs="+", default=None,
-                   help="renderer backends (default: torch cuda; cuda is skipped without CUDA)")
-    t.add_argument("--prior", default="auto", help="auto (shipped, else tiny), tiny, or a prior folder")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more train config overrides")
-    return p
-
-
-def _validate(args: argparse.Namespace) -> list[str]:
-    targets = list(BENCHMARKS) if args.target == "all" else [args.target]
-    if args.target != "all" and args.target not in BENCHMARKS:
-        raise BenchError(f"unknown benchmark {args.target!r}; choose {', '.join(BENCHMARKS)} or all")
-    checks = [("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--steps", args.steps, 1),
-              ("--resolution", args.resolution, 4), ("--texture-size", args.texture_size, 0),
-              ("--smooth", args.smooth, 0)]
-    checks += [("--batch-sizes", b, 1) for b in args.batch_sizes]
-    for name, value, low in checks:
-        if value < low:
-            raise BenchError(f"{name} must be >= {low}, got {value}")
-    if args.format.lower() not in FORMATS:
-        raise BenchError(f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
-    args.format = args.format.lower()
-    return targets
-
 
 def report(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     """The Markdown report: machine line, then one section per benchmark."""
@@ -379,26 +308,3 @@ def report(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         parts += [f"## {name}", "", res["markdown"]]
     return "\n".join(parts)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``att3d bench TARGET``: run benchmarks, print the Markdown report, optionally write it (and JSON)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    targets = _validate(args)
-    try:
-        device = pick_device(args.device)
-    except GenerationError as e:
-        raise BenchError(str(e)) from None
-    info = machine_info(device)
-    results = {name: BENCHMARKS[name](args, device) for name in targets}
-    text = report(info, results)
-    print(text, end="")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        data = {"machine": info, "benchmarks": {k: {kk: vv for kk, vv in v.items() if kk != "markdown"}
-                                                 for k, v in results.items()}}
-        json_path = out.with_suffix(".json")
-        json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"wrote {out} and {json_path}")
-    return 0

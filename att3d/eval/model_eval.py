@@ -1,6 +1,6 @@
 """Score an amortized model on the shapes world with WORLD.md's metrics.
 
-``att3d eval model --checkpoint PATH [--prompts shapes64] [--out DIR]`` generates every
+``att3d eval model --checkpoint PATH [--prompts shapes64] [--out DIR]`` (:mod:`att3d.cli.eval`) generates every
 prompt in one forward pass, extracts its occupancy (density above the extraction
 threshold on the 64^3 voxel centres), renders the 8 evaluation views, and reports
 volume IoU, silhouette IoU, colour error and retrieval accuracy, separately for the
@@ -10,7 +10,6 @@ training and the held-out prompts. Writes ``metrics.json``, ``metrics.md`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,51 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from att3d.render.cameras import OrbitCameras
 from att3d.world import metrics
-from att3d.world.render import voxel_centres
+from att3d.world.metrics import field_occupancy, render_views
 from att3d.world.shapes import all_objects, parse_caption
 
-#: Default density threshold of occupancy / mesh extraction.
-DEFAULT_THRESHOLD = 5.0
-
-
-def extraction_threshold(model) -> float:
-    return float(model.config.get("extraction", {}).get("threshold", DEFAULT_THRESHOLD))
-
-
-def repeat_cond(cond: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """Each prompt's conditioning repeated ``n`` times in a row: (B, ...) -> (B * n, ...)."""
-    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
-
-
-@torch.no_grad()
-def field_occupancy(model, cond: dict[str, torch.Tensor], resolution: int = 64, threshold: float | None = None,
-                    chunk: int = 65536) -> torch.Tensor:
-    """(B, R, R, R) bool: density above ``threshold`` at the voxel centres over [-1, 1]^3."""
-    threshold = extraction_threshold(model) if threshold is None else threshold
-    pts = voxel_centres(resolution, model.device).reshape(1, -1, 3)
-    B = next(iter(cond.values())).shape[0]
-    out = []
-    for s in range(0, pts.shape[1], chunk):
-        p = pts[:, s:s + chunk].expand(B, -1, -1)
-        out.append(model.field.density(p, cond) > threshold)
-    return torch.cat(out, dim=1).reshape(B, resolution, resolution, resolution).cpu()
-
-
-@torch.no_grad()
-def render_views(model, cond: dict[str, torch.Tensor], resolution: int = 64, n_views: int = 8,
-                 background=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render each prompt at the evaluation views: rgb (B, V, H, W, 3), opacity (B, V, H, W), one prompt at a time."""
-    cams = OrbitCameras.evaluation(n_views, device=model.device)
-    B = next(iter(cond.values())).shape[0]
-    rgbs, ops = [], []
-    for b in range(B):
-        cb = repeat_cond({k: v[b:b + 1] for k, v in cond.items()}, n_views)
-        out = model.render(cb, cams, resolution, background=background)
-        rgbs.append(out["rgb"].cpu())
-        ops.append(out["opacity"].cpu())
-    return torch.stack(rgbs), torch.stack(ops)
+__all__ = ["evaluate", "exported_mesh_iou", "field_occupancy", "figure", "markdown_table", "render_views",
+           "write_report"]
 
 
 @torch.no_grad()
@@ -71,13 +31,14 @@ def exported_mesh_iou(model, cond: dict[str, torch.Tensor], prompts: Sequence[st
                       threshold: float | None = None) -> list[float]:
     """Volume IoU against the ground truth of each prompt's exported GLB (written, then re-read with trimesh).
 
-    The meshes come from :func:`att3d.infer.generate.meshes_from_conditioning` with its defaults, as
+    The meshes come from :func:`att3d.mesh.extract.meshes_from_conditioning` with its defaults, as
     ``att3d generate`` makes them; occupancy of the re-read mesh by ray parity on the 64^3 voxel centres.
     """
     import trimesh
 
-    from att3d.infer.generate import meshes_from_conditioning, slugify
+    from att3d.infer.generate import slugify
     from att3d.mesh.export import export_mesh
+    from att3d.mesh.extract import meshes_from_conditioning
 
     meshes = meshes_from_conditioning(model, cond, threshold=threshold)
     out = []
@@ -184,31 +145,4 @@ def write_report(result: dict[str, Any], prompts: Sequence[str], out: str | Path
                                                  indent=2) + "\n")
     (out / "metrics.md").write_text(markdown_table(result["summary"]))
     figure(prompts, result["renders"], out / "renders.png")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``att3d eval model``: score a model folder on shapes-world prompts."""
-    from att3d.model import load
-    from att3d.text.prompts import resolve_prompts
-
-    ap = argparse.ArgumentParser(prog="att3d eval model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="model folder (att3d train's run_dir/model or a shipped one)")
-    ap.add_argument("--prompts", default="shapes64", help="prompt set name or file (shapes-world captions)")
-    ap.add_argument("--heldout", default="shapes64_heldout", help="prompts reported as held out")
-    ap.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval)")
-    ap.add_argument("--resolution", type=int, default=64)
-    ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--meshes", action="store_true", help="also export each GLB (to OUT/meshes) and score it")
-    args = ap.parse_args(argv)
-    model = load(args.checkpoint, device=args.device)
-    prompts = resolve_prompts(args.prompts)
-    heldout = resolve_prompts(args.heldout) if args.heldout else []
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-    res = evaluate(model, prompts, heldout, args.resolution, threshold=args.threshold,
-                   mesh_dir=out / "meshes" if args.meshes else None)
-    write_report(res, prompts, out)
-    print(markdown_table(res["summary"]), end="")
-    print(f"wrote {out}/metrics.json, metrics.md, renders.png")
-    return 0
 

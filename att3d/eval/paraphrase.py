@@ -1,10 +1,10 @@
 """Robustness to rewording: shapes-world prompts that the amortized model never saw, scored against their objects.
 
-``att3d eval paraphrase --checkpoint PATH [--out DIR] [--max-prompts N]`` generates each paraphrase in one
-forward pass (no optimisation), scores it against the ground truth of the object it names with WORLD.md's
-metrics (volume IoU on the 64^3 voxel centres from the field's occupancy, colour error and silhouette IoU
-in the 8 evaluation views, retrieval among the 64 ground-truth objects), and compares it with the
-canonical caption of the same object (``a {colour} {shape}``). It writes ``paraphrase.json`` (every
+``att3d eval paraphrase --checkpoint PATH [--out DIR] [--max-prompts N]`` (:mod:`att3d.cli.eval`) generates
+each paraphrase in one forward pass (no optimisation), scores it against the ground truth of the object it
+names with WORLD.md's metrics (volume IoU on the 64^3 voxel centres from the field's occupancy, colour error
+and silhouette IoU in the 8 evaluation views, retrieval among the 64 ground-truth objects), and compares it
+with the canonical caption of the same object (``a {colour} {shape}``). It writes ``paraphrase.json`` (every
 prompt's scores), ``paraphrase.md`` (one row per kind of rewording, and per kind and split) and prints
 the table.
 
@@ -32,8 +32,6 @@ objects take about 10 minutes (``--max-prompts 96`` about 4 minutes); a GPU take
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +75,6 @@ SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
 }
 #: The default paraphrase file (relative to the repository root).
 DEFAULT_TABLE = "configs/prompts/shapes64_paraphrases.txt"
-DEFAULT_CHECKPOINT = "assets/att3d-shapes64"
 #: Per-prompt metrics averaged in the reports (``retrieved``, ``shape_correct``, ``colour_correct`` are 0/1).
 METRICS: tuple[str, ...] = ("volume_iou", "colour_error", "silhouette_iou", "retrieved", "shape_correct",
                             "colour_correct")
@@ -248,8 +245,8 @@ def score_prompts(model, prompts: Sequence[str], objects: Sequence[WorldObject],
     """
     from tqdm import tqdm
 
-    from att3d.eval.model_eval import field_occupancy, render_views
     from att3d.world import metrics
+    from att3d.world.metrics import field_occupancy, render_views
 
     if len(prompts) != len(objects):
         raise ValueError(f"{len(prompts)} prompts but {len(objects)} objects")
@@ -358,60 +355,3 @@ def report(result: dict[str, Any]) -> str:
     return (markdown(result["summary"]) + "\n" + markdown(result["summary_by_split"], "kind | split") + "\n"
             + legend)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``att3d eval paraphrase``: score reworded prompts against their objects."""
-    from att3d.model import load
-    from att3d.train.app import resolve_path
-
-    ap = argparse.ArgumentParser(prog="att3d eval paraphrase", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model folder (default {DEFAULT_CHECKPOINT})")
-    ap.add_argument("--paraphrases", default=DEFAULT_TABLE,
-                    help=f"paraphrase file, prompt<TAB>caption<TAB>kind per line (default {DEFAULT_TABLE})")
-    ap.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval/paraphrase)")
-    ap.add_argument("--max-prompts", type=int, default=0,
-                    help="score at most N paraphrases, spread evenly over every kind (default 0: all)")
-    ap.add_argument("--kinds", nargs="+", default=None, help=f"only these kinds ({', '.join(KINDS)})")
-    ap.add_argument("--no-canonical", action="store_true", help="do not score the canonical captions for comparison")
-    ap.add_argument("--resolution", type=int, default=64, help="render resolution of the evaluation views")
-    ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--write-table", default=None, metavar="FILE",
-                    help="write the generated paraphrase table to FILE and exit")
-    args = ap.parse_args(argv)
-    if args.write_table:
-        Path(args.write_table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_table).write_text(format_table(build_paraphrases()))
-        print(f"wrote {args.write_table}")
-        return 0
-    if args.max_prompts < 0:
-        raise ParaphraseError(f"--max-prompts must be >= 0, got {args.max_prompts}")
-    table = read_table(resolve_path(args.paraphrases))
-    if args.kinds:
-        unknown = sorted(set(args.kinds) - {p.kind for p in table})
-        if unknown:
-            raise ParaphraseError(f"no paraphrases of kind {', '.join(map(repr, unknown))} in {args.paraphrases}")
-        table = [p for p in table if p.kind in set(args.kinds)]
-    chosen = select(table, args.max_prompts)
-    ckpt = resolve_path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise ParaphraseError(f"no model folder at {args.checkpoint}")
-    model = load(ckpt, device=args.device)
-    result = evaluate_paraphrases(model, chosen, args.resolution, args.batch_size, args.threshold,
-                                  canonical=not args.no_canonical)
-    out = Path(args.out) if args.out else ckpt / "eval" / "paraphrase"
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"checkpoint": str(args.checkpoint), "paraphrases": str(args.paraphrases),
-                "max_prompts": args.max_prompts, "kinds": args.kinds, "resolution": args.resolution,
-                "threshold": args.threshold}
-    (out / "paraphrase.json").write_text(json.dumps({"settings": settings, **result}, indent=1) + "\n")
-    text = report(result)
-    (out / "paraphrase.md").write_text(text)
-    print(text, end="")
-    print(f"wrote {out}/paraphrase.json, paraphrase.md")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Evaluate the shapes-world diffusion prior: ``att3d eval prior``.
+"""Evaluate the shapes-world diffusion prior (``att3d eval prior``, :mod:`att3d.cli.eval`).
 
 Every caption of ``shapes64`` (or an evenly spaced subset of ``--prompts N``) is sampled
 with classifier-free guidance at the 8 evaluation views (``OrbitCameras.evaluation(8)``),
@@ -21,14 +21,11 @@ each prompt's sample row above its ground-truth row).
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from att3d.render.cameras import OrbitCameras
-from att3d.utils.checkpoint import save_json
 from att3d.world import metrics
 from att3d.world.shapes import all_objects
 
@@ -220,90 +217,3 @@ def evaluate(prior, object_indices: list[int], steps: int = DEFAULT_STEPS,
     result = {"n_prompts": P, "n_views": V, "resolution": R, "mean": mean, "per_prompt": per_prompt}
     return result, samples, gt
 
-
-def main(argv: list[str]) -> int:
-    """``att3d eval prior --prior DIR --out DIR [--steps 25] [--eta 1] [--spacing trailing] [--guidance-scale 3]
-    [--guidance-interval 0 0.6] [--restarts 0] [--restart-t 0.5] [--batch-size 64] [--seed 0] [--prompts N]``:
-    writes ``metrics.json``, ``metrics.md`` and ``samples.png`` into ``--out``."""
-    from att3d.cli import command_parser
-    from att3d.guidance.priors.shapes import ShapesPrior, default_shapes_prior_path
-
-    parser = command_parser("eval prior")
-    parser.add_argument("--prior", default=None,
-                        help="prior folder (prior_config.json, unet/, scheduler/); default: $ATT3D_SHAPES_PRIOR "
-                             "or assets/shapes-prior")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
-    parser.add_argument("--eta", type=float, default=DEFAULT_ETA,
-                        help=f"DDIM eta: 0 deterministic, 1 ancestral (default {DEFAULT_ETA})")
-    parser.add_argument("--restarts", type=int, default=DEFAULT_RESTARTS,
-                        help=f"restart rounds after the trajectory (default {DEFAULT_RESTARTS}; 0: plain DDIM)")
-    parser.add_argument("--restart-t", type=float, default=DEFAULT_RESTART_T,
-                        help=f"noise level of each restart as a fraction of T (default {DEFAULT_RESTART_T})")
-    parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=DEFAULT_SPACING,
-                        help=f"DDIM timestep grid (default {DEFAULT_SPACING}: the first step at t = T - 1)")
-    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
-                        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE})")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, default=DEFAULT_GUIDANCE_INTERVAL,
-                        metavar=("LO", "HI"),
-                        help="apply guidance only to the steps with LO T <= t <= HI T (default "
-                             f"{DEFAULT_GUIDANCE_INTERVAL[0]:g} {DEFAULT_GUIDANCE_INTERVAL[1]:g}; 0 1: every step)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples denoised together (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    parser.add_argument("--prompts", type=int, default=None,
-                        help="evaluate N evenly spaced captions of the 64 (default: all 64)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    if not 0.0 <= args.eta <= 1.0:
-        parser.error("--eta must be in [0, 1]")
-    if args.restarts < 0:
-        parser.error("--restarts must be >= 0")
-    if not 0.0 < args.restart_t < 1.0:
-        parser.error("--restart-t must be in (0, 1)")
-    if args.prompts is not None and args.prompts < 1:
-        parser.error("--prompts must be at least 1")
-    if not 0.0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1.0:
-        parser.error("--guidance-interval needs 0 <= LO <= HI <= 1")
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    prior_path = Path(args.prior) if args.prior else default_shapes_prior_path()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    prior = ShapesPrior.from_pretrained(prior_path, device=device)
-    indices = select_prompts(args.prompts)
-    result, samples, gt = evaluate(prior, indices, steps=args.steps, guidance_scale=args.guidance_scale,
-                                   batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-                                   eta=args.eta, restarts=args.restarts, restart_t=args.restart_t,
-                                   timestep_spacing=args.spacing,
-                                   guidance_interval=tuple(args.guidance_interval))
-    result = {
-        "settings": {"prior": str(prior_path), "steps": args.steps, "eta": args.eta,
-                     "restarts": args.restarts, "restart_t": args.restart_t, "spacing": args.spacing,
-                     "guidance_interval": list(args.guidance_interval),
-                     "guidance_scale": args.guidance_scale,
-                     "batch_size": args.batch_size, "seed": args.seed, "device": device},
-        **result,
-        "elapsed_s": round(time.time() - t0, 2),
-    }
-    save_json(out / "metrics.json", result)
-    (out / "metrics.md").write_text(markdown_report(result))
-
-    from PIL import Image
-
-    shown = [int(i) for i in np.unique(np.linspace(0, len(indices) - 1, min(GRID_PROMPTS, len(indices))).round())]
-    captions = [all_objects()[indices[i]].caption for i in shown]
-    gt_rgb = gt["rgb"][torch.tensor([indices[i] for i in shown])]
-    scale = max(1, 64 // int(prior.resolution))
-    Image.fromarray(sample_grid(samples[shown], gt_rgb, captions, scale)).save(out / "samples.png")
-
-    m = result["mean"]
-    print(f"prior {prior_path}: silhouette IoU {m['silhouette_iou']:.3f}, colour error {m['colour_error']:.3f}, "
-          f"retrieval {m['retrieval_accuracy']:.3f} ({result['n_prompts']} prompts x {result['n_views']} views)")
-    print(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'samples.png'}")
-    return 0

@@ -1,5 +1,9 @@
-"""Neural fields: per-prompt (generated) or shared multi-resolution grids with a density/colour MLP."""
+"""Neural fields: per-prompt (generated) or shared multi-resolution grids with a density/colour MLP.
 
-from att3d.field.grid_field import GridField, GridFieldConfig, num_parameters, trunc_exp
+Fields are registered in ``att3d.registry.FIELDS``; every module of this package is imported when the registry
+is first used, so a new field module needs no line here.
+"""
 
-__all__ = ["GridField", "GridFieldConfig", "num_parameters", "trunc_exp"]
+from att3d.field.grid_field import GridField, trunc_exp
+
+__all__ = ["GridField", "trunc_exp"]

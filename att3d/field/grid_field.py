@@ -17,7 +17,6 @@ centre and empty near the box corners; colour is ``sigmoid(raw_rgb)``. Points ou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -75,7 +74,12 @@ class GridField(nn.Module):
         bound: scene box ``[-bound, bound]^3``.
         latent_dim: with ``generated``, also take a per-prompt code ``cond["latent"]`` (B, latent_dim) that is
             concatenated to the MLP input (equivalently: a generated bias of the MLP's first layer). It lets the
-            mapping network set prompt-wide properties such as colour without writing them into every cell.
+            mapping network set prompt-wide properties such as colour without writing them into every cell
+            (0: no code). Ignored when ``generated`` is False.
+
+    Shapes: ``conditioning_shapes()`` is ``{"grid": (P_grid,), "latent": (latent_dim,)}`` (generated; no
+    ``latent`` with ``latent_dim=0``) or ``{"text": (text_dim,)}`` (shared); ``forward(points (B, N, 3), cond)``
+    gives ``density (B, N) >= 0`` and ``rgb (B, N, 3)`` in [0, 1]; ``density(points, cond)`` is ``(B, N)``.
     """
 
     def __init__(self, generated: bool = True, num_levels: int = 3, base_resolution: int = 8,
@@ -83,7 +87,7 @@ class GridField(nn.Module):
                  hashmap_size: int = 2**15, hidden_dim: int = 16, num_hidden_layers: int = 2, text_dim: int = 32,
                  include_position: bool = True, level_gain: bool = True, feature_scale: float = 1.0,
                  grid_init_std: float = 0.01, density_activation: str = "softplus", density_bias: float = -4.0,
-                 blob_density: float = 10.0, blob_radius: float = 0.4, bound: float = 1.0, latent_dim: int = 0):
+                 blob_density: float = 10.0, blob_radius: float = 0.4, bound: float = 1.0, latent_dim: int = 16):
         super().__init__()
         if density_activation not in DENSITY_ACTIVATIONS:
             raise ValueError(
@@ -191,38 +195,4 @@ class GridField(nn.Module):
                 f"text_dim={self.text_dim}, bound={self.bound}")
 
 
-@dataclass
-class GridFieldConfig:
-    """Config of :class:`GridField` (same names and defaults); ``GridFieldConfig(...).build()``."""
-
-    generated: bool = True
-    num_levels: int = 3
-    base_resolution: int = 8
-    max_resolution: int = 32
-    resolutions: list[int] | None = None
-    features_per_level: int = 2
-    hashmap_size: int = 2**15
-    hidden_dim: int = 16
-    num_hidden_layers: int = 2
-    text_dim: int = 32
-    include_position: bool = True
-    level_gain: bool = True
-    feature_scale: float = 1.0
-    grid_init_std: float = 0.01
-    density_activation: str = "softplus"
-    density_bias: float = -4.0
-    blob_density: float = 10.0
-    blob_radius: float = 0.4
-    bound: float = 1.0
-    latent_dim: int = 0
-
-    def build(self) -> GridField:
-        return GridField(**asdict(self))
-
-
-def num_parameters(module: nn.Module) -> int:
-    """Number of trainable scalars of a module."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-__all__ = ["GridField", "GridFieldConfig", "trunc_exp", "num_parameters", "DENSITY_ACTIVATIONS"]
+__all__ = ["DENSITY_ACTIVATIONS", "GridField", "trunc_exp"]

@@ -1,10 +1,11 @@
-"""Inference with a trained amortized model: prompts -> textured meshes and turntables in one forward pass.
+"""Inference with a trained amortized model: prompts -> files in one forward pass.
 
-- :mod:`att3d.infer.generate`: ``generate(model, prompts)`` (text encoder -> mapping -> field ->
-  iso-surface -> UV atlas + baked texture -> trimesh), :func:`~att3d.infer.generate.write_outputs`,
-  and the ``att3d generate`` command.
+- :mod:`att3d.infer.generate`: ``generate(model, prompts)`` (:func:`att3d.model.generate_meshes`: text
+  encoder -> mapping -> :mod:`att3d.mesh.extract`), :func:`~att3d.infer.generate.write_outputs` (mesh files and
+  turntables) and :func:`~att3d.infer.generate.format_table`.
 - :mod:`att3d.infer.turntable`: turntable videos of meshes (rasterized) or fields (volume-rendered).
-- :mod:`att3d.infer.atlas`: the fast box-projection UV atlas used for baking.
+- :mod:`att3d.infer.interpolate`: objects along paths between prompts' text embeddings.
 
-Submodules import torch; this package itself stays cheap to import.
+The commands (``att3d generate``, ``att3d interpolate``) are in :mod:`att3d.cli`. Submodules import torch;
+this package itself stays cheap to import.
 """

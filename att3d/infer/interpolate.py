@@ -19,7 +19,6 @@ per-frame optimisation::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -35,8 +34,6 @@ from att3d.utils.errors import Att3dError
 log = logging.getLogger(__name__)
 
 MODES = ("linear", "slerp")
-#: Default model folder of ``att3d interpolate`` (relative to the repository root when not found here).
-DEFAULT_CHECKPOINT = "assets/att3d-shapes64"
 #: Below this norm (or sine of the angle) slerp falls back to linear interpolation.
 SLERP_EPS = 1e-4
 
@@ -216,7 +213,7 @@ def smoothness(model, prompts: Sequence[str], frames: int = 30, mode: str = "lin
 
     Between every pair of consecutive frames f, f + 1 it measures the volume IoU of their occupancies
     (density above the extraction threshold on the ``occupancy_resolution``^3 voxel centres, as
-    :func:`att3d.eval.model_eval.field_occupancy`) and the mean absolute colour change of renders from
+    :func:`att3d.world.metrics.field_occupancy`) and the mean absolute colour change of renders from
     one fixed view (all pixels, background included). A smooth path has IoU near 1 and a small colour
     change at every step; a jumpy one has a bad worst step.
 
@@ -228,8 +225,7 @@ def smoothness(model, prompts: Sequence[str], frames: int = 30, mode: str = "lin
     """
     from tqdm import tqdm
 
-    from att3d.eval.model_eval import field_occupancy
-    from att3d.world.metrics import volume_iou_batch
+    from att3d.world.metrics import field_occupancy, volume_iou_batch
 
     model.eval()
     path = _prompts_path(model, prompts, frames, mode)
@@ -322,24 +318,13 @@ def frame_strip(frames: torch.Tensor | np.ndarray, count: int = 8) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# att3d interpolate
+# Meshes along the path
 # ---------------------------------------------------------------------------------------------------------------
-
-def _load_model(checkpoint: str, device: str):
-    from att3d.model import load
-    from att3d.train.app import resolve_path
-    from att3d.train.trainer import pick_device
-
-    path = resolve_path(checkpoint)
-    if not path.is_dir():
-        raise Att3dError(f"no model folder at {checkpoint} (train one with 'att3d train' or pass --checkpoint)")
-    return load(path, device=pick_device(device)), path
-
 
 def export_frame_meshes(model, prompts: Sequence[str], frames: int, mode: str, out_dir: str | Path,
                         grid_resolution: int = 128, texture_size: int = 512, format: str = "glb",
                         threshold: float | None = None, batch_size: int = 4, progress: bool = True) -> list[Path]:
-    """A textured mesh per frame of the path (``out_dir/frame_000.glb``, ...), via :mod:`att3d.infer.generate`.
+    """A textured mesh per frame of the path (``out_dir/frame_000.glb``, ...), via :mod:`att3d.mesh.extract`.
 
     A frame whose field has no surface (density never above the extraction threshold) gets no file
     (a warning says so).
@@ -349,8 +334,8 @@ def export_frame_meshes(model, prompts: Sequence[str], frames: int, mode: str, o
     """
     from tqdm import tqdm
 
-    from att3d.infer.generate import is_empty, meshes_from_conditioning
     from att3d.mesh.export import export_mesh
+    from att3d.mesh.extract import is_empty, meshes_from_conditioning
 
     path = _prompts_path(model, prompts, frames, mode)
     out_dir = Path(out_dir)
@@ -370,60 +355,3 @@ def export_frame_meshes(model, prompts: Sequence[str], frames: int, mode: str, o
             written += export_mesh(mesh, out_dir / f"frame_{i:03d}.{format}", format=format)
     return written
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``att3d interpolate PROMPT PROMPT [PROMPT ...] --frames 60 --out anim/``."""
-    from att3d.cli import command_parser
-
-    ap = command_parser("interpolate")
-    ap.add_argument("prompts", nargs="+", help="two or more prompts, visited in order")
-    ap.add_argument("--frames", type=int, default=60, help="frames of the animation (default 60)")
-    ap.add_argument("--out", default="anim", help="output folder (default anim/)")
-    ap.add_argument("--mode", choices=MODES, default="linear", help="interpolation of the text embeddings")
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model folder (default {DEFAULT_CHECKPOINT})")
-    ap.add_argument("--resolution", type=int, default=128, help="frame size in pixels (default 128)")
-    ap.add_argument("--fps", type=float, default=20.0, help="frames per second of the video (default 20)")
-    ap.add_argument("--elevation", type=float, default=20.0, help="camera elevation in degrees (default 20)")
-    ap.add_argument("--no-orbit", action="store_true", help="keep the camera still instead of orbiting")
-    ap.add_argument("--meshes", action="store_true", help="also export a textured mesh per frame (slow)")
-    ap.add_argument("--mesh-format", choices=("glb", "obj", "ply"), default="glb")
-    ap.add_argument("--mesh-resolution", type=int, default=128, help="marching cubes grid of --meshes")
-    ap.add_argument("--texture-size", type=int, default=512, help="texture size of --meshes (0: vertex colours only)")
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="density threshold of --meshes (default: the model's extraction threshold)")
-    ap.add_argument("--batch-size", type=int, default=8, help="frames per forward pass")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    args = ap.parse_args(argv)
-    if len(args.prompts) < 2:
-        raise Att3dError("interpolate needs at least 2 prompts")
-    if args.frames < max(2, len(args.prompts)):
-        raise Att3dError(f"--frames must be at least the number of prompts ({len(args.prompts)}), got {args.frames}")
-    for name in ("resolution", "batch_size", "mesh_resolution"):
-        if getattr(args, name) < 1:
-            raise Att3dError(f"--{name.replace('_', '-')} must be positive")
-    if args.texture_size < 0:
-        raise Att3dError("--texture-size must be >= 0 (0: vertex colours only)")
-    if args.fps <= 0:
-        raise Att3dError("--fps must be positive")
-
-    model, ckpt = _load_model(args.checkpoint, args.device)
-    out = Path(args.out)
-    frames = render_interpolation(model, args.prompts, args.frames, args.mode, args.resolution, args.elevation,
-                                  orbit=not args.no_orbit, batch_size=args.batch_size)
-    video = write_video(frames, out / "interpolation.mp4", args.fps)
-    written = [video]
-    knots = knot_frames(len(args.prompts), args.frames)
-    print(f"wrote {video} ({len(frames)} frames, {args.resolution}x{args.resolution}, {args.fps:g} fps)")
-    if args.meshes:
-        meshes = export_frame_meshes(model, args.prompts, args.frames, args.mode, out / "meshes",
-                                     args.mesh_resolution, args.texture_size, args.mesh_format, args.threshold)
-        written += meshes
-        frames_with_mesh = len({p.stem for p in meshes})
-        print(f"wrote {len(meshes)} mesh files for {frames_with_mesh} of {args.frames} frames to {out / 'meshes'}/"
-              + (f" ({meshes[0].name} ... {meshes[-1].name})" if meshes else " (no frame has a surface)"))
-    info = {"prompts": list(args.prompts), "frames": args.frames, "mode": args.mode, "knot_frames": knots,
-            "checkpoint": str(ckpt), "resolution": args.resolution, "fps": args.fps, "orbit": not args.no_orbit,
-            "files": [str(p.relative_to(out)) for p in written]}
-    (out / "interpolation.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {out / 'interpolation.json'} (prompts at frames {', '.join(map(str, knots))})")
-    return 0

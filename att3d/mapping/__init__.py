@@ -1,10 +1,10 @@
 """Mapping networks: text embedding -> per-prompt field conditioning (``MAPPINGS``: hypernetwork, concat).
 
-Built as ``cls(text_len, text_dim, out_shapes, **cfg)``; ``forward(emb) -> {name: (B, *shape)}``.
+Built as ``cls(text_len, text_dim, out_shapes, **cfg)``; ``forward(emb) -> {name: (B, *shape)}``. Every module
+of this package is imported when the registry is first used, so a new mapping module needs no line here.
 """
 
-from att3d.mapping.concat import ConcatConditioning, ConcatConditioningConfig
-from att3d.mapping.hypernetwork import HyperNetwork, HyperNetworkConfig, split_outputs, total_size
+from att3d.mapping.concat import ConcatConditioning
+from att3d.mapping.hypernetwork import HyperNetwork, split_outputs, total_size
 
-__all__ = ["HyperNetwork", "HyperNetworkConfig", "ConcatConditioning", "ConcatConditioningConfig", "split_outputs",
-           "total_size"]
+__all__ = ["ConcatConditioning", "HyperNetwork", "split_outputs", "total_size"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
@@ -24,6 +22,9 @@ class ConcatConditioning(nn.Module):
         use_tokens: read the flattened tokens (True) or the pooled embedding (False, default).
         layer_norm: LayerNorm (no affine) of the input vector.
         output_scale: multiplier of the output.
+
+    Shapes: ``forward(emb)`` with ``emb.pooled (B, text_dim)`` (or ``emb.tokens (B, text_len, text_dim)`` with
+    ``use_tokens``) gives ``{name: (B, *shape)}`` for every entry of ``out_shapes``.
     """
 
     def __init__(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]], hidden_dim: int = 64,
@@ -46,16 +47,3 @@ class ConcatConditioning(nn.Module):
         """TextEmbedding (B prompts) -> ``{name: (B, *shape)}``."""
         x = text_input(emb, self.use_tokens, self.text_len, self.text_dim)
         return split_outputs(self.net(self.norm(x)) * self.output_scale, self.out_shapes)
-
-
-@dataclass
-class ConcatConditioningConfig:
-    """Config of :class:`ConcatConditioning`; ``.build(text_len, text_dim, out_shapes)``."""
-
-    hidden_dim: int = 64
-    use_tokens: bool = False
-    layer_norm: bool = True
-    output_scale: float = 1.0
-
-    def build(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]]) -> ConcatConditioning:
-        return ConcatConditioning(text_len, text_dim, out_shapes, **asdict(self))

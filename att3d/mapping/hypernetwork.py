@@ -9,7 +9,6 @@ tensors, so interpolated (mixed) embeddings are just another input.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -66,10 +65,13 @@ class HyperNetwork(nn.Module):
         layer_norm: LayerNorm (no affine) of the input vector.
         output_scale: see above; small values give small initial grids.
         n_power_iterations: power iterations per training step of the spectral norm.
+
+    Shapes: ``forward(emb)`` with ``emb.tokens (B, text_len, text_dim)`` (or ``emb.pooled (B, text_dim)`` without
+    ``use_tokens``) gives ``{name: (B, *shape)}`` for every entry of ``out_shapes``.
     """
 
     def __init__(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]], hidden_dim: int = 64,
-                 use_tokens: bool = True, layer_norm: bool = True, output_scale: float = 0.3,
+                 use_tokens: bool = True, layer_norm: bool = True, output_scale: float = 1.0,
                  n_power_iterations: int = 1):
         super().__init__()
         self.text_len, self.text_dim = int(text_len), int(text_dim)
@@ -98,17 +100,3 @@ class HyperNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, output_scale={self.output_scale}"
-
-
-@dataclass
-class HyperNetworkConfig:
-    """Config of :class:`HyperNetwork` (same names and defaults); ``.build(text_len, text_dim, out_shapes)``."""
-
-    hidden_dim: int = 64
-    use_tokens: bool = True
-    layer_norm: bool = True
-    output_scale: float = 0.3
-    n_power_iterations: int = 1
-
-    def build(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]]) -> HyperNetwork:
-        return HyperNetwork(text_len, text_dim, out_shapes, **asdict(self))

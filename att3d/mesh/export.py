@@ -1,4 +1,9 @@
-"""Mesh export: torch tensors -> trimesh -> GLB / OBJ (+ MTL + PNG) / PLY files, written atomically."""
+"""Mesh export: torch tensors -> trimesh -> GLB / OBJ (+ MTL + PNG) / PLY files, written atomically.
+
+Each file format is one exporter function registered in ``att3d.registry.EXPORTERS``
+(``exporter(mesh, path) -> list[Path]``, the files written); ``EXPORTERS.names()`` is the one list of formats
+(``FORMATS`` here is that list as a tuple). A new format is one more ``@EXPORTERS.register(name)`` function.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,8 @@ import numpy as np
 import torch
 import trimesh
 
+from att3d.registry import EXPORTERS
 from att3d.utils.checkpoint import atomic_write
-
-FORMATS = ("glb", "obj", "ply")
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -83,37 +87,28 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
 
 
-def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, format: str | None = None) -> list[Path]:
-    """Write a mesh to disk.
+@EXPORTERS.register("glb")
+def export_glb(mesh: trimesh.Trimesh, path: Path) -> list[Path]:
+    """Binary glTF: vertex colours or the texture with its PBR material."""
+    _atomic_write(path, mesh.export(file_type="glb"))
+    return [path]
 
-    Args:
-        mesh: a ``trimesh.Trimesh`` (e.g. from :func:`to_trimesh`).
-        path: output file; for OBJ the material library ``<stem>.mtl`` and the texture image
-            (PNG) are written next to it.
-        format: ``"glb"``, ``"obj"`` or ``"ply"``; None infers it from the suffix of ``path``.
-            PLY stores vertex colours (a texture is sampled at the vertices).
 
-    Returns:
-        The paths written.
+@EXPORTERS.register("ply")
+def export_ply(mesh: trimesh.Trimesh, path: Path) -> list[Path]:
+    """Binary PLY with vertex colours (a texture is sampled at the vertices)."""
+    out = mesh
+    if isinstance(mesh.visual, trimesh.visual.TextureVisuals):
+        out = mesh.copy()
+        out.visual = mesh.visual.to_color()
+    _atomic_write(path, out.export(file_type="ply", encoding="binary"))
+    return [path]
 
-    Raises:
-        ValueError: unknown format.
-    """
-    path = Path(path)
-    fmt = (format or path.suffix.lstrip(".")).lower()
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown mesh format {fmt!r} for {path}; expected one of {FORMATS}")
-    if fmt == "glb":
-        _atomic_write(path, mesh.export(file_type="glb"))
-        return [path]
-    if fmt == "ply":
-        out = mesh
-        if isinstance(mesh.visual, trimesh.visual.TextureVisuals):
-            out = mesh.copy()
-            out.visual = mesh.visual.to_color()
-        _atomic_write(path, out.export(file_type="ply", encoding="binary"))
-        return [path]
-    from trimesh.exchange.obj import export_obj
+
+@EXPORTERS.register("obj")
+def export_obj(mesh: trimesh.Trimesh, path: Path) -> list[Path]:
+    """OBJ with its material library ``<stem>.mtl`` and the texture image(s) ``<stem>.png`` next to it."""
+    from trimesh.exchange.obj import export_obj as trimesh_export_obj
 
     out = mesh
     if isinstance(mesh.visual, trimesh.visual.TextureVisuals):
@@ -124,7 +119,7 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, format: str | No
             out = mesh.copy()
             out.visual = trimesh.visual.TextureVisuals(uv=mesh.visual.uv, material=_simple_material(image))
     mtl_name = f"{path.stem}.mtl"
-    text, files = export_obj(out, include_texture=True, return_texture=True, mtl_name=mtl_name)
+    text, files = trimesh_export_obj(out, include_texture=True, return_texture=True, mtl_name=mtl_name)
     # Name the texture images after the mesh so that several meshes can share a folder.
     renames = {}
     images = [n for n in files if n != mtl_name]
@@ -144,3 +139,32 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, format: str | No
         written.append(target)
     _atomic_write(path, text)
     return [path, *written]
+
+
+def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, format: str | None = None) -> list[Path]:
+    """Write a mesh to disk with the exporter of its format.
+
+    Args:
+        mesh: a ``trimesh.Trimesh`` (e.g. from :func:`to_trimesh`).
+        path: output file; for OBJ the material library ``<stem>.mtl`` and the texture image
+            (PNG) are written next to it.
+        format: a name of ``EXPORTERS`` (``"glb"``, ``"obj"``, ``"ply"``, ...); None infers it from the suffix of
+            ``path``. PLY stores vertex colours (a texture is sampled at the vertices).
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ValueError: unknown format.
+    """
+    path = Path(path)
+    fmt = (format or path.suffix.lstrip(".")).lower()
+    if fmt not in EXPORTERS:
+        raise ValueError(f"unknown mesh format {fmt!r} for {path}; expected one of {tuple(EXPORTERS.names())}")
+    return EXPORTERS.get(fmt)(mesh, path)
+
+
+def __getattr__(name: str):
+    if name == "FORMATS":  # computed on use, so that formats registered later are included
+        return tuple(EXPORTERS.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

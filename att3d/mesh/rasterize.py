@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from att3d.render.cameras import OrbitCameras
+from att3d.render.shading import lambert as shade
 
 
 @dataclass
@@ -280,8 +281,8 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: OrbitCameras,
         uvs: (V, 2) per-vertex uvs with ``texture`` (Ht, Wt, 3) or (B, Ht, Wt, 3).
             With neither, the mesh is white.
         background: (3,) / (B, 3) colour, or None for black.
-        lambert: apply the shapes-world shading ``albedo (0.35 + 0.65 max(0, n.l))`` with smooth
-            vertex normals (``shared/WORLD.md``).
+        lambert: apply :func:`att3d.render.shading.lambert` (the shapes world's light, ``shared/WORLD.md``:
+            ``albedo (0.35 + 0.65 max(0, n.l))``) with smooth vertex normals.
         cull_backfaces: skip faces wound clockwise seen from the camera.
 
     Returns:
@@ -301,7 +302,6 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: OrbitCameras,
         albedo = torch.ones(*rast.face_id.shape, 3, dtype=verts.dtype, device=verts.device)
     if lambert:
         from att3d.mesh.cleanup import vertex_normals
-        from att3d.world.render import lambert as shade
 
         if verts.dim() == 2:
             normals = vertex_normals(verts, faces)

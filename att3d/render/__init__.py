@@ -1,6 +1,10 @@
-"""Cameras and the volume renderer (``RENDERERS``: volume)."""
+"""Cameras, shading and the volume renderer (``RENDERERS``: volume).
+
+Every module of this package is imported when the registry is first used, so a new renderer module needs no
+line here.
+"""
 
 from att3d.render.cameras import OrbitCameras
-from att3d.render.volume import VolumeRenderer, VolumeRendererConfig, render_chunked
+from att3d.render.volume import VolumeRenderer
 
-__all__ = ["OrbitCameras", "VolumeRenderer", "VolumeRendererConfig", "render_chunked"]
+__all__ = ["OrbitCameras", "VolumeRenderer"]

@@ -3,7 +3,7 @@
 ``renderer(field, cond, cameras, resolution, background) -> {rgb (B,H,W,3), opacity (B,H,W), depth (B,H,W)}``.
 Prompt ``b`` of the field (``cond[...][b]``) is seen by camera ``b``.
 
-Torch path: the ray's segment inside the scene box (or a ball) is cut into ``num_samples`` bins
+Torch path: the ray's segment inside the sampled region (a ball, or the scene box) is cut into ``num_samples`` bins
 with one sample each (jittered in training, centred in evaluation); with ``num_importance > 0`` a
 coarse pass without gradients finds the weights, ``num_importance`` more samples are drawn from
 them by inverse CDF, and the merged, sorted set is rendered with gradients.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -41,8 +40,10 @@ class VolumeRenderer(nn.Module):
         num_samples: S, samples per ray of the torch path (stratified bins).
         num_importance: extra samples per ray from the coarse weights (torch path; 0 disables the coarse pass).
         stratified: jitter samples in training (``self.training``); evaluation is always deterministic.
-        region: where rays are sampled: ``box`` (the field's ``[-bound, bound]^3``) or ``sphere``.
-        sphere_radius: radius of the ``sphere`` region (default ``sqrt(3) * bound``, the box's circumscribed ball).
+        region: where rays are sampled: ``sphere`` (a ball at the origin) or ``box`` (the field's
+            ``[-bound, bound]^3``).
+        sphere_radius: radius of the ``sphere`` region (1: the ball inscribed in the default box ``[-1, 1]^3``);
+            None: ``sqrt(3) * bound``, the box's circumscribed ball.
         occ_resolution: cells per axis of the per-prompt occupancy grids of the CUDA path.
         occ_threshold: density above which a cell is occupied (CUDA path).
         occ_dilate: grow occupied regions by this many cells (CUDA path; conservative skipping).
@@ -50,10 +51,13 @@ class VolumeRenderer(nn.Module):
         early_stop_eps: CUDA path: drop samples behind transmittance below this (0 disables; one more
             density evaluation without gradients).
         chunk_rays: rays per prompt per chunk in :meth:`render_chunked`.
+
+    Shapes: ``renderer(field, cond, cameras (B), resolution)`` gives ``rgb (B, H, W, 3)``, ``opacity (B, H, W)``
+    and ``depth (B, H, W)`` with ``H = W = resolution``; :meth:`render_rays` does the same for rays (B, R, 3).
     """
 
     def __init__(self, backend: str = "auto", num_samples: int = 48, num_importance: int = 0,
-                 stratified: bool = True, region: str = "box", sphere_radius: float | None = None,
+                 stratified: bool = True, region: str = "sphere", sphere_radius: float | None = 1.0,
                  occ_resolution: int = 64, occ_threshold: float = 0.01, occ_dilate: int = 1, march_steps: int = 512,
                  early_stop_eps: float = 1e-4, chunk_rays: int = 4096):
         super().__init__()
@@ -235,31 +239,3 @@ class VolumeRenderer(nn.Module):
         finally:
             self.train(was_training)
         return {k: v.reshape(B, H, W, *v.shape[2:]) for k, v in out.items()}
-
-
-def render_chunked(renderer: VolumeRenderer, field: nn.Module, cond: dict[str, torch.Tensor], cameras: OrbitCameras,
-                   resolution: int, background: Background = (1.0, 1.0, 1.0),
-                   chunk_rays: int | None = None) -> dict[str, torch.Tensor]:
-    """Function form of :meth:`VolumeRenderer.render_chunked`."""
-    return renderer.render_chunked(field, cond, cameras, resolution, background, chunk_rays)
-
-
-@dataclass
-class VolumeRendererConfig:
-    """Config of :class:`VolumeRenderer` (same names and defaults); ``VolumeRendererConfig(...).build()``."""
-
-    backend: str = "auto"
-    num_samples: int = 48
-    num_importance: int = 0
-    stratified: bool = True
-    region: str = "box"
-    sphere_radius: float | None = None
-    occ_resolution: int = 64
-    occ_threshold: float = 0.01
-    occ_dilate: int = 1
-    march_steps: int = 512
-    early_stop_eps: float = 1e-4
-    chunk_rays: int = 4096
-
-    def build(self) -> VolumeRenderer:
-        return VolumeRenderer(**asdict(self))

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
+from att3d.registry import PROMPT_SETS
 from att3d.text.encoders import TextEmbedding
 from att3d.utils.errors import Att3dError
 from att3d.utils.files import read_utf8_text
 
 log = logging.getLogger(__name__)
-
-#: Built-in prompt sets of the shapes world (``shared/WORLD.md``).
-BUILTIN_SETS = ("shapes64", "shapes64_train", "shapes64_heldout")
 
 
 class PromptError(Att3dError):
@@ -66,21 +64,24 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return dedupe(lines)
 
 
-def builtin_prompts(name: str) -> list[str]:
-    """The shapes-world prompt sets: ``shapes64``, ``shapes64_train`` (56), ``shapes64_heldout`` (8)."""
-    from att3d.world import shapes
+def builtin_sets() -> tuple[str, ...]:
+    """Names of the registered prompt sets in the order of registration (``att3d.registry.PROMPT_SETS``:
+    ``shapes64``, ``shapes64_train``, ``shapes64_heldout``, ...)."""
+    return tuple(PROMPT_SETS.names(sort=False))
 
-    table = {"shapes64": shapes.all_captions, "shapes64_train": shapes.train_captions,
-             "shapes64_heldout": shapes.heldout_captions}
-    if name not in table:
-        raise PromptError(f"unknown prompt set {name!r}; built-in sets: {', '.join(BUILTIN_SETS)}")
-    return table[name]()
+
+def builtin_prompts(name: str) -> list[str]:
+    """The prompts of a registered set: ``shapes64``, ``shapes64_train`` (56), ``shapes64_heldout`` (8), ..."""
+    if name not in PROMPT_SETS:
+        raise PromptError(f"unknown prompt set {name!r}; built-in sets: {', '.join(builtin_sets())}")
+    return list(PROMPT_SETS.build(name))
 
 
 def resolve_prompts(spec: str | Sequence[str], base_dir: str | os.PathLike | None = None) -> list[str]:
-    """Prompts from a built-in set name, a file path (relative to ``base_dir``) or a list of prompts."""
+    """Prompts from a registered set name (``att3d.registry.PROMPT_SETS``), a file path (relative to
+    ``base_dir``) or a list of prompts."""
     if isinstance(spec, str):
-        if spec in BUILTIN_SETS:
+        if spec in PROMPT_SETS:
             return builtin_prompts(spec)
         path = Path(spec)
         if not path.is_absolute() and base_dir is not None and not path.exists():

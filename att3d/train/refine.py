@@ -20,14 +20,13 @@ The result is a :class:`RefinedModel`: it behaves like an :class:`~att3d.model.A
 refined prompt, and saves as a model folder (plus ``refined_conditioning.safetensors`` in params
 mode; :func:`load_refined` reads it back).
 
-``att3d refine "a red sphere" --steps 200 --out refined/`` refines a trained model, exports the mesh
-and turntable as ``att3d generate`` does, and saves the refined model folder and the metric curve.
+``att3d refine "a red sphere" --steps 200 --out refined/`` (:mod:`att3d.cli.refine`) refines a trained model,
+exports the mesh and turntable as ``att3d generate`` does, and saves the refined model folder and the metric
+curve; its schedule comes from the guidance config's ``refine:`` block (:func:`schedule_from_config`).
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import os
@@ -40,8 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from att3d.model import AmortizedModel
+from att3d.model import AmortizedModel, copy_model, repeat_conditioning
 from att3d.text.encoders import TextEmbedding
+from att3d.text.prompts import PromptBank
+from att3d.train.batch import Batch
+from att3d.train.objectives import Objective, StepResult
+from att3d.train.trainer import Trainer, TrainerConfig
 from att3d.utils.errors import Att3dError
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,6 @@ log = logging.getLogger(__name__)
 MODES = ("params", "model")
 #: File of the refined conditioning tensors in a refined model folder (params mode).
 REFINED_NAME = "refined_conditioning.safetensors"
-#: Default model folder of ``att3d refine`` (relative to the repository root when not found here).
-DEFAULT_CHECKPOINT = "assets/att3d-shapes64"
 #: Settings of ``att3d refine`` (from the amortized start) that a guidance config's ``refine:`` block may set.
 REFINE_KEYS = ("guidance_scale", "guidance_scale_low", "low_t", "t_max", "lr_final")
 #: Keys of :data:`REFINE_KEYS` that configure the :class:`ScoreDistillation` (the rest configure the run).
@@ -63,12 +64,6 @@ def _normalize(prompt: str) -> str:
     from att3d.text.prompts import normalize_prompt
 
     return normalize_prompt(prompt)
-
-
-def copy_model(model: AmortizedModel) -> AmortizedModel:
-    """A deep copy of ``model`` (mapping, field, renderer, buffers) that shares its frozen text encoder."""
-    memo = {id(model.text_encoder): model.text_encoder}
-    return copy.deepcopy(model, memo)
 
 
 class RefinedModel(nn.Module):
@@ -263,14 +258,6 @@ class RefineSettings:
             raise Att3dError(f"t_max must be in (0, 1], got {self.t_max}")
 
 
-def cosine_factor(step: int, steps: int, final: float) -> float:
-    """Learning-rate factor at ``step`` of ``steps``: 1 at step 0, ``final`` at the last step (cosine)."""
-    if steps <= 1 or final >= 1.0:
-        return 1.0
-    p = min(1.0, step / (steps - 1))
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
 def _run_guidance(guidance, t_max: float | None, shared_t: bool):
     """``guidance`` for one run (a new object on the same prior): its timestep range ends at ``t_max``
     (None: unchanged) and it draws one timestep per step (``shared_t``) or one per view."""
@@ -280,69 +267,83 @@ def _run_guidance(guidance, t_max: float | None, shared_t: bool):
     return guidance.replace(**changes)
 
 
-def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: list[dict[str, Any]],
-              opts: RefineSettings, eval_fn: EvalFn | None, history: RefineHistory, desc: str) -> None:
-    """SDS on one prompt for ``steps`` steps, ``opts.batch_views`` random views per step (updates ``refined``)."""
-    from tqdm import tqdm
+class RefineSDS(Objective):
+    """Test-time refinement of one prompt: its refined field rendered from ``views_per_prompt`` random views per
+    step, with the prior's SDS (the timestep and noise drawn by the guidance, one timestep per step when it is
+    shared). The parameter groups (their own learning rates) are given: see :func:`refine`."""
 
-    from att3d.eval.model_eval import repeat_cond
-    from att3d.render.cameras import OrbitCameras
+    name = "refine"
+    distributed = False
+    mixing = False
 
-    device = refined.device
-    gen = torch.Generator().manual_seed(opts.seed)
-    guidance = _run_guidance(guidance, opts.t_max, opts.shared_t)
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    views = opts.batch_views
-    prior_cond = guidance.prior.encode_prompts([prompt]).repeat_interleave(views)
-    bg = torch.tensor(opts.background, dtype=torch.float32, device=device)
+    def __init__(self, groups: list[dict[str, Any]], opacity_reg: float = 0.0):
+        self.groups = groups
+        self.opacity_reg = float(opacity_reg)
 
-    def evaluate(step: int) -> None:
-        if eval_fn is None:
-            return
-        refined.eval()
-        with torch.no_grad():
-            metrics = eval_fn(refined)
-        history.evals.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+    def param_groups(self, trainer: Trainer) -> list[dict[str, Any]]:
+        return self.groups
 
-    evaluate(0)
-    bar = tqdm(range(steps), disable=not opts.progress, desc=desc, dynamic_ncols=True)
-    t0 = time.time()
-    for step in bar:
-        refined.train()
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * cosine_factor(step, steps, opts.lr_final)
-        cams = OrbitCameras.sample_training(views, gen, opts.elevation_deg, opts.radius, opts.fov_deg).to(device)
-        cond = repeat_cond(refined.conditioning([prompt]), views)
-        out = refined.renderer(refined.field, cond, cams, opts.resolution, background=bg, generator=gen)
+    def step(self, trainer: Trainer, batch: Batch) -> StepResult:
+        model = trainer.model
+        cond = repeat_conditioning(model.conditioning([trainer.prompts.prompts[0]]), len(batch.cameras))
+        out = model.renderer(model.field, cond, batch.cameras, trainer.cfg.resolution, background=trainer.background,
+                             generator=trainer.generator)
         images = out["rgb"].float().permute(0, 3, 1, 2)
-        sds = guidance(images, prior_cond, cams, step=step, generator=gen)
+        sds = trainer.guidance(images, batch.cond, batch.cameras, step=trainer.step, generator=trainer.generator)
         opacity = out["opacity"].float().mean()
-        loss = sds.loss + opts.opacity_reg * opacity if opts.opacity_reg else sds.loss
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            log.warning("non-finite loss at refinement step %d: skipped", step + 1)
-            continue
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip else float("inf"))
-        if not torch.isfinite(norm):
-            log.warning("non-finite gradient at refinement step %d: skipped", step + 1)
-            opt.zero_grad(set_to_none=True)
-            continue
-        opt.step()
-        rec = {"step": step + 1, "loss": float(sds.loss.detach()), "grad_norm": float(norm),
-               "opacity": float(opacity.detach())}
-        history.train.append(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.3g}", op=f"{rec['opacity']:.2f}")
-        every = opts.eval_every
-        if eval_fn is not None and (step + 1 == steps or (every > 0 and (step + 1) % every == 0)):
-            history.seconds += time.time() - t0
-            evaluate(step + 1)
-            t0 = time.time()
-    history.seconds += time.time() - t0
-    bar.close()
-    refined.eval()
+        loss = sds.loss + self.opacity_reg * opacity if self.opacity_reg else sds.loss
+        return StepResult(loss, sds, {"opacity": opacity}, images)
+
+
+class _Curve:
+    """Trainer callback of a refinement run: the per-step records and the evaluation curve of its history."""
+
+    def __init__(self, history: RefineHistory, eval_fn: EvalFn | None, every: int):
+        self.history, self.eval_fn, self.every = history, eval_fn, every
+        self.t0 = 0.0
+
+    def evaluate(self, trainer: Trainer) -> None:
+        if self.eval_fn is None:
+            return
+        trainer.model.eval()
+        with torch.no_grad():
+            metrics = self.eval_fn(trainer.model)
+        self.history.evals.append({"step": trainer.step, **{k: float(v) for k, v in metrics.items()}})
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.evaluate(trainer)
+        self.t0 = time.time()
+
+    def on_step(self, trainer: Trainer, stats: dict[str, float]) -> None:
+        self.history.train.append({"step": trainer.step, "loss": stats["loss"], "grad_norm": stats["grad_norm"],
+                                   "opacity": stats["opacity"]})
+        last = trainer.step == trainer.cfg.max_steps
+        if self.eval_fn is not None and (last or (self.every > 0 and trainer.step % self.every == 0)):
+            self.history.seconds += time.time() - self.t0
+            self.evaluate(trainer)
+            self.t0 = time.time()
+
+    def on_end(self, trainer: Trainer) -> None:
+        if self.eval_fn is None or not self.history.evals or self.history.evals[-1]["step"] != trainer.step:
+            self.history.seconds += time.time() - self.t0
+            self.evaluate(trainer)
+
+
+def _optimise(refined: RefinedModel, prompt: str, steps: int, guidance, groups: list[dict[str, Any]],
+              opts: RefineSettings, eval_fn: EvalFn | None, history: RefineHistory) -> None:
+    """SDS on one prompt for ``steps`` steps, ``opts.batch_views`` random views per step (updates ``refined``),
+    through the one training loop (:class:`~att3d.train.trainer.Trainer`, no run folder)."""
+    cfg = TrainerConfig(max_steps=steps, batch_size=1, views_per_prompt=opts.batch_views, resolution=opts.resolution,
+                        lr=float(groups[0]["lr"]), lr_final=opts.lr_final, grad_clip=opts.grad_clip or 0.0,
+                        elevation_deg=tuple(opts.elevation_deg), radius=opts.radius, fov_deg=opts.fov_deg,
+                        checkpoint_every=max(1, steps), log_every=1, image_every=0, max_bad_steps=steps,
+                        seed=opts.seed, device=str(refined.device), mixed_precision=False)
+    trainer = Trainer(refined, PromptBank([prompt]), _run_guidance(guidance, opts.t_max, opts.shared_t), cfg,
+                      run_dir=None, objective=RefineSDS(groups, opts.opacity_reg), background=opts.background,
+                      progress=opts.progress, callbacks=[_Curve(history, eval_fn, opts.eval_every)])
+    trainer.fit(resume=False)
+    if trainer.bad_steps:
+        log.warning("%d of %d refinement steps skipped (non-finite loss or gradient)", trainer.bad_steps, steps)
 
 
 def _run(start: AmortizedModel, prompt: str, steps: int, guidance, opts: RefineSettings, eval_fn: EvalFn | None,
@@ -380,8 +381,7 @@ def _run(start: AmortizedModel, prompt: str, steps: int, guidance, opts: RefineS
                                     "train_field": opts.train_field, "resolution": opts.resolution,
                                     "batch_views": opts.batch_views, "seed": opts.seed, **info})
     refined.info = {"mode": opts.mode, "steps": steps, **info}
-    _optimise(refined, prompt, steps, guidance, groups, opts, eval_fn, history,
-              desc="refine" if not info.get("from_scratch") else "scratch")
+    _optimise(refined, prompt, steps, guidance, groups, opts, eval_fn, history)
     for p in refined.parameters():
         p.requires_grad_(False)
     return refined, history
@@ -411,11 +411,11 @@ def refine(model: AmortizedModel, prompt: str, steps: int, guidance, **kwargs: A
         model: the amortized model (not modified: all work happens on :func:`copy_model`).
         prompt: the prompt to refine.
         steps: SDS steps.
-        guidance: a :class:`att3d.guidance.sds.ScoreDistillation` (see :func:`att3d.train.app.build_guidance`).
+        guidance: a :class:`att3d.guidance.sds.ScoreDistillation` (see :func:`att3d.config.build_guidance`).
         kwargs: the fields of :class:`RefineSettings` (``mode``, ``lr``, ``lr_final``, ``t_max``, ...) and
             ``eval_fn``: optional ``fn(refined_model) -> {metric: value}`` called (without gradients, in eval
             mode) before the first step, every ``eval_every`` steps and after the last (e.g.
-            :func:`shapes_eval_fn`).
+            :func:`att3d.eval.refine_eval.shapes_eval_fn`).
 
     Returns:
         ``(refined, history)``: the :class:`RefinedModel` (a copy) and its :class:`RefineHistory`.
@@ -454,102 +454,25 @@ def from_scratch(model: AmortizedModel, prompt: str, steps: int, guidance, init_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Metrics of the shapes world
+# The schedule of a guidance config's refine block
 # ---------------------------------------------------------------------------------------------------------------
 
-def is_shapes_caption(prompt: str) -> bool:
-    """Whether ``prompt`` names a shapes-world object (``a {colour} {shape}``)."""
-    from att3d.world.shapes import parse_caption
+def schedule_from_config(gcfg: dict[str, Any], from_scratch: bool = False,
+                         overrides: dict[str, float | None] | None = None, source: str = "") -> dict[str, float | None]:
+    """The SDS schedule of one refinement run: ``{"guidance_scale", "guidance_scale_low", "low_t", "t_max",
+    "lr_final"}``, from a ``guidance`` config group (a dict, e.g. :func:`att3d.config.guidance_config`).
 
-    try:
-        parse_caption(prompt)
-    except ValueError:
-        return False
-    return True
+    Precedence: ``overrides`` (values that are not None) > the config's ``refine:`` block (only when refining
+    from the amortized start: a start of the right shape needs other settings than a run that must first form
+    it) > the config's own ``guidance_scale``, its full timestep range and a constant learning rate (None here).
 
-
-def shapes_eval_fn(prompt: str, resolution: int = 64, n_views: int = 8,
-                   threshold: float | None = None) -> EvalFn:
-    """``fn(model) -> {volume_iou, silhouette_iou, colour_error}`` of ``prompt``'s object against its ground truth.
-
-    Volume IoU on the 64^3 voxel centres (density above the extraction threshold); silhouette IoU and colour
-    error from the 8 evaluation views rendered at ``resolution`` (WORLD.md's metrics, as ``att3d eval model``).
+    Raises:
+        Att3dError: the refine block has keys other than :data:`REFINE_KEYS` (``source`` names the config).
     """
-    from att3d.eval.model_eval import field_occupancy, render_views
-    from att3d.world import metrics
-    from att3d.world.shapes import parse_caption
-
-    obj = parse_caption(prompt)
-
-    @torch.no_grad()
-    def fn(model) -> dict[str, float]:
-        cond = model.conditioning([prompt])
-        occ = field_occupancy(model, cond, metrics.VOXEL_RESOLUTION, threshold)
-        rgb, op = render_views(model, cond, resolution, n_views)
-        return metrics.score_object(occ[0], rgb[0], op[0], obj)
-
-    return fn
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# att3d refine
-# ---------------------------------------------------------------------------------------------------------------
-
-def guidance_config(name_or_path: str, prior: str | None = None) -> dict[str, Any]:
-    """A ``guidance`` config group as a dict: a name in ``configs/guidance/`` or a YAML file; ``prior`` overrides
-    ``prior.path``."""
-    from omegaconf import OmegaConf
-
-    from att3d.train.app import configs_dir
-
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = configs_dir() / "guidance" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in (configs_dir() / "guidance").glob("*.yaml"))
-        raise Att3dError(f"unknown guidance {name_or_path!r}: no {path} (choose from {', '.join(choices)} "
-                         "or give a YAML file)")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if prior:
-        cfg["prior"]["path"] = prior
-    return cfg
-
-
-def load_guidance(name_or_path: str = "shapes", prior: str | None = None, device: str | torch.device = "cpu",
-                  guidance_scale: float | None = None, **sds: float | None):
-    """``(ScoreDistillation, background)`` of a guidance config (see :func:`guidance_config`); ``guidance_scale``
-    and ``sds`` (``guidance_scale_low``, ``low_t``; None: keep the config's) override the config's values."""
-    from att3d.train.app import build_guidance, resolve_path
-
-    cfg = guidance_config(name_or_path, prior)
-    prior_path = cfg["prior"].get("path")
-    if cfg["prior"].get("name") == "shapes" and prior_path and not resolve_path(prior_path).exists():
-        raise Att3dError(f"no shapes prior at {prior_path} (train one with scripts/train_prior.py or pass --prior)")
-    if guidance_scale is not None:
-        if not guidance_scale > 0:
-            raise Att3dError(f"--guidance-scale must be positive, got {guidance_scale}")
-        cfg["guidance_scale"] = float(guidance_scale)
-    unknown = set(sds) - set(SDS_KEYS)
-    if unknown:
-        raise TypeError(f"load_guidance() got unexpected arguments {sorted(unknown)}")
-    cfg.update({k: float(v) for k, v in sds.items() if v is not None})
-    background = tuple(cfg.get("background") or (1.0, 1.0, 1.0))
-    return build_guidance(cfg, str(device)), background
-
-
-def refine_schedule(name_or_path: str = "shapes", from_scratch: bool = False,
-                    overrides: dict[str, float | None] | None = None) -> dict[str, float | None]:
-    """The SDS schedule of one refinement run: ``{"guidance_scale", "t_max", "lr_final"}``.
-
-    Precedence: ``overrides`` (values that are not None) > the guidance config's ``refine:`` block (only when
-    refining from the amortized start: a start of the right shape needs other settings than a run that must
-    first form it) > the config's own ``guidance_scale``, its full timestep range and a constant learning rate.
-    """
-    cfg = guidance_config(name_or_path)
-    block = dict(cfg.get("refine") or {})
+    block = dict(gcfg.get("refine") or {})
     unknown = set(block) - set(REFINE_KEYS)
     if unknown:
-        raise Att3dError(f"unknown keys {sorted(unknown)} in the refine block of guidance {name_or_path!r} "
+        raise Att3dError(f"unknown keys {sorted(unknown)} in the refine block of guidance {source!r} "
                          f"(allowed: {', '.join(REFINE_KEYS)})")
     out: dict[str, float | None] = {"guidance_scale": None, "guidance_scale_low": None, "low_t": None,
                                     "t_max": None, "lr_final": 1.0}
@@ -557,116 +480,3 @@ def refine_schedule(name_or_path: str = "shapes", from_scratch: bool = False,
         out.update({k: float(v) for k, v in block.items() if v is not None})
     out.update({k: float(v) for k, v in (overrides or {}).items() if v is not None})
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``att3d refine PROMPT --steps N --out DIR``: refine (or optimise from scratch), export, save."""
-    from att3d.cli import command_parser
-    from att3d.model import load
-    from att3d.train.app import resolve_path
-    from att3d.train.trainer import pick_device
-
-    ap = command_parser("refine")
-    ap.add_argument("prompt", help="the prompt to refine")
-    ap.add_argument("--steps", type=int, default=200, help="SDS steps (default 200)")
-    ap.add_argument("--out", default="refined", help="output folder (default refined/)")
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model folder (default {DEFAULT_CHECKPOINT})")
-    ap.add_argument("--mode", choices=MODES, default="params",
-                    help="params: the prompt's field conditioning (+ field MLP); model: the whole model")
-    ap.add_argument("--from-scratch", action="store_true",
-                    help="baseline: a freshly initialised model of the same architecture instead of the trained one")
-    ap.add_argument("--guidance", default="shapes", help="guidance config name (configs/guidance/) or YAML file")
-    ap.add_argument("--prior", default=None, help="prior folder (overrides the guidance config's prior.path)")
-    ap.add_argument("--guidance-scale", type=float, default=None,
-                    help="classifier-free guidance scale (default: the guidance config's refine.guidance_scale "
-                         "when refining, else its guidance_scale)")
-    ap.add_argument("--guidance-scale-low", type=float, default=None,
-                    help="guidance scale of the low-noise steps (t <= --low-t T; default: the config's refine block)")
-    ap.add_argument("--low-t", type=float, default=None, help="boundary of --guidance-scale-low, fraction of T")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 params, 1e-3 model)")
-    ap.add_argument("--field-lr", type=float, default=None, help="learning rate of the field MLP")
-    ap.add_argument("--lr-final", type=float, default=None,
-                    help="learning rates decay (cosine) to this fraction at the end (default: the guidance config's "
-                         "refine.lr_final when refining, else 1 = constant)")
-    ap.add_argument("--t-max", type=float, default=None,
-                    help="upper end of the SDS timestep range as a fraction of T (default: the guidance config's "
-                         "refine.t_max when refining, else its own range)")
-    ap.add_argument("--freeze-field", action="store_true", help="params mode: keep the shared field MLP fixed")
-    ap.add_argument("--resolution", type=int, default=32, help="render resolution of the SDS steps")
-    ap.add_argument("--batch-views", type=int, default=4, help="random views per step")
-    ap.add_argument("--eval-every", type=int, default=0,
-                    help="shapes-world captions: score the object every N steps (0: at start and end only)")
-    ap.add_argument("--no-eval", action="store_true", help="do not score shapes-world captions")
-    ap.add_argument("--format", choices=("glb", "obj", "ply"), default="glb", help="mesh format")
-    ap.add_argument("--grid-resolution", type=int, default=128, help="marching cubes grid of the mesh")
-    ap.add_argument("--texture-size", type=int, default=512, help="texture size of the mesh (0: vertex colours only)")
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="density threshold of the mesh (default: the model's extraction threshold)")
-    ap.add_argument("--no-turntable", action="store_true", help="do not render the turntable video")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    args = ap.parse_args(argv)
-    if args.steps < 0:
-        raise Att3dError(f"--steps must be >= 0, got {args.steps}")
-
-    device = pick_device(args.device)
-    ckpt = resolve_path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise Att3dError(f"no model folder at {args.checkpoint} (train one with 'att3d train' or pass --checkpoint)")
-    model = load(ckpt, device=device)
-    schedule = refine_schedule(args.guidance, from_scratch=args.from_scratch,
-                               overrides={"guidance_scale": args.guidance_scale, "t_max": args.t_max,
-                                          "lr_final": args.lr_final, "guidance_scale_low": args.guidance_scale_low,
-                                          "low_t": args.low_t})
-    guidance, background = load_guidance(args.guidance, args.prior, device, **{k: schedule[k] for k in SDS_KEYS})
-    eval_fn = None
-    if not args.no_eval and is_shapes_caption(args.prompt):
-        eval_fn = shapes_eval_fn(args.prompt)
-    kwargs = dict(mode=args.mode, lr=args.lr, field_lr=args.field_lr, lr_final=schedule["lr_final"],
-                  t_max=schedule["t_max"],
-                  train_field=not args.freeze_field,
-                  resolution=args.resolution, batch_views=args.batch_views, seed=args.seed, eval_fn=eval_fn,
-                  eval_every=args.eval_every, background=background)
-    if args.from_scratch:
-        refined, history = from_scratch(model, args.prompt, args.steps, guidance, **kwargs)
-    else:
-        refined, history = refine(model, args.prompt, args.steps, guidance, **kwargs)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    folder = refined.save_pretrained(out / "model", extra={"checkpoint": str(ckpt)})
-    (out / "history.json").write_text(json.dumps(history.to_dict(), indent=2) + "\n")
-    print(f"{'optimised from scratch' if args.from_scratch else 'refined'} {refined.prompt!r}: {args.steps} steps "
-          f"({args.mode} mode) in {history.seconds:.1f} s")
-    if history.evals:
-        first, last = history.evals[0], history.evals[-1]
-        print("  " + ", ".join(f"{k}: {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step"))
-    print(f"wrote {folder}/ (refined model) and {out / 'history.json'}")
-    rows = export_refined(refined, out, format=args.format, grid_resolution=args.grid_resolution,
-                          texture_size=args.texture_size, turntable=not args.no_turntable,
-                          threshold=args.threshold, device=device)
-    for row in rows:
-        for f in row["files"]:
-            print(f"wrote {f}")
-        if row["empty"]:
-            print(f"no mesh written: {row['note']}")
-    return 0
-
-
-def export_refined(refined: RefinedModel, out_dir: str | Path, format: str = "glb", grid_resolution: int = 128,
-                   texture_size: int = 512, turntable: bool = True, threshold: float | None = None,
-                   device: str | torch.device = "cpu", progress: bool = True) -> list[dict[str, Any]]:
-    """Mesh (and turntable video) of the refined prompt, written by :func:`att3d.infer.generate.write_outputs`
-    exactly as ``att3d generate`` writes them (``<slug>.<format>``, ``<slug>.mp4``).
-
-    Returns:
-        ``write_outputs``' rows (one: ``files``, ``empty``, ``note``, ...).
-    """
-    from att3d.infer.generate import meshes_from_conditioning, write_outputs
-
-    with torch.no_grad():
-        cond = refined.conditioning([refined.prompt])
-    meshes = meshes_from_conditioning(refined, cond, grid_resolution=grid_resolution, threshold=threshold,
-                                      texture_size=texture_size)
-    return write_outputs(meshes, [refined.prompt], out_dir, format=format, turntable=turntable, device=device,
-                         progress=progress)

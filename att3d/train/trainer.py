@@ -1,11 +1,12 @@
-"""Amortized score-distillation training over a prompt set (ATT3D).
+"""The one training loop of att3d: amortized score distillation over a prompt set, for every stage.
 
-Every step takes a batch of different prompts, each with its own random camera,
-maps their text embeddings to field conditioning, renders, and updates the mapping
-network and the shared field with the SDS gradient of the prior. Optionally
-(ATT3D's interpolation training) a fraction of the batch is replaced by mixtures of
-two prompts' embeddings with Dirichlet(kappa) weights, for the mapping network and
-the prior alike, so that in-between prompts are meaningful.
+Every step takes a batch of different prompts (``views_per_prompt`` random cameras each,
+:mod:`att3d.train.batch`), lets the stage's objective (:mod:`att3d.train.objectives`: the NeRF stage,
+the mesh stage, test-time refinement) render them and compute its loss with the prior's SDS
+gradient, and makes one optimiser step (:mod:`att3d.train.optim`: schedule, non-finite skip,
+clipping). Optionally (ATT3D's interpolation training) a fraction of the batch is replaced by
+mixtures of two prompts' embeddings with Dirichlet(kappa) weights, for the mapping network and the
+prior alike, so that in-between prompts are meaningful.
 
 Randomness: everything random (prompt order, mixing partners and weights, cameras,
 stratified jitter, SDS timesteps and noise) flows from one seeded generator and is
@@ -40,19 +41,19 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from att3d.model import AmortizedModel, load_state_checked
-from att3d.render.cameras import OrbitCameras
-from att3d.text.encoders import TextEmbedding
 from att3d.text.prompts import PromptBank
 from att3d.train import distributed
+from att3d.train.batch import Batch, BatchSampler, CameraSampler
+from att3d.train.objectives import NerfSDS, Objective, StepResult
+from att3d.train.optim import clip_gradients, lr_factor
 from att3d.utils.checkpoint import (
     CheckpointError,
     load_json,
@@ -64,6 +65,7 @@ from att3d.utils.checkpoint import (
     save_tensors,
     set_rng_state,
 )
+from att3d.utils.devices import pick_device
 from att3d.utils.errors import Att3dError
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class TrainingInterrupted(Att3dError):
         exit_code: ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the shell convention.
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path):
+    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path | None):
         self.signum = int(signum)
         self.step = int(step)
         self.checkpoint = Path(checkpoint)
@@ -109,12 +111,14 @@ class TrainerConfig:
 
     max_steps: int = 1000
     batch_size: int = 8  # prompts per step (global: split evenly over the processes of a torchrun job)
+    views_per_prompt: int = 1  # cameras per prompt in a step (several views of one object: multi-view priors)
     resolution: int = 32
     lr: float = 1e-3
+    lr_final: float = 1.0  # < 1: cosine decay of the learning rate to lr_final * lr at the last step
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     opacity_reg: float = 0.0  # weight of mean opacity (shrinks floaters)
     entropy_reg: float = 0.0  # weight of the binary entropy of opacity (crisp silhouettes)
     elevation_deg: tuple[float, float] = (-10.0, 45.0)
@@ -132,24 +136,8 @@ class TrainerConfig:
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise Att3dError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def mix_embeddings(a: TextEmbedding, b: TextEmbedding, w: torch.Tensor) -> TextEmbedding:
-    """Convex mixture ``w * a + (1 - w) * b`` of two batches of embeddings; w: (B,)."""
-    wt = w.to(a.tokens)
-    tokens = wt[:, None, None] * a.tokens + (1 - wt)[:, None, None] * b.tokens
-    pooled = wt[:, None] * a.pooled + (1 - wt)[:, None] * b.pooled
-    return TextEmbedding(tokens, a.mask | b.mask, pooled)
-
-
-# Entries of the per-step vector that the ranks sum (one all-reduce per step).
-_NONFINITE_LOSS, _SIGINT, _SIGTERM, _SDS_NONFINITE, _LOSS, _TOTAL, _OPACITY, _SDS_NORM, _T_MEAN = range(9)
+# Entries of the per-step vector that the ranks sum (one all-reduce per step); the stage's own statistics follow.
+_HEAD = _NONFINITE_LOSS, _SIGINT, _SIGTERM, _SDS_NONFINITE, _LOSS, _TOTAL, _SDS_NORM, _T_MEAN = range(8)
 
 
 def latest_checkpoint(ckpt_dir: str | Path, warn: bool = True) -> Path | None:
@@ -203,18 +191,33 @@ def _short_load_error(error: CheckpointError, path: Path) -> str:
     return text
 
 
+def check_stage(objective: Objective, cfg: TrainerConfig, dist: distributed.DistInfo | None = None) -> None:
+    """A one-line :class:`TrainingError` when the stage cannot run with these settings (before anything loads)."""
+    dist = dist or distributed.current()
+    if dist.enabled and not objective.distributed:
+        raise TrainingError(f"the {objective.name} stage runs in one process (no torchrun)")
+    if cfg.interpolation.prob > 0 and not objective.mixing:
+        raise TrainingError(f"the {objective.name} stage does not mix prompts (a mixture has nothing of its own to "
+                            "train here): set trainer.interpolation.prob=0")
+
+
 class Trainer:
-    """Amortized SDS trainer (one process, or one rank of a ``torchrun`` job).
+    """The training loop of every stage (one process, or one rank of a ``torchrun`` job).
 
     Args:
-        model: the amortized model (text encoder, mapping network, field, renderer).
+        model: the model to train (an :class:`~att3d.model.AmortizedModel`, or a model that behaves like one,
+            such as refinement's :class:`~att3d.train.refine.RefinedModel`).
         prompts: the training prompt bank.
         guidance: a :class:`att3d.guidance.sds.ScoreDistillation` over a diffusion prior.
-        cfg: optimisation settings; ``cfg.batch_size`` is the global batch of a step.
-        run_dir: where checkpoints, logs and TensorBoard events go (rank 0 writes them).
-        background: (3,) background colour composited behind the field.
+        cfg: optimisation settings; ``cfg.batch_size`` is the global batch of a step (prompts).
+        run_dir: where checkpoints, logs and TensorBoard events go (rank 0 writes them); None: nothing is
+            written (checkpoints, resume and the final model folder are off; e.g. refinement).
+        objective: the stage (default :class:`~att3d.train.objectives.NerfSDS`).
+        background: (3,) background colour composited behind the renders.
         embedding_cache: folder to keep the prompts' text embeddings in.
         progress: show a progress bar (rank 0).
+        callbacks: objects with optional ``on_start(trainer)``, ``on_step(trainer, stats)`` and
+            ``on_end(trainer)`` methods (e.g. refinement's evaluation curve).
 
     In a process group (:func:`att3d.train.distributed.init_from_env`), each rank trains rows
     ``[rank * b, (rank + 1) * b)`` of every global batch (``b = batch_size / world_size``) and the
@@ -222,10 +225,14 @@ class Trainer:
     """
 
     def __init__(self, model: AmortizedModel, prompts: PromptBank, guidance: Any, cfg: TrainerConfig,
-                 run_dir: str | Path, background: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 embedding_cache: str | Path | None = None, progress: bool = True):
+                 run_dir: str | Path | None, objective: Objective | None = None,
+                 background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 embedding_cache: str | Path | None = None, progress: bool = True,
+                 callbacks: Sequence[Any] = ()):
         self.cfg = cfg
+        self.objective = objective if objective is not None else NerfSDS()
         self.dist = distributed.current()
+        check_stage(self.objective, cfg, self.dist)
         self.rows = distributed.shard(cfg.batch_size, self.dist)
         self.device = distributed.rank_device(pick_device(cfg.device), self.dist)
         if cfg.threads:
@@ -233,80 +240,59 @@ class Trainer:
         self.model = model.to(self.device)
         self.prompts = prompts
         self.guidance = guidance
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
         self.background = torch.tensor(background, dtype=torch.float32, device=self.device)
         self.progress = progress and self.dist.is_main
+        self.callbacks = list(callbacks)
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict[str, float]] = []
         self.generator = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        distributed.broadcast_module(self.model)  # identical start on every rank (no-op for one process)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                          weight_decay=cfg.weight_decay)
+        self.sampler = BatchSampler(len(prompts), cfg.batch_size,
+                                    CameraSampler(tuple(cfg.elevation_deg), cfg.radius, cfg.fov_deg,
+                                                  cfg.views_per_prompt),
+                                    cfg.interpolation.prob, cfg.interpolation.kappa)
         # Embeddings are computed once for the whole prompt set.
         self.text_emb = prompts.embeddings("mapping-" + model.config["text_encoder"]["name"],
                                            model.text_encoder, embedding_cache).to(self.device)
         self.prior_cond = guidance.prior.encode_prompts(prompts.prompts)
+        self.objective.setup(self)
+        distributed.broadcast_module(self.model)  # identical start on every rank (no-op for one process)
+        self.optimizer = torch.optim.Adam(self.objective.param_groups(self), lr=cfg.lr, betas=tuple(cfg.betas),
+                                          weight_decay=cfg.weight_decay)
+        self._base_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         self._writer = None
-        self._order: list[int] = []
         self._stop_signal: int | None = None  # a stop requested on this rank (signal number)
         self._stop_agreed: int | None = None  # the stop all ranks agreed on at the last step
         self._saved_step: int | None = None  # step of the last checkpoint written or loaded
         self._restored = False  # restore() ran (the run folder is prepared, the latest checkpoint loaded)
         self._start_step = 0  # the step this process started (or resumed) training at
 
+    @property
+    def _order(self) -> list[int]:
+        """The rest of the current epoch's prompt order (checkpointed)."""
+        return self.sampler.order
+
     # -- sampling ------------------------------------------------------------------------------------------------
-    def _next_prompts(self, n: int) -> torch.Tensor:
-        """Indices of the next ``n`` prompts: epochs over a seeded shuffle, so every prompt is visited evenly."""
-        out = []
-        while len(out) < n:
-            if not self._order:
-                self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-            out.append(self._order.pop())
-        return torch.tensor(out)
+    def sample_batch(self) -> Batch:
+        """One step's prompts (and mixtures), embeddings, prior conditioning and cameras: this rank's rows."""
+        return self.sampler.sample(self.text_emb, self.prior_cond, self.generator, self.rows, self.device)
 
-    def sample_batch(self) -> dict[str, Any]:
-        """One step's prompts (and mixtures), embeddings, prior conditioning and cameras: this rank's rows.
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of the global batch: prompts times views."""
+        return self.cfg.batch_size * self.cfg.views_per_prompt
 
-        Everything is drawn for the global batch (``cfg.batch_size``) on every rank, then sliced to
-        :attr:`rows`; ``idx`` are the prompt indices of this rank's rows (for a mixture: its first prompt),
-        ``n_mix`` the number of mixtures in the global batch (its first rows), ``mix_partner`` (n_mix,) their second
-        prompts and ``mix_weight`` (n_mix,) the weights of their first prompts.
-        """
-        cfg = self.cfg
-        idx = self._next_prompts(cfg.batch_size)
-        emb = self.text_emb.index(idx.to(self.device))
-        cond = self.prior_cond.index(idx)
-        n_mix = int(round(cfg.interpolation.prob * cfg.batch_size))
-        partner, w = torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        if n_mix > 0:
-            partner = torch.randint(0, len(self.prompts), (n_mix,), generator=self.generator)
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
-            k = cfg.interpolation.kappa
-            w = torch.from_numpy(np.random.default_rng(seed).dirichlet([k, k], size=n_mix)[:, 0]).float()
-            head = torch.arange(n_mix)
-            mixed = mix_embeddings(emb.index(head.to(self.device)), self.text_emb.index(partner.to(self.device)),
-                                   w.to(self.device))
-            emb = TextEmbedding(torch.cat([mixed.tokens, emb.tokens[n_mix:]]),
-                                torch.cat([mixed.mask, emb.mask[n_mix:]]),
-                                torch.cat([mixed.pooled, emb.pooled[n_mix:]]))
-            mixed_cond = cond.index(head).mix(self.prior_cond.index(partner), w)
-            cond = type(cond).cat([mixed_cond, cond.index(torch.arange(n_mix, len(idx)))])
-        cams = OrbitCameras.sample_training(cfg.batch_size, self.generator, tuple(cfg.elevation_deg), cfg.radius,
-                                            cfg.fov_deg)
-        rows = self.rows
-        return {"idx": idx[rows], "emb": emb.index(rows), "cond": cond.index(rows),
-                "cameras": cams.index(rows).to(self.device), "n_mix": n_mix, "rows": rows,
-                "mix_partner": partner, "mix_weight": w}
-
-    def _render_random(self) -> Any:
-        """The random source of the renderer's jitter for this step (drawn for the global batch)."""
+    def render_random(self) -> Any:
+        """The random source of the volume renderer's jitter for this step (drawn for the global batch)."""
         renderer = self.model.renderer
         resolve = getattr(renderer, "resolve_backend", None)
         if resolve is not None and resolve(self.device) == "torch":
-            return distributed.BatchSlice(self.generator, self.cfg.batch_size, self.rows)
+            rows = self.rows
+            v = self.cfg.views_per_prompt
+            return distributed.BatchSlice(self.generator, self.rows_per_step, slice(rows.start * v, rows.stop * v))
         if not self.dist.enabled:
             return self.generator
         # The CUDA (nerfacc) path draws per prompt and sample count: one stream per rank, forked from the
@@ -314,20 +300,27 @@ class Trainer:
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         return torch.Generator().manual_seed(seed + self.dist.rank)
 
-    def _sds_random(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the step's SDS timesteps (B,) and noise (B, C, h, w), drawn for the global batch."""
-        b = self.cfg.batch_size
+    def sds_random(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``rows`` of the step's SDS timesteps (N,) and noise (N, C, h, w), drawn for the global
+        batch (``rows_per_step`` rows)."""
+        b = self.rows_per_step
         t = self.guidance.sample_t(b, self.step, self.generator)
         prior = self.guidance.prior
         shape = (b, int(prior.latent_channels), int(prior.latent_resolution), int(prior.latent_resolution))
         noise = torch.randn(shape, generator=self.generator, device=self.generator.device)
-        return t[self.rows], noise[self.rows]
+        return t[rows], noise[rows]
+
+    def score_distillation(self, images: torch.Tensor, batch: Batch):
+        """The prior's SDS of this rank's renders ``images`` (N, 3, H, W) of ``batch`` (timesteps and noise drawn
+        for the global batch)."""
+        t, noise = self.sds_random(batch.view_rows)
+        return self.guidance(images, batch.cond, batch.cameras, step=self.step, generator=self.generator,
+                             t=t, noise=noise)
 
     # -- one step ------------------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+        """The learning rate of the first parameter group at ``step``."""
+        return self._base_lrs[0] * lr_factor(step, self.cfg.max_steps, self.cfg.warmup_steps, self.cfg.lr_final)
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask :meth:`fit` to stop after the current step with a checkpoint (what SIGINT / SIGTERM do)."""
@@ -341,36 +334,25 @@ class Trainer:
         cfg = self.cfg
         batch = self.sample_batch()
         self.model.train()
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(self.step)
-        use_amp = cfg.mixed_precision and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            field_cond = self.model.mapping(batch["emb"])
-            out = self.model.renderer(self.model.field, field_cond, batch["cameras"], cfg.resolution,
-                                      background=self.background, generator=self._render_random())
-        images = out["rgb"].float().permute(0, 3, 1, 2)
-        t, noise = self._sds_random()
-        sds = self.guidance(images, batch["cond"], batch["cameras"], step=self.step, generator=self.generator,
-                            t=t, noise=noise)
-        loss = sds.loss
-        opacity = out["opacity"].float()
-        if cfg.opacity_reg:
-            loss = loss + cfg.opacity_reg * opacity.mean()
-        if cfg.entropy_reg:
-            o = opacity.clamp(1e-5, 1 - 1e-5)
-            loss = loss + cfg.entropy_reg * (-(o * o.log() + (1 - o) * (1 - o).log())).mean()
+        factor = lr_factor(self.step, cfg.max_steps, cfg.warmup_steps, cfg.lr_final)
+        for g, base in zip(self.optimizer.param_groups, self._base_lrs):
+            g["lr"] = base * factor
+        result: StepResult = self.objective.step(self, batch)
+        loss, sds = result.loss, result.sds
         # Each rank's loss is the mean over its rows, so the global loss is the mean over the ranks. One all-reduce
         # makes every rank agree on skipping the step, on stopping, and on the logged (global) statistics.
-        local = torch.zeros(9, dtype=torch.float64)
+        names = list(result.stats)
+        local = torch.zeros(len(_HEAD) + len(names), dtype=torch.float64)
         local[_NONFINITE_LOSS] = float(not bool(torch.isfinite(loss)))
         local[_SIGINT] = float(self._stop_signal == signal.SIGINT)
         local[_SIGTERM] = float(self._stop_signal is not None and self._stop_signal != signal.SIGINT)
         local[_SDS_NONFINITE] = float(sds.num_nonfinite)
         local[_LOSS] = float(sds.loss.detach())
         local[_TOTAL] = float(loss.detach())
-        local[_OPACITY] = float(opacity.mean().detach())
         local[_SDS_NORM] = float(sds.grad_norm)
         local[_T_MEAN] = float(sds.t.float().mean())
+        for k, name in enumerate(names):
+            local[len(_HEAD) + k] = float(torch.as_tensor(result.stats[name]).detach().float())
         agreed = distributed.all_reduce_sum(local.to(self.device)).cpu()
         world = self.dist.world_size
         self._stop_agreed = (signal.SIGINT if agreed[_SIGINT] > 0 else
@@ -378,21 +360,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if agreed[_NONFINITE_LOSS] > 0:
             return self._bad_step("loss")
-        if agreed[_SDS_NONFINITE] >= cfg.batch_size:
+        if agreed[_SDS_NONFINITE] >= self.rows_per_step:
             return self._bad_step("SDS gradient (every item of the batch)")
-        loss.backward()
-        distributed.average_gradients(self.model.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):  # the averaged gradients are identical on all ranks: so is this test
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._bad_step("gradient")
-        self.optimizer.step()
+        grad_norm = torch.zeros(())
+        if loss.requires_grad or self.dist.enabled:  # no gradient at all: e.g. no mesh of the batch is visible
+            loss.backward()
+            distributed.average_gradients(self.model.parameters())
+            norm = clip_gradients(self.model.parameters(), cfg.grad_clip)
+            if norm is None:  # the averaged gradients are identical on all ranks: so is this test
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._bad_step("gradient")
+            grad_norm = norm
+            self.optimizer.step()
         self.step += 1
-        return {"loss": float(agreed[_LOSS]) / world, "total_loss": float(agreed[_TOTAL]) / world,
-                "grad_norm": float(grad_norm), "sds_grad_norm": float(agreed[_SDS_NORM]) / world,
-                "opacity": float(agreed[_OPACITY]) / world, "t_mean": float(agreed[_T_MEAN]) / world,
-                "sds_nonfinite": float(agreed[_SDS_NONFINITE]), "lr": self.lr_at(self.step - 1),
-                "_images": images.detach()}
+        stats = {"loss": float(agreed[_LOSS]) / world, "total_loss": float(agreed[_TOTAL]) / world,
+                 "grad_norm": float(grad_norm), "sds_grad_norm": float(agreed[_SDS_NORM]) / world,
+                 **{name: float(agreed[len(_HEAD) + k]) / world for k, name in enumerate(names)},
+                 "t_mean": float(agreed[_T_MEAN]) / world, "sds_nonfinite": float(agreed[_SDS_NONFINITE]),
+                 "lr": self.lr_at(self.step - 1)}
+        if result.images is not None:
+            stats["_images"] = result.images.detach()  # type: ignore[assignment]
+        return stats
 
     def _bad_step(self, what: str) -> dict[str, float]:
         self.bad_steps += 1
@@ -408,13 +396,15 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write a complete checkpoint folder, then point ``latest.json`` at it (atomic); rank 0 writes, all wait."""
+        if self.ckpt_dir is None:
+            raise TrainingError("this trainer has no run folder: nothing to checkpoint")
         folder = self.ckpt_dir / f"step-{self.step:07d}"
         if self.dist.is_main:
             self.model.save_pretrained(folder)
             save_state(folder / "optimizer.pt", self.optimizer.state_dict())
             save_tensors(folder / "rng.safetensors", {"rng.generator": self.generator.get_state(), **rng_state()})
             save_json(folder / "trainer_state.json", {
-                "step": self.step, "bad_steps": self.bad_steps, "order": self._order,
+                "step": self.step, "bad_steps": self.bad_steps, "order": self.sampler.order,
                 "history": self.history[-2000:], "batch_size": self.cfg.batch_size,
                 "world_size": self.dist.world_size})
             save_json(self.ckpt_dir / "latest.json", {"step": self.step, "folder": folder.name})
@@ -433,8 +423,10 @@ class Trainer:
         for p in stale + older[: max(0, len(older) - (self.cfg.keep_checkpoints - 1))]:
             shutil.rmtree(p, ignore_errors=True)
 
-    def latest_checkpoint(self) -> Path | None:
+    def latest(self) -> Path | None:
         """The folder ``checkpoints/latest.json`` points at, or None for a fresh run (see :func:`latest_checkpoint`)."""
+        if self.ckpt_dir is None:
+            return None
         return latest_checkpoint(self.ckpt_dir, warn=self.dist.is_main)
 
     def load_checkpoint(self, folder: str | Path) -> None:
@@ -470,11 +462,11 @@ class Trainer:
         state = load_json(state_file)
         try:
             self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
-            self._order = [int(i) for i in state["order"]]
+            self.sampler.order = [int(i) for i in state["order"]]
             self.history = list(state.get("history", []))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"corrupted checkpoint file {state_file}: {type(e).__name__}: {e}") from None
-        if any(not 0 <= i < len(self.prompts) for i in self._order):
+        if any(not 0 <= i < len(self.prompts) for i in self.sampler.order):
             raise CheckpointError(f"checkpoint {state_file} was trained on another prompt set (prompt index out of "
                                   f"range for {len(self.prompts)} prompts)")
         self._saved_step = self.step
@@ -493,6 +485,8 @@ class Trainer:
     def _log(self, stats: dict[str, float], rate: float) -> None:
         record = {"step": self.step, **{k: v for k, v in stats.items() if not k.startswith("_")}, "steps_per_s": rate}
         self.history.append(record)
+        if self.run_dir is None:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():
@@ -501,8 +495,8 @@ class Trainer:
 
     def _trim_metrics(self) -> None:
         """Drop ``metrics.jsonl`` records after the resumed step (logged by a run that died before its checkpoint)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
+        path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+        if path is None or not path.is_file():
             return
         kept = []
         for line in path.read_text().splitlines():
@@ -550,10 +544,10 @@ class Trainer:
         checkpoint against the model before it saves the run's config).
         """
         main = self.dist.is_main
-        if main:
+        if main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        latest = self.latest_checkpoint() if resume else None
+        latest = self.latest() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
             if main:
@@ -569,11 +563,13 @@ class Trainer:
         self._restored = True
         return latest
 
-    def fit(self, resume: bool = True) -> Path:
-        """Train to ``max_steps`` (resuming from the latest checkpoint if any); returns the final model folder.
+    def fit(self, resume: bool = True) -> Path | None:
+        """Train to ``max_steps`` (resuming from the latest checkpoint if any); returns the final model folder
+        (``run_dir/model``, whose ``extra`` is the objective's :meth:`~att3d.train.objectives.Objective.record`),
+        or None without a run folder.
 
         Raises:
-            TrainingInterrupted: on SIGINT / SIGTERM, after writing a checkpoint.
+            TrainingInterrupted: on SIGINT / SIGTERM, after writing a checkpoint (with a run folder).
             TrainingError: after more than ``max_bad_steps`` non-finite steps.
             CheckpointError: the latest checkpoint is damaged or from another architecture.
         """
@@ -583,9 +579,12 @@ class Trainer:
         if not self._restored:
             self.restore(resume)
         cfg = self.cfg
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress,
+                   desc=self.objective.name, dynamic_ncols=True)
+        self._call("on_start")
         t0, n0 = time.time(), self.step
-        with self._stop_on_signals():
+        signals = self._stop_on_signals() if self.run_dir is not None else contextlib.nullcontext()
+        with signals:
             while self.step < cfg.max_steps:
                 stats = self.train_step()
                 bar.update(1)
@@ -593,11 +592,16 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                         rate = (self.step - n0) / max(1e-9, time.time() - t0)
                         self._log(stats, rate)
-                        bar.set_postfix(loss=f"{stats['loss']:.3g}", op=f"{stats['opacity']:.2f}", it_s=f"{rate:.2f}")
+                        bar.set_postfix(loss=f"{stats['loss']:.3g}", it_s=f"{rate:.2f}",
+                                        **{k: f"{v:.2f}" for k, v in stats.items() if k == "opacity"})
                         t0, n0 = time.time(), self.step
-                    if cfg.image_every and self.step % cfg.image_every == 0:
+                    if cfg.image_every and self.step % cfg.image_every == 0 and "_images" in stats \
+                            and self.run_dir is not None:
                         imgs = stats["_images"][:16].clamp(0, 1).cpu()
                         self.writer.add_images("train/renders", imgs, self.step)
+                    self._call("on_step", stats)
+                if self.ckpt_dir is None:
+                    continue
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint()
                 # One process stops at once; ranks stop together at the step whose all-reduce carried the request.
@@ -609,21 +613,27 @@ class Trainer:
                     self._close_writer()
                     raise TrainingInterrupted(stop, self.step, self.ckpt_dir / f"step-{self.step:07d}", self.run_dir)
         bar.close()
+        self.model.eval()
+        self._call("on_end")
+        if self.run_dir is None:
+            return None
         final = self.run_dir / "model"
         if main:
-            self.model.save_pretrained(final, extra={"steps": self.step, "prompts": len(self.prompts)})
+            self.model.save_pretrained(final, extra=self.objective.record(self))
         self._close_writer()
         distributed.barrier()
         return final
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
 
     def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def config_dict(cfg: TrainerConfig) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 def _coerce(what: str, annotation: str, value: Any) -> Any:

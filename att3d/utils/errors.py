@@ -12,10 +12,6 @@ class Att3dError(Exception):
     """Base class of the errors that att3d reports to the user as one line."""
 
 
-class NotAvailableError(Att3dError):
-    """A command or API that this version of att3d does not provide (yet)."""
-
-
 def one_line(error: BaseException) -> str:
     """The message of ``error`` on one line (whitespace collapsed); its type name if it has none."""
     text = " ".join(str(error).split())

@@ -395,3 +395,54 @@ def image_retrieval_scores(rgb: torch.Tensor, foreground: torch.Tensor, gt_rgb: 
     sil = silhouette_iou(foreground[None], gt_mask)
     col = colour_error(rgb[None], gt_rgb, foreground[None], gt_mask)
     return sil - col
+
+
+# --------------------------------------------------------------------------------------------
+# A model's field, measured as the metrics need it
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def field_occupancy(model, cond: dict[str, torch.Tensor], resolution: int = VOXEL_RESOLUTION,
+                    threshold: float | None = None, chunk: int = 65536) -> torch.Tensor:
+    """(B, R, R, R) bool on the CPU: density above ``threshold`` at the voxel centres over [-1, 1]^3.
+
+    Args:
+        model: anything with ``field.density(points (B, N, 3), cond)``, ``device`` and ``config`` (an amortized
+            model).
+        cond: field conditioning of B prompts, ``{name: (B, ...)}``.
+        threshold: None: the model's extraction threshold (:func:`att3d.mesh.extract.extraction_threshold`).
+    """
+    from att3d.mesh.extract import extraction_threshold
+    from att3d.world.render import voxel_centres
+
+    threshold = extraction_threshold(model) if threshold is None else threshold
+    pts = voxel_centres(resolution, model.device).reshape(1, -1, 3)
+    B = next(iter(cond.values())).shape[0]
+    out = []
+    for s in range(0, pts.shape[1], chunk):
+        p = pts[:, s:s + chunk].expand(B, -1, -1)
+        out.append(model.field.density(p, cond) > threshold)
+    return torch.cat(out, dim=1).reshape(B, resolution, resolution, resolution).cpu()
+
+
+@torch.no_grad()
+def render_views(model, cond: dict[str, torch.Tensor], resolution: int = 64, n_views: int = 8,
+                 background=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render each prompt at the evaluation views, one prompt at a time.
+
+    Args:
+        model: anything with ``render(cond, cameras, resolution, background=...)`` and ``device``.
+        cond: field conditioning of B prompts, ``{name: (B, ...)}``.
+
+    Returns:
+        rgb (B, V, H, W, 3) and opacity (B, V, H, W) on the CPU.
+    """
+    cams = OrbitCameras.evaluation(n_views, device=model.device)
+    B = next(iter(cond.values())).shape[0]
+    rgbs, ops = [], []
+    for b in range(B):
+        cb = {k: v[b:b + 1].repeat_interleave(n_views, dim=0) for k, v in cond.items()}
+        out = model.render(cb, cams, resolution, background=background)
+        rgbs.append(out["rgb"].cpu())
+        ops.append(out["opacity"].cpu())
+    return torch.stack(rgbs), torch.stack(ops)

@@ -7,17 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from att3d.render.cameras import OrbitCameras
-from att3d.world.shapes import AMBIENT, BOUND_RADIUS, COLOURS, DIFFUSE, LIGHT_DIR, SDFS, WorldObject
-
-
-def lambert(albedo: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """WORLD.md shading ``albedo * (0.35 + 0.65 max(0, n.l))``.
-
-    Args:
-        albedo: (..., 3); normals: (..., 3) outward unit normals.
-    """
-    light = torch.tensor(LIGHT_DIR, dtype=normals.dtype, device=normals.device)
-    return albedo * (AMBIENT + DIFFUSE * (normals * light).sum(-1, keepdim=True).clamp(min=0.0))
+from att3d.render.shading import lambert  # WORLD.md shading: its defaults are the world's light
+from att3d.world.shapes import BOUND_RADIUS, COLOURS, SDFS, WorldObject
 
 
 def sdf_normals(sdf: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:

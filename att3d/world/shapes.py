@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+# The fixed light of WORLD.md: the defaults of att3d.render.shading.lambert (kept here under the world's names).
+from att3d.render.shading import AMBIENT, DIFFUSE, LIGHT_DIR  # noqa: F401
 from att3d.utils.errors import Att3dError
 
 SHAPE_NAMES: tuple[str, ...] = ("sphere", "cube", "cylinder", "cone", "torus", "pyramid", "capsule", "octahedron")
@@ -28,10 +30,6 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "pink": (0.95, 0.45, 0.70),
     "gray": (0.45, 0.45, 0.45),
 }
-#: Direction towards the fixed light (unit).
-LIGHT_DIR: tuple[float, float, float] = tuple(v / math.sqrt(0.5**2 + 0.8**2 + 0.6**2) for v in (0.5, 0.8, 0.6))
-AMBIENT = 0.35
-DIFFUSE = 0.65
 BACKGROUND = (1.0, 1.0, 1.0)
 #: Every object lies inside this ball. WORLD.md says 0.75, but its own pyramid (base side 0.9 at
 #: y = -0.45) reaches sqrt(3) * 0.45 = 0.779 at the base corners, so tracing uses 0.8.

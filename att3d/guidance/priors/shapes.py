@@ -72,7 +72,7 @@ class ShapesPrior(DiffusionPrior):
         folder = Path(folder) if folder is not None else default_shapes_prior_path()
         if not (folder / "prior_config.json").is_file():
             raise FileNotFoundError(f"no shapes prior at {folder} (expected prior_config.json, unet/, scheduler/); "
-                                    f"train one with `att3d prior` or set ${SHAPES_PRIOR_ENV}")
+                                    f"train one with `python scripts/train_prior.py` or set ${SHAPES_PRIOR_ENV}")
         meta = load_json(folder / "prior_config.json")
         if meta.get("kind") != "shapes":
             raise ValueError(f"{folder} holds a prior of kind {meta.get('kind')!r}, not 'shapes'")

@@ -1,4 +1,4 @@
-"""``att3d train``: the Hydra application over ``configs/train.yaml``.
+"""``att3d train``: the Hydra application over ``configs/train.yaml`` (every stage: ``stage=nerf|mesh``).
 
 Each run gets its own folder (``runs/<name>/<timestamp>/``) holding the resolved
 config (``config.yaml``), Hydra's record (``.hydra/``), logs, TensorBoard events,
@@ -21,120 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from att3d.utils.errors import Att3dError
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def configs_dir() -> Path:
-    """The folder of Hydra configs (``ATT3D_CONFIGS`` overrides the repository's ``configs/``)."""
-    return Path(os.environ.get("ATT3D_CONFIGS", REPO_ROOT / "configs"))
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A path as given if it exists (or is absolute), else relative to the repository root (for shipped assets)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    q = REPO_ROOT / p
-    return q if q.exists() else p
-
-
-#: Environment variable holding the run folder's timestamp that all ranks of a torchrun job share.
-STAMP_ENV = "ATT3D_RUN_STAMP"
-
-
-def _stamp() -> str:
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def _run_dir(resume: str | None, name: str) -> str:
-    if resume not in (None, "", "None", "null"):
-        return str(resume)
-    return str(Path("runs") / str(name) / (os.environ.get(STAMP_ENV) or _stamp()))
-
-
-def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("att3d_run_dir"):
-        OmegaConf.register_new_resolver("att3d_run_dir", _run_dir)
-
-
-def build_guidance(gcfg: dict[str, Any], device: str):
-    """The ScoreDistillation object of a ``guidance`` config group."""
-    from att3d.guidance.sds import ScoreDistillation
-    from att3d.registry import PRIORS
-
-    gcfg = dict(gcfg)
-    prior_cfg = dict(gcfg.pop("prior"))
-    gcfg.pop("background", None)
-    gcfg.pop("refine", None)  # test-time refinement settings (att3d.train.refine), not SDS arguments
-    name = prior_cfg.pop("name")
-    path = prior_cfg.pop("path")
-    local = resolve_path(path)
-    prior = PRIORS.build(name, path=str(local) if local.exists() else path, device=device, **prior_cfg)
-    if gcfg.get("t_range") is not None:
-        gcfg["t_range"] = tuple(gcfg["t_range"])
-    if gcfg.get("t_anneal") is not None:
-        gcfg["t_anneal"] = tuple(gcfg["t_anneal"])
-    return ScoreDistillation(prior, **gcfg)
-
-
-def model_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {k: dict(cfg[k]) for k in ("text_encoder", "mapping", "field", "renderer")}
-    if cfg.get("extraction"):
-        out["extraction"] = dict(cfg["extraction"])
-    return out
-
-
-def build_trainer(cfg: dict[str, Any], run_dir: str | Path, resume: bool = True):
-    """Model, prompt bank, guidance and trainer of a resolved train config (a plain dict).
-
-    With ``resume``, the model is checked against the run's latest checkpoint (if any) before the prior is
-    loaded: a checkpoint of another architecture fails in seconds, not after loading a large prior.
-    """
-    import torch
-
-    from att3d.text.prompts import PromptBank, resolve_prompts
-
-    # Bad prompts fail before the heavy imports and loading.
-    prompts = PromptBank(resolve_prompts(cfg["prompts"]["train"], base_dir=configs_dir() / "prompts"))
-
-    from att3d.model import AmortizedModel
-    from att3d.train import distributed
-    from att3d.train.trainer import Trainer, check_model_fits, pick_device, trainer_config_from_dict
-
-    tcfg = trainer_config_from_dict(cfg["trainer"])
-    device = distributed.rank_device(pick_device(tcfg.device))
-    distributed.shard(tcfg.batch_size)  # a batch that does not split over the ranks fails before the loading
-    torch.manual_seed(tcfg.seed)  # the initial weights depend on the seed only
-    model = AmortizedModel(model_config(cfg))
-    if resume:
-        check_model_fits(model, run_dir)
-    guidance = build_guidance(cfg["guidance"], str(device))
-    background = tuple(cfg["guidance"].get("background") or (1.0, 1.0, 1.0))
-    cache = cfg.get("embedding_cache")
-    return Trainer(model, prompts, guidance, tcfg, run_dir, background=background,
-                   embedding_cache=resolve_path(cache) if cache else None, progress=bool(cfg.get("progress", True)))
-
-
-def save_config(cfg: dict[str, Any], run_dir: str | Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    from omegaconf import OmegaConf
-
-    from att3d.utils.checkpoint import atomic_write
-
-    path = Path(run_dir) / "config.yaml"
-    text = OmegaConf.to_yaml(OmegaConf.create(cfg))
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
 
 
 def run(cfg: dict[str, Any], run_dir: str | Path) -> Path:
@@ -143,7 +35,9 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> Path:
     The latest checkpoint (if any) is loaded before ``config.yaml`` is (re)written, so a resume with
     overrides that do not fit the checkpoint (another field size) fails without touching the run's config.
     """
+    from att3d.config import build_trainer
     from att3d.train import distributed
+    from att3d.train.run_dir import save_config
 
     try:
         trainer = build_trainer(cfg, run_dir)
@@ -231,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    _register_resolvers()
+    from att3d.config import register_resolvers
+    from att3d.train.run_dir import STAMP_ENV, stamp
+    from att3d.utils.paths import configs_dir
+
+    register_resolvers()
     argv = list(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {"code": 0}
     distributed: Any = None  # att3d.train.distributed (imports torch): only in a multi-process job
@@ -246,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, is_main, multi = info.rank, info.is_main, True
         joined = not distributed.current().enabled
         distributed.init_from_env()
-        os.environ[STAMP_ENV] = str(distributed.broadcast_object(_stamp()))  # one run folder for all ranks
+        os.environ[STAMP_ENV] = str(distributed.broadcast_object(stamp()))  # one run folder for all ranks
         if not is_main:
             argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
     # Config errors come back as exceptions (one line through att3d.cli), not as Hydra's multi-line report.

@@ -4,17 +4,17 @@
     att3d eval prior --help
     att3d --help
 
-Each subcommand is one row of :data:`COMMANDS`: its help text and the
-``"module:function"`` that implements it. The module is imported only when its
-subcommand runs, so ``att3d --help`` stays instant (no torch) and a subcommand
-whose module is not written yet says so in one line. An implementing function
-takes the rest of the command line (``list[str]``, passed on untouched) and
-returns an exit code.
+Each subcommand is one row of :data:`COMMANDS`: its help text and the ``"module:function"`` that implements
+it, one module per command in this package (:mod:`att3d.cli.generate`, ...; ``train`` is the Hydra app of
+:mod:`att3d.cli.train`, which reports its errors per rank itself). The module is imported only when its
+subcommand runs, so ``att3d --help``
+stays instant (no torch). An implementing function takes the rest of the command line (``list[str]``, passed
+on untouched) and returns an exit code; its parser is :class:`~att3d.cli._args.CommandParser`.
 
-Errors: an :class:`~att3d.utils.errors.Att3dError`, a missing file or a config
-error is printed as ``att3d: error: <message>`` on one line with exit code 2, any
-other exception as one line with exit code 1; ``ATT3D_DEBUG=1`` adds the
-traceback. Ctrl-C exits with 130.
+Errors, mapped to exit codes here and only here (:func:`main`): an :class:`~att3d.utils.errors.Att3dError`, a
+missing file or a config error is printed as ``att3d: error: <message>`` on one line with exit code 2, any
+other exception as one line ``internal error`` with exit code 1; ``ATT3D_DEBUG=1`` adds the traceback. Ctrl-C
+exits with 130.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import importlib.util
 import os
 import sys
 import traceback
@@ -30,9 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from att3d import __version__
-from att3d.utils.errors import Att3dError, NotAvailableError, one_line
+from att3d.cli._args import PROG, CommandParser, UsageError, command_parser
+from att3d.utils.errors import Att3dError, one_line
 
-PROG = "att3d"
+__all__ = ["COMMANDS", "Command", "CommandParser", "UsageError", "command_parser", "dispatch", "lookup", "main"]
+
 HELP_FLAGS = ("-h", "--help")
 # Exceptions reported as the user's to fix (exit code 2), besides Hydra's and OmegaConf's config errors.
 USER_ERRORS = (Att3dError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -48,8 +49,8 @@ class Command:
         summary: one line for the listing in the parent's ``--help``.
         description: one or two sentences for the command's own ``--help``.
         usage: how the arguments look, for the usage line.
-        own_help: the target prints the description in its own ``--help`` (argparse targets built with
-            :func:`command_parser`). When False (Hydra apps), ``--help`` prints the description first and then
+        own_help: the target prints the description in its own ``--help`` (targets whose parser is a
+            :class:`CommandParser`). When False (Hydra apps), ``--help`` prints the description first and then
             forwards ``--help`` to the target for the details.
         subcommands: the targets of a group.
     """
@@ -62,42 +63,36 @@ class Command:
     subcommands: dict[str, Command] = field(default_factory=dict)
 
 
-# The command table. Filling in a subcommand = writing its module; changing where it lives = one line here.
+# The command table. Adding a subcommand = one module in att3d/cli/ and one row here.
 COMMANDS: dict[str, Command] = {
     "train": Command(
-        "att3d.train.app:main",
-        "train an amortized text-to-3D model (Hydra app)",
+        "att3d.cli.train:main",
+        "train an amortized text-to-3D model, any stage (Hydra app)",
         "Train one amortized model on a set of prompts with score distillation from a diffusion prior. "
         "Arguments are Hydra overrides (e.g. experiment=quickstart trainer.max_steps=2000; --cfg job prints "
-        "the composed config); the run folder runs/<experiment>/<timestamp>/ gets the resolved config, logs, "
-        "checkpoints and TensorBoard events.",
+        "the composed config); stage=mesh init_from=MODEL trains LATTE3D's textured-mesh stage from a trained "
+        "model. The run folder runs/<experiment>/<timestamp>/ gets the resolved config, logs, checkpoints and "
+        "TensorBoard events.",
         usage="[OVERRIDE ...] [--cfg job] [--help]",
         own_help=False,
     ),
     "generate": Command(
-        "att3d.infer.generate:main",
+        "att3d.cli.generate:main",
         "text to 3D with a trained model: meshes, renders",
         "Turn prompts into 3D objects with a trained amortized model in one forward pass each (no "
         "per-prompt optimisation), and export textured meshes and turntable renders.",
     ),
     "interpolate": Command(
-        "att3d.infer.interpolate:main",
+        "att3d.cli.interpolate:main",
         "render along interpolations between prompts",
         "Interpolate between the text embeddings of prompts and render or export the objects that a "
         "trained amortized model produces along the way.",
     ),
     "refine": Command(
-        "att3d.train.refine:main",
+        "att3d.cli.refine:main",
         "fine-tune a trained model on a few prompts",
         "Refine a trained amortized model on one or a few prompts with more score distillation steps, "
         "starting from the amortized result instead of from scratch.",
-    ),
-    "mesh-head": Command(
-        "att3d.train.mesh_head:main",
-        "train the textured-mesh head (LATTE3D stage 2)",
-        "Starting from a trained amortized model, extract each prompt's mesh (DMTet), rasterize it at a higher "
-        "resolution than the NeRF stage and refine the colour field (geometry optionally) with score "
-        "distillation, amortized over the prompt set; writes a model folder that att3d generate loads.",
     ),
     "eval": Command(
         None,
@@ -107,19 +102,19 @@ COMMANDS: dict[str, Command] = {
         usage="TARGET [ARGS ...]",
         subcommands={
             "prior": Command(
-                "att3d.eval.prior_eval:main",
+                "att3d.cli.eval:prior_main",
                 "score the shapes-world diffusion prior",
                 "Evaluate the embedded view-conditioned diffusion prior: how well its samples match the "
                 "ground-truth renders of their captions.",
             ),
             "paraphrase": Command(
-                "att3d.eval.paraphrase:main",
+                "att3d.cli.eval:paraphrase_main",
                 "score reworded prompts the model never trained on",
                 "Evaluate an amortized model on paraphrases of the shapes-world captions (colour and shape "
                 "synonyms, other sentence templates) with the same metrics as 'att3d eval model'.",
             ),
             "model": Command(
-                "att3d.eval.model_eval:main",
+                "att3d.cli.eval:model_main",
                 "score an amortized model (IoU, colour, retrieval)",
                 "Evaluate a trained amortized model on the shapes world (seen and held-out prompts) with the "
                 "shapes-world metrics: volume IoU, colour error, silhouette IoU and retrieval accuracy.",
@@ -127,22 +122,19 @@ COMMANDS: dict[str, Command] = {
         },
     ),
     "bench": Command(
-        "att3d.eval.bench:main",
+        "att3d.cli.bench:main",
         "speed: generation latency, training throughput",
         "Time generation per prompt and training steps per second on this machine's device.",
     ),
+    "demo": Command(
+        "att3d.demo.command:main",
+        "local web app: prompt to 3D in the browser",
+        "Serve a local web app (gradio, http://127.0.0.1:7860 by default): a prompt becomes a textured, rotatable "
+        "3D object in one forward pass (GLB/OBJ/PLY downloads), two prompts and a slider walk the interpolation "
+        "between them, and the model cards are shown. No public link unless --share.",
+        usage="[--host HOST] [--port PORT] [--model PATH ...] [--out DIR]",
+    ),
 }
-
-
-class UsageError(Att3dError):
-    """A command line that att3d does not understand."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` (printed as one line) instead of printing usage and exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -169,39 +161,14 @@ def _debug() -> bool:
     return os.environ.get("ATT3D_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _split_target(target: str) -> tuple[str, str]:
-    module, _, attr = target.partition(":")
-    return module, attr or "main"
+def import_target(target: str) -> Callable[..., object]:
+    """The function of ``"module:function"`` (``main`` when no function is named), imported now."""
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr or "main")
 
 
-def import_target(target: str, what: str) -> Callable[..., object]:
-    """Import ``"module:function"``; :class:`NotAvailableError` ``"<what> is not available yet"`` if the module
-    (or the function) does not exist. A module that exists but fails to import raises its own error."""
-    module_name, attr = _split_target(target)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise NotAvailableError(f"{what} is not available yet") from None
-        raise
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise NotAvailableError(f"{what} is not available yet ({module_name} has no {attr}())")
-    return fn
-
-
-def is_available(path: str) -> bool:
-    """Whether the module of a command (``"generate"``, ``"eval prior"``) exists, without importing it."""
-    cmd = _lookup(path.split())
-    if cmd.target is None:
-        return True
-    try:
-        return importlib.util.find_spec(_split_target(cmd.target)[0]) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _lookup(words: Sequence[str]) -> Command:
+def lookup(words: Sequence[str]) -> Command:
+    """The row of a command path (``["eval", "prior"]``); KeyError for an unknown one."""
     table, cmd = COMMANDS, None
     for w in words:
         cmd = table[w]
@@ -212,7 +179,7 @@ def _lookup(words: Sequence[str]) -> Command:
 
 
 def _add_commands(parser: argparse.ArgumentParser, table: dict[str, Command], prog: str) -> None:
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", parser_class=_Parser)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", parser_class=CommandParser)
     for name, cmd in table.items():
         p = sub.add_parser(name, help=cmd.summary, description=cmd.description, add_help=False,
                            usage=f"{prog} {name} {cmd.usage}", formatter_class=_Formatter)
@@ -222,7 +189,7 @@ def _add_commands(parser: argparse.ArgumentParser, table: dict[str, Command], pr
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser (used for the help texts and top-level options; subcommands parse their own argv)."""
-    parser = _Parser(
+    parser = CommandParser(
         prog=PROG,
         formatter_class=_Formatter,
         usage=f"{PROG} [-h] [--version] COMMAND [ARGS ...]",
@@ -233,14 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_commands(parser, COMMANDS, PROG)
     return parser
-
-
-def command_parser(path: str, **kwargs) -> argparse.ArgumentParser:
-    """An ArgumentParser for the implementation of ``att3d <path>`` (e.g. ``"eval prior"``): prog and description
-    come from the command table, so that ``att3d eval prior --help`` matches ``att3d eval --help``."""
-    cmd = _lookup(path.split())
-    kwargs.setdefault("description", cmd.description)
-    return argparse.ArgumentParser(prog=f"{PROG} {path}", **kwargs)
 
 
 def _help_text(words: list[str]) -> str:
@@ -276,16 +235,8 @@ def _run(words: list[str], cmd: Command, argv: list[str]) -> int:
         return _run([*words, name], cmd.subcommands[name], rest)
 
     assert cmd.target is not None
-    wants_help = _wants_help(argv)
-    try:
-        fn = import_target(cmd.target, f"'{prog}'")
-    except NotAvailableError:
-        if not wants_help:
-            raise
-        print(_help_text(words), end="")
-        print(f"\n'{prog}' is not available yet in att3d {__version__}.")
-        return 0
-    if wants_help and not cmd.own_help:
+    fn = import_target(cmd.target)
+    if not cmd.own_help and _wants_help(argv):
         print(_help_text(words))
     return _exit_code(fn(argv))
 
@@ -316,7 +267,12 @@ def dispatch(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``att3d`` console script: returns the exit code, never raises."""
+    """Entry point of the ``att3d`` console script: returns the exit code, never raises.
+
+    The one mapping of exceptions to exit codes: a user error (:data:`USER_ERRORS`, Hydra's and OmegaConf's
+    config errors) -> 2, a missing dependency -> 1 naming it, anything else -> 1 ``internal error``, Ctrl-C ->
+    130; each printed as one line ``att3d: error: ...`` (``ATT3D_DEBUG=1`` prints the traceback first).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug()
     if debug:
@@ -328,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except SystemExit as e:  # argparse or Hydra inside a subcommand
+    except SystemExit as e:  # argparse's --help / --version, or Hydra inside a subcommand
         return _exit_code(e.code)
     except BrokenPipeError:  # e.g. `att3d --help | head -1`
         try:
@@ -348,7 +304,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             code, msg = 1, f"internal error: {type(e).__name__}: {one_line(e)}{hint}"
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

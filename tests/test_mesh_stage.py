@@ -1,4 +1,4 @@
-"""The textured-mesh head (LATTE3D's second stage): DMTet from the density, rendering, training, output folder.
+"""The textured-mesh stage (LATTE3D's second stage): DMTet from the density, rendering, training, output folder.
 
 A tiny amortized model (a 4^3..8^3 grid field, untrained: a soft ball of density ~6 at the centre) and a tiny
 random shapes prior keep every step a fraction of a second on a CPU. Also here: the two mesh-module fixes this
@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import att3d
+from att3d.cli.train import main as train_main
 from att3d.mesh import face_normals, tet_grid
+from att3d.mesh import surface as mh
 from att3d.mesh.cleanup import _adjacency, lexicographic_keys, weld_vertices
 from att3d.model import AmortizedModel
 from att3d.render.cameras import OrbitCameras
-from att3d.train import mesh_head as mh
 from att3d.world.prior_training import PriorArchitecture, build_scheduler, build_unet, save_prior
 from att3d.world.render import render_objects
 from att3d.world.shapes import WorldObject
@@ -52,11 +53,13 @@ def files(tmp_path_factory, tiny_model) -> dict[str, Path]:
     return {"model": root / "model", "prior": root / "prior", "prompts": root / "prompts.txt"}
 
 
-def argv(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["--init-from", str(files["model"]), "--out", str(out), "--prompts", str(files["prompts"]),
-            "--prior", str(files["prior"]), "--batch-size", "2", "--resolution", "48", "--tet-resolution", "20",
-            "--device", "cpu", "--threads", "1", "--no-progress", "--set", "mesh_head.anchor_points=256",
-            "--set", "trainer.log_every=1", *extra]
+def argv(files: dict[str, Path], run: Path, *extra: str, resume: bool = False) -> list[str]:
+    """``att3d train stage=mesh`` overrides of a tiny run (``resume``: continue ``run``)."""
+    return ["stage=mesh", f"init_from={files['model']}", f"{'resume' if resume else 'run_dir'}={run}",
+            "prompts=file", f"prompts.train={files['prompts']}", f"guidance.prior.path={files['prior']}",
+            "trainer.batch_size=2", "trainer.resolution=48", "stage.tet_resolution=20", "trainer.device=cpu",
+            "trainer.threads=1", "progress=false", "stage.anchor_points=256", "trainer.log_every=1",
+            "trainer.image_every=0", *extra]
 
 
 class SphereField(torch.nn.Module):
@@ -134,7 +137,7 @@ def test_geometry_mode_surface_is_the_same_mesh_and_differentiable(tiny_model):
     R = 16
     verts, tets = tet_grid(R)
     boundary = torch.zeros(R**3, dtype=torch.bool)
-    boundary[mh._boundary_index(R, verts.device)] = True
+    boundary[mh.boundary_index(R, verts.device)] = True
     cond = model.conditioning(PROMPTS[:1])
     sdf = mh.grid_sdf(model.field, {k: v.detach() for k, v in cond.items()}, R, threshold=2.0)[0]
     fixed = mh.surface_from_sdf(verts, tets, sdf)
@@ -150,19 +153,20 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_mesh_head_trains_saves_a_model_folder_and_resumes(files, tmp_path, capsys):
+def test_mesh_stage_trains_saves_a_model_folder_and_resumes(files, tmp_path, capsys):
     run = tmp_path / "run"
-    assert mh.main(argv(files, run, "--steps", "2", "--set", "trainer.checkpoint_every=2")) == 0
+    assert train_main(argv(files, run, "trainer.max_steps=2", "trainer.checkpoint_every=2")) == 0
     assert "model written to" in capsys.readouterr().out
-    assert mh.main(argv(files, run, "--steps", "3")) == 0  # resumes at step 2
+    assert train_main(argv(files, run, "trainer.max_steps=3", resume=True)) == 0  # resumes at step 2
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["total_loss"], r["grad_norm"]])).all() for r in rows)
     assert all(r["empty"] == 0 and r["faces"] > 0 and r["grad_norm"] > 0 for r in rows)
     folder = run / "model"
     extra = json.loads((folder / "model_config.json").read_text())["extra"]
-    assert extra["stage"] == "mesh_head" and extra["steps"] == 3 and extra["render_resolution"] == 48
+    assert extra["stage"] == "mesh" and extra["steps"] == 3 and extra["render_resolution"] == 48
     assert extra["prior_resolution"] == 32 and extra["previous"] == {"steps": 7}
+    assert extra["init_from"] == str(files["model"]) and extra["mesh"]["tet_resolution"] == 20
     model = att3d.load(folder)
     before = att3d.load(files["model"]).state_dict()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
@@ -171,42 +175,51 @@ def test_mesh_head_trains_saves_a_model_folder_and_resumes(files, tmp_path, caps
     assert len(mesh.faces) > 0 and mesh.metadata["att3d"]["threshold"] == 2.0
     # Resuming is exact: the same 3 steps without the interruption give the same weights.
     straight = tmp_path / "straight"
-    assert mh.main(argv(files, straight, "--steps", "3")) == 0
+    assert train_main(argv(files, straight, "trainer.max_steps=3")) == 0
     again = att3d.load(straight / "model").state_dict()
     assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
 
 
 def test_geometry_mode_trains(files, tmp_path):
     run = tmp_path / "geo"
-    assert mh.main(argv(files, run, "--steps", "2", "--geometry", "--anchor-weight", "0")) == 0
+    assert train_main(argv(files, run, "trainer.max_steps=2", "stage.geometry=true", "stage.anchor_weight=0")) == 0
     rows = _metrics(run)
     assert len(rows) == 2 and all(r["anchor"] == 0 and r["faces"] > 0 for r in rows)
-    assert json.loads((run / "model" / "model_config.json").read_text())["extra"]["mesh_head"]["geometry"] is True
+    assert json.loads((run / "model" / "model_config.json").read_text())["extra"]["mesh"]["geometry"] is True
+
+
+def test_views_per_prompt_render_several_views_of_each_mesh(files, tmp_path):
+    run = tmp_path / "views"
+    assert train_main(argv(files, run, "trainer.max_steps=1", "trainer.views_per_prompt=3")) == 0
+    assert len(_metrics(run)) == 1
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--set", "mesh_head.colour=1"], "unknown mesh_head option(s): colour"),
-    (["--set", "trainer.interpolation.prob=0.5"], "does not mix prompts"),
-    (["--tet-resolution", "2"], "tet_resolution must be >= 4"),
-    (["--set", "nonsense=1"], "must start with trainer."),
-    (["--set", "mesh_head.anchor_points=many"], "mesh_head.anchor_points must be an integer, got 'many'"),
+    (["+stage.colour=1"], "unexpected keyword argument 'colour'"),
+    (["trainer.interpolation.prob=0.5"], "does not mix prompts"),
+    (["stage.tet_resolution=2"], "tet_resolution must be an integer >= 4"),
+    (["nonsense=1"], "nonsense"),
+    (["stage.anchor_points=many"], "stage.anchor_points must be an integer"),
 ])
 def test_bad_settings_are_one_line_errors(files, tmp_path, capsys, extra, message):
-    assert mh.main(argv(files, tmp_path / "bad", *extra)) == 2
+    from att3d.cli import main as cli_main
+
+    assert cli_main(["train", *argv(files, tmp_path / "bad", *extra)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("att3d: error:")
 
 
 def test_missing_model_and_prior_are_one_line_errors(files, tmp_path, capsys):
     args = argv(files, tmp_path / "bad")
-    bad_model = args.copy()
-    bad_model[1] = str(tmp_path / "nowhere")
-    assert mh.main(bad_model) == 2
-    assert "no model folder" in capsys.readouterr().err
-    bad_prior = args + ["--prior", str(tmp_path / "no-prior")]
-    assert mh.main(bad_prior) == 2
+    bad_model = [a if not a.startswith("init_from=") else f"init_from={tmp_path / 'nowhere'}" for a in args]
+    assert train_main(bad_model) == 2
+    assert "not an att3d model folder" in capsys.readouterr().err
+    bad_prior = args + [f"guidance.prior.path={tmp_path / 'no-prior'}"]
+    assert train_main(bad_prior) == 2
     err = capsys.readouterr().err
     assert "no shapes prior" in err and err.count("\n") == 1
+    assert train_main([a for a in args if not a.startswith("init_from=")]) == 2
+    assert "give init_from=" in capsys.readouterr().err
 
 
 # -- the mesh-module fixes --------------------------------------------------------------------------------------

@@ -205,6 +205,7 @@ def build_trainer(cfg: dict[str, Any], run_dir: str | Path | None, resume: bool 
                          "(e.g. init_from=assets/att3d-shapes64)")
     device = distributed.rank_device(pick_device(tcfg.device))
     distributed.shard(tcfg.batch_size)  # a batch that does not split over the ranks fails before the loading
+    check_prior_exists(cfg["guidance"])
     torch.manual_seed(tcfg.seed)  # the initial weights depend on the seed only
     model, source, source_extra = build_model(cfg, device)
     objective.source, objective.source_extra = source, source_extra

@@ -139,8 +139,11 @@ def test_resume_false_starts_over(prior_dir, prompts_file, tmp_path):
     again = make_trainer(prior_dir, prompts_file, tmp_path / "run", resume=False, trainer__max_steps=2)
     assert again.restore(resume=False) is None and again.step == 0
     assert_identical(weights(again), fresh)
-    # with resume (the default), building the trainer already checks the checkpoint against the model
+    # with resume (the default), building the trainer checks the checkpoint against (a copy of) the model, and
+    # restore() loads it
     resumed = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=2)
+    assert_identical(weights(resumed), fresh)
+    assert resumed.restore() is not None and resumed.step == 2
     assert_identical(weights(resumed), weights(tmp_path / "run" / "checkpoints" / "step-0000002"))
 
 

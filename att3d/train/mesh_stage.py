@@ -96,13 +96,13 @@ class MeshSDS(Objective):
     def __init__(self, tet_resolution: int = 64, geometry: bool = False, anchor_weight: float = 1.0,
                  anchor_points: int = 2048, anchor_band: float = 2.0, colour_offset: float | None = None,
                  min_resolution: int = 8):
-        if isinstance(tet_resolution, bool) or int(tet_resolution) != tet_resolution or tet_resolution < 4:
+        if not isinstance(tet_resolution, int) or isinstance(tet_resolution, bool) or tet_resolution < 4:
             raise MeshStageError(f"stage.tet_resolution must be an integer >= 4, got {tet_resolution!r}")
         if not isinstance(geometry, bool):
             raise MeshStageError(f"stage.geometry must be true or false, got {geometry!r}")
         if not (isinstance(anchor_weight, (int, float)) and anchor_weight >= 0):
             raise MeshStageError(f"stage.anchor_weight must be >= 0, got {anchor_weight!r}")
-        if isinstance(anchor_points, bool) or int(anchor_points) != anchor_points or anchor_points < 0 \
+        if not isinstance(anchor_points, int) or isinstance(anchor_points, bool) or anchor_points < 0 \
                 or (anchor_weight > 0 and anchor_points < 2):
             raise MeshStageError(f"stage.anchor_points must be an integer >= 2 with an anchor, got {anchor_points!r}")
         if not (isinstance(anchor_band, (int, float)) and anchor_band >= 0):

@@ -133,7 +133,8 @@ def test_render_interpolation_starts_at_the_first_prompt(model):
 def test_smoothness_measures_the_change_along_the_path(model):
     same = interp.smoothness(model, [PROMPTS[0], PROMPTS[0]], frames=4, occupancy_resolution=16,
                              render_resolution=12, threshold=0.5)
-    assert same["iou_min"] == 1.0 and same["colour_change_max"] == pytest.approx(0.0, abs=1e-6) and len(same["iou_steps"]) == 3
+    assert same["iou_min"] == 1.0 and same["colour_change_max"] == pytest.approx(0.0, abs=1e-6)
+    assert len(same["iou_steps"]) == 3
     moved = interp.smoothness(model, PROMPTS, frames=5, occupancy_resolution=16, render_resolution=12,
                               threshold=0.5, return_renders=True)
     assert len(moved["iou_steps"]) == 4 and len(moved["colour_steps"]) == 4 and len(moved["occupancy"]) == 5

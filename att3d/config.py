@@ -173,22 +173,55 @@ def build_model(cfg: dict[str, Any], device: Any = "cpu"):
     init_from = cfg.get("init_from")
     if init_from in (None, "", "None", "null"):
         return AmortizedModel(model_config(cfg)), None, None
-    from att3d.model import CONFIG_NAME
-    from att3d.utils.checkpoint import load_json
+    from att3d.model import CONFIG_NAME, read_model_config
 
     folder = resolve_path(init_from)
     if not (folder / CONFIG_NAME).is_file():
         raise Att3dError(f"init_from: {init_from} is not an att3d model folder (no {CONFIG_NAME})")
-    extra = load_json(folder / CONFIG_NAME).get("extra")
+    _, extra = read_model_config(folder)  # checked against the schema: one line naming the file and the key
     return AmortizedModel.from_pretrained(folder, device=device), str(folder), extra
+
+
+def embedding_cache_dir(value: Any) -> Path | None:
+    """The folder of the ``embedding_cache`` option: null -> the default cache
+    (:func:`att3d.text.embedding_cache.default_cache_dir`), false -> None (embeddings kept in memory), a path."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("false", "off", "none", "no")):
+        return None
+    if value in (None, "", "null"):
+        from att3d.text.embedding_cache import default_cache_dir
+
+        return default_cache_dir()
+    if not isinstance(value, (str, Path)):
+        raise Att3dError(f"embedding_cache must be a folder, null (the default cache) or false (none), got {value!r}")
+    path = resolve_path(value)
+    if path.exists() and not path.is_dir():
+        raise Att3dError(f"embedding_cache: {path} is a file, not a folder")
+    return path
+
+
+def check_run_options(cfg: dict[str, Any]) -> None:
+    """The top-level options of a train config (``extraction``, ``progress``, ``resume_checkpoint``, ...), checked
+    before anything is loaded: a one-line :class:`Att3dError` naming the option."""
+    from att3d.model import check_extraction
+
+    if cfg.get("extraction") is not None:
+        check_extraction(cfg["extraction"])
+    if not isinstance(cfg.get("progress", True), bool):
+        raise Att3dError(f"progress must be true or false, got {cfg.get('progress')!r}")
+    for key in ("init_from", "resume", "resume_checkpoint", "run_dir"):
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, (str, Path)):
+            raise Att3dError(f"{key} must be a path, got {value!r}")
 
 
 def build_trainer(cfg: dict[str, Any], run_dir: str | Path | None, resume: bool = True):
     """The :class:`~att3d.train.trainer.Trainer` of a resolved train config (a plain dict).
 
-    Cheap checks come first (prompts, trainer options, the stage's options, the batch split over the ranks);
-    with ``resume``, the model is checked against the run's latest checkpoint (if any) before the prior is
-    loaded, so a checkpoint of another architecture fails in seconds, not after loading a large prior.
+    Cheap checks come first (the top-level options, prompts, every trainer option, the stage's options, the batch
+    split over the ranks); with ``resume``, the model is checked against the run's checkpoint to resume from (the
+    latest, or ``resume_checkpoint``) before the prior is loaded, so a checkpoint of another architecture (or a
+    missing ``latest.json``) fails in seconds, not after loading a large prior. ``embedding_cache`` (null: the
+    default cache folder; false: none) holds the prompts' embeddings (see :class:`~att3d.train.trainer.Trainer`).
     """
     import torch
 
@@ -196,11 +229,13 @@ def build_trainer(cfg: dict[str, Any], run_dir: str | Path | None, resume: bool 
     from att3d.train.trainer import Trainer, check_model_fits, check_stage, trainer_config_from_dict
     from att3d.utils.devices import pick_device
 
+    check_run_options(cfg)
     prompts = prompt_bank(cfg["prompts"])  # bad prompts fail before the heavy loading
     tcfg = trainer_config_from_dict(cfg["trainer"])
     objective = build_objective(cfg.get("stage"))
     check_stage(objective, tcfg)
-    if objective.name != "nerf" and cfg.get("init_from") in (None, "", "None", "null"):
+    if not getattr(objective, "from_scratch", objective.name == "nerf") and cfg.get("init_from") in (None, "", "None",
+                                                                                                    "null"):
         raise Att3dError(f"stage={objective.name} refines a trained model: give init_from=MODEL_FOLDER "
                          "(e.g. init_from=assets/att3d-shapes64)")
     device = distributed.rank_device(pick_device(tcfg.device))
@@ -209,18 +244,21 @@ def build_trainer(cfg: dict[str, Any], run_dir: str | Path | None, resume: bool 
     torch.manual_seed(tcfg.seed)  # the initial weights depend on the seed only
     model, source, source_extra = build_model(cfg, device)
     objective.source, objective.source_extra = source, source_extra
+    checkpoint = cfg.get("resume_checkpoint") or None
     if resume and run_dir is not None:  # on a copy: a stage's set-up reads the starting weights (mesh: its reference)
         from att3d.model import copy_model
 
-        check_model_fits(copy_model(model), run_dir)
+        check_model_fits(copy_model(model), run_dir, checkpoint=checkpoint)
+    cache = embedding_cache_dir(cfg.get("embedding_cache"))
     gcfg = cfg["guidance"]
     guidance = build_guidance(gcfg, str(device))
-    cache = cfg.get("embedding_cache")
     try:
         return Trainer(model, prompts, guidance, tcfg, run_dir, objective=objective, background=background_of(gcfg),
-                       embedding_cache=resolve_path(cache) if cache else None,
-                       progress=bool(cfg.get("progress", True)))
+                       embedding_cache=cache, progress=bool(cfg.get("progress", True)),
+                       resume_checkpoint=checkpoint if resume else None)
     except (ValueError, TypeError) as e:  # a component rejected its options
+        if isinstance(e, Att3dError):
+            raise
         raise Att3dError(f"invalid configuration: {' '.join(str(e).split())}") from None
 
 

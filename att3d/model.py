@@ -13,6 +13,7 @@ folder::
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -23,16 +24,130 @@ import torch
 
 from att3d.registry import FIELDS, MAPPINGS, RENDERERS, TEXT_ENCODERS
 from att3d.text.encoders import TextEmbedding
-from att3d.utils.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from att3d.utils.checkpoint import (
+    CheckpointError,
+    atomic_folder,
+    load_json,
+    load_tensors,
+    save_json,
+    save_tensors,
+)
+from att3d.utils.errors import Att3dError
 from att3d.utils.timing import StageTimer
 
 CONFIG_NAME = "model_config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: The parts of a model config (each names a registered component and gives its arguments), in build order.
+PARTS = ("text_encoder", "mapping", "field", "renderer")
+#: Other top-level keys of ``model_config.json``: the format version, the extraction settings, the training record.
+OTHER_KEYS = ("att3d_model", "extraction", "extra")
+_REGISTRIES = {"text_encoder": TEXT_ENCODERS, "mapping": MAPPINGS, "field": FIELDS, "renderer": RENDERERS}
+
+
+class ModelConfigError(Att3dError, ValueError):
+    """A model config (``model_config.json`` or the model groups of a train config) does not fit its schema."""
 
 
 def _split(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     cfg = dict(cfg)
     return cfg.pop("name"), cfg
+
+
+def check_extraction(extraction: Any, where: str = "extraction") -> dict[str, Any]:
+    """The ``extraction`` settings with a finite, non-negative ``threshold`` (a number); else a one-line
+    :class:`ModelConfigError` naming ``where``."""
+    if not isinstance(extraction, dict):
+        raise ModelConfigError(f"{where} must be a mapping with a threshold, got {extraction!r}")
+    unknown = sorted(set(extraction) - {"threshold"})
+    if unknown:
+        raise ModelConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: threshold)")
+    if "threshold" not in extraction:
+        return dict(extraction)
+    value = extraction["threshold"]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"{where}.threshold must be a number, got {value!r}") from None
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ModelConfigError(f"{where}.threshold must be a finite density >= 0, got {value!r}")
+    return {**extraction, "threshold": threshold}
+
+
+def check_model_config(cfg: Any, where: str = "model config") -> dict[str, Any]:
+    """``cfg`` checked against the model config's schema: a mapping of the :data:`PARTS` (``text_encoder``,
+    ``mapping`` and ``field`` required, ``renderer`` optional), each a mapping that names a registered component
+    and only its arguments, plus the optional :data:`OTHER_KEYS`. Every violation is a one-line
+    :class:`ModelConfigError` starting with ``where`` and naming the key, e.g.
+    ``runs/x/model/model_config.json: field.foo: field 'grid' has no argument(s) foo; ...``.
+
+    Returns a copy of the model parts (and ``extraction``), without ``att3d_model`` and ``extra``.
+    """
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{where}: expected a mapping of the sections {', '.join(PARTS)}, got "
+                               f"{type(cfg).__name__}")
+    unknown = sorted(str(k) for k in set(cfg) - set(PARTS) - set(OTHER_KEYS))
+    if unknown:
+        raise ModelConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: "
+                               f"{', '.join((*PARTS, *OTHER_KEYS))})")
+    out: dict[str, Any] = {}
+    for part in PARTS:
+        if part not in cfg:
+            if part == "renderer":
+                continue
+            raise ModelConfigError(f"{where}: no {part} section (expected text_encoder, mapping and field sections, "
+                                   "each with a name)")
+        section = cfg[part]
+        if not isinstance(section, dict):
+            raise ModelConfigError(f"{where}: {part} must be a mapping with a name, got {section!r}")
+        name = section.get("name")
+        if not isinstance(name, str) or not name:
+            raise ModelConfigError(f"{where}: {part}.name must name a registered {_REGISTRIES[part].kind}, got "
+                                   f"{name!r}")
+        registry = _REGISTRIES[part]
+        if name not in registry:
+            raise ModelConfigError(f"{where}: {part}.name: unknown {registry.kind} {name!r}; choose one of: "
+                                   f"{', '.join(registry.names())}")
+        kw = {k: v for k, v in section.items() if k != "name"}
+        build_args = ("text_len", "text_dim", "out_shapes") if part == "mapping" else ()
+        try:
+            registry.resolve(name, exclude=build_args, **kw)
+        except TypeError as e:
+            text = " ".join(str(e).split())
+            bad = sorted(set(kw) - set(_parameters(registry, name)))
+            key = f"{part}.{bad[0]}" if bad else part
+            raise ModelConfigError(f"{where}: {key}: {text}") from None
+        out[part] = dict(section)
+    if "extraction" in cfg:
+        out["extraction"] = check_extraction(cfg["extraction"], f"{where}: extraction")
+    if "extra" in cfg and cfg["extra"] is not None and not isinstance(cfg["extra"], dict):
+        raise ModelConfigError(f"{where}: extra must be a mapping, got {type(cfg['extra']).__name__}")
+    return out
+
+
+def _parameters(registry: Any, name: str) -> list[str]:
+    from att3d.registry import accepts_any_keyword, init_parameters
+
+    obj = registry.get(name)
+    return list(init_parameters(obj)) + (["*"] if accepts_any_keyword(obj) else [])
+
+
+def read_model_config(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``(config, extra)`` of a model folder's ``model_config.json``, checked against the schema
+    (:func:`check_model_config`); every problem is a one-line :class:`CheckpointError` naming the file."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file, not an att3d model folder")
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not an att3d model folder (no {CONFIG_NAME})")
+    raw = load_json(path)
+    try:
+        cfg = check_model_config(raw, str(path))
+    except ModelConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return cfg, (raw.get("extra") if isinstance(raw.get("extra"), dict) else None)
 
 
 class AmortizedModel(torch.nn.Module):
@@ -55,6 +170,8 @@ class AmortizedModel(torch.nn.Module):
                                            ("renderer", RENDERERS, ())):
             name, kw = _split(self.config[part])
             self.config[part] = {"name": name, **registry.resolve(name, exclude=build_args, **kw)}
+        if "extraction" in self.config:
+            self.config["extraction"] = check_extraction(self.config["extraction"])
         name, kw = _split(self.config["text_encoder"])
         # The text encoder is frozen and shared; keep it out of state_dict and parameters().
         object.__setattr__(self, "text_encoder", text_encoder or TEXT_ENCODERS.build(name, **kw))
@@ -81,14 +198,29 @@ class AmortizedModel(torch.nn.Module):
         return out
 
     def embed(self, prompts: Sequence[str]) -> TextEmbedding:
-        """Embed prompts with the frozen text encoder: -> TextEmbedding (B, L, D)."""
-        return self.text_encoder(list(prompts)).to(self.device)
+        """Embed prompts with the frozen text encoder: -> TextEmbedding (B, L, D).
+
+        Raises:
+            ModelConfigError: no prompts (or a bare string instead of a list of them).
+        """
+        if isinstance(prompts, str):
+            raise ModelConfigError(f"expected a list of prompts, got the string {prompts[:40]!r} (use [prompt])")
+        prompts = list(prompts)
+        if not prompts:
+            raise ModelConfigError("no prompts to embed (an empty list)")
+        return self.text_encoder(prompts).to(self.device)
 
     def conditioning(self, prompts_or_embedding: Sequence[str] | TextEmbedding) -> dict[str, torch.Tensor]:
-        """Per-prompt field conditioning from prompts or embeddings: dict of (B, ...) tensors."""
+        """Per-prompt field conditioning from prompts or embeddings: dict of (B, ...) tensors.
+
+        Raises:
+            ModelConfigError: no prompts (an empty list or an embedding of batch 0).
+        """
         emb = prompts_or_embedding
         if not isinstance(emb, TextEmbedding):
             emb = self.embed(emb)
+        if len(emb) == 0:
+            raise ModelConfigError("no prompts to condition on (an embedding of batch 0)")
         return self.mapping(emb.to(self.device))
 
     def render(self, cond: dict[str, torch.Tensor], cameras, resolution: int, background=(1.0, 1.0, 1.0), **kw):
@@ -105,38 +237,48 @@ class AmortizedModel(torch.nn.Module):
 
     # -- files -------------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``model_config.json`` and ``model.safetensors`` into ``folder`` (atomically)."""
+        """Write ``model_config.json`` and ``model.safetensors`` as the folder ``folder``, atomically: the files go
+        to a temporary folder that then replaces ``folder`` as a whole (:func:`~att3d.utils.checkpoint.atomic_folder`),
+        so ``folder`` is never half-written; a refused write is a one-line
+        :class:`~att3d.utils.checkpoint.WriteError`."""
+        folder = Path(folder)
+        with atomic_folder(folder) as tmp:
+            self.write_files(tmp, extra)
+        return folder
+
+    def write_files(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Write ``model_config.json`` and ``model.safetensors`` into the existing ``folder`` (each file atomically;
+        :meth:`save_pretrained` makes the folder atomic). ``extra`` is the record of how the model was made; the
+        one a loaded model came with (``config["extra"]``) is not written again."""
         folder = Path(folder)
         save_tensors(folder / WEIGHTS_NAME, self.state_dict())
-        save_json(folder / CONFIG_NAME, {"att3d_model": 1, **self.config, **({"extra": extra} if extra else {})})
-        return folder
+        config = {k: v for k, v in self.config.items() if k != "extra"}
+        save_json(folder / CONFIG_NAME, {"att3d_model": 1, **config, **({"extra": extra} if extra else {})})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
                         text_encoder: torch.nn.Module | None = None) -> AmortizedModel:
-        """Load a folder written by :meth:`save_pretrained`; a mismatching architecture is a one-line error."""
+        """Load a folder written by :meth:`save_pretrained`; a config that does not fit the schema, weights of
+        another architecture, dtype or with non-finite values are one-line errors naming the file. The folder's
+        ``extra`` (how it was trained) is kept as ``model.config["extra"]``."""
         folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{folder} is not an att3d model folder (no {CONFIG_NAME})")
-        cfg = load_json(folder / CONFIG_NAME)
-        if isinstance(cfg, dict):
-            cfg.pop("att3d_model", None)
-            cfg.pop("extra", None)
-        if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) and "name" in cfg[k]
-                                                for k in ("text_encoder", "mapping", "field")):
-            raise CheckpointError(f"{folder / CONFIG_NAME}: not an att3d model config (expected text_encoder, mapping "
-                                  "and field sections, each with a name)")
+        cfg, extra = read_model_config(folder)
         try:
             model = cls(cfg, text_encoder=text_encoder)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, Att3dError) as e:  # a value a component refuses
             raise CheckpointError(f"{folder / CONFIG_NAME}: {' '.join(str(e).split())}") from None
         state = load_tensors(folder / WEIGHTS_NAME)
         load_state_checked(model, state, folder / WEIGHTS_NAME)
+        if extra:
+            model.config["extra"] = extra
         return model.to(device).eval()
 
 
 def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """``module.load_state_dict`` with a one-line :class:`CheckpointError` for another architecture."""
+    """``module.load_state_dict`` with a one-line :class:`CheckpointError` naming ``source`` for weights that do
+    not fit: another architecture (missing, unexpected or differently shaped tensors), a tensor of another kind
+    of dtype (integer weights where the model has floating-point ones: another precision, e.g. fp16 or bf16, is
+    converted), or weights that are not finite (NaN / inf: damaged, or a diverged run)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -152,6 +294,19 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
             parts.append(f"{len(wrong)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} vs "
                          f"{tuple(own[k].shape)})")
         raise CheckpointError(f"checkpoint {source} is from another architecture: " + "; ".join(parts))
+    kinds = sorted(k for k in own if own[k].is_floating_point() != state[k].is_floating_point()
+                   or (own[k].dtype == torch.bool) != (state[k].dtype == torch.bool))
+    if kinds:
+        k = kinds[0]
+        raise CheckpointError(f"checkpoint {source}: {len(kinds)} tensor(s) of the wrong dtype (e.g. {k}: "
+                              f"{str(state[k].dtype).removeprefix('torch.')}, the model has "
+                              f"{str(own[k].dtype).removeprefix('torch.')}): not weights of this model")
+    bad = [k for k in sorted(state) if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        k = bad[0]
+        n = int((~torch.isfinite(state[k])).sum())
+        raise CheckpointError(f"checkpoint {source}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {k}: {n} of "
+                              f"{state[k].numel()}): the weights are damaged or from a diverged run")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 

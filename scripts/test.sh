@@ -11,5 +11,6 @@ python -m ruff check att3d tests scripts
 echo "== lint-imports (the layering contract of pyproject.toml: no cycles, no upward imports, no library -> CLI)"
 lint-imports --no-cache
 bash scripts/install_browser.sh  # Chromium for tests/test_demo_browser.py (apt-get when missing)
+bash scripts/install_gltf_validator.sh  # the Khronos glTF validator for tests/test_gltf.py (npm, once)
 echo "== pytest"
 exec python -m pytest -q "$@"

@@ -37,6 +37,23 @@ def main(argv):
         sys.exit(3)
     if what == "dependency":
         import att3d_no_such_dependency  # noqa: F401
+    if what == "nospace":
+        raise OSError(28, "No space left on device", "/data/out/model.glb")
+    if what == "readonly":
+        raise OSError(30, "Read-only file system", "/data/out")
+    if what == "exists":
+        raise FileExistsError(17, "File exists", "/data/out")
+    if what == "enforce":  # torch.save on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    if what == "safetensors":
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    if what == "oserror-bug":
+        raise OSError(22, "Invalid argument")
+    if what == "second-signal":
+        class StoppedAtOnce(KeyboardInterrupt):
+            exit_code = 143
+            message = "stopped at once by a second SIGTERM"
+        raise StoppedAtOnce()
     return int(what)
 '''
 
@@ -128,9 +145,20 @@ def test_arguments_are_forwarded_untouched(fake, capsys):
     ("what", "code", "message"),
     [
         ("user", 2, "att3d: error: bad input over two lines"),
-        ("missing", 2, "att3d: error: [Errno 2] No such file or directory: 'nowhere.txt'"),
+        ("missing", 2, "att3d: error: nowhere.txt: No such file or directory (ENOENT)"),
         ("bug", 1, "att3d: error: internal error: ValueError: something broke; ATT3D_DEBUG=1 shows the traceback"),
         ("interrupt", 130, "att3d: interrupted"),
+        ("nospace", 2, "att3d: error: /data/out/model.glb: No space left on device (ENOSPC; free some space or write "
+                       "elsewhere)"),
+        ("readonly", 2, "att3d: error: /data/out: Read-only file system (EROFS; the file system is mounted "
+                        "read-only; write elsewhere)"),
+        ("exists", 2, "att3d: error: /data/out: File exists (EEXIST; a file is in the way)"),
+        ("enforce", 2, "att3d: error: a file could not be written (a full disk, a file size limit or a read-only "
+                       "folder?): [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+        ("safetensors", 2, "att3d: error: No space left on device (ENOSPC; free some space or write elsewhere)"),
+        ("oserror-bug", 1, "att3d: error: internal error: OSError: Invalid argument (EINVAL); ATT3D_DEBUG=1 shows "
+                           "the traceback"),
+        ("second-signal", 143, "att3d: stopped at once by a second SIGTERM"),
     ],
 )
 def test_errors_are_one_line_without_traceback(fake, capsys, what, code, message):
@@ -169,6 +197,9 @@ def test_subprocess_error_and_debug(tmp_path):
     """)
     r = run_cli("fake", "user", code=code)
     assert (r.returncode, r.stderr) == (2, "att3d: error: bad input over two lines\n")
+    r = run_cli("fake", "enforce", code=code)
+    assert r.returncode == 2 and r.stderr.startswith("att3d: error: a file could not be written") and \
+        r.stderr.count("\n") == 1
     r = run_cli("fake", "bug", code=code, env={"ATT3D_DEBUG": "1"})
     assert r.returncode == 1
     assert "Traceback" in r.stderr and r.stderr.rstrip().splitlines()[-1].startswith("att3d: error: internal error")

@@ -34,8 +34,16 @@ TINY_FIELDS: dict[str, list[dict[str, Any]]] = {
     "grid": [{"resolutions": [4, 8], "hidden_dim": 8, "latent_dim": 3},
              {"generated": False, "resolutions": [4, 8], "hidden_dim": 8, "text_dim": 5},
              {"resolutions": [4, 12], "hashmap_size": 512, "hidden_dim": 8, "density_activation": "exp"}],
+    "triplane": [{"channels": 3, "resolution": 6, "hidden_dim": 8, "latent_dim": 3},
+                 {"channels": 2, "resolution": 5, "combine": "sum", "hidden_dim": 8, "latent_dim": 0,
+                  "density_activation": "exp"}],
 }
-TINY_MAPPINGS: dict[str, dict[str, Any]] = {"hypernetwork": {"hidden_dim": 8}, "concat": {"hidden_dim": 8}}
+TINY_MAPPINGS: dict[str, dict[str, Any]] = {
+    "hypernetwork": {"hidden_dim": 8}, "concat": {"hidden_dim": 8},
+    "triplane": {"width": 16, "min_width": 8, "context_dim": 8, "heads": 2, "min_head_dim": 4},
+}
+#: Outputs a mapping must also produce beside the shared ``out_shapes`` of the contract (e.g. its own kind).
+EXTRA_MAPPING_OUTPUTS: dict[str, dict[str, tuple[int, ...]]] = {"triplane": {"triplane": (3, 2, 8, 8)}}
 TINY_RENDERERS: dict[str, dict[str, Any]] = {"volume": {"backend": "torch", "num_samples": 8, "num_importance": 4}}
 #: Text encoders: kwargs built from the tiny folders of the ``folders`` fixture (name -> folder key).
 TINY_TEXT_FOLDERS = {"clip": "clip", "t5": "t5"}
@@ -114,7 +122,7 @@ def test_field_contract(name, kwargs, tmp_path):
 @pytest.mark.parametrize("name", MAPPINGS.names())
 @pytest.mark.parametrize("use_tokens", [True, False])
 def test_mapping_contract(name, use_tokens, tmp_path):
-    out_shapes = {"grid": (12,), "latent": (3,), "planes": (2, 3, 2)}
+    out_shapes = {"grid": (12,), "latent": (3,), "planes": (2, 3, 2), **EXTRA_MAPPING_OUTPUTS.get(name, {})}
     kwargs = {**TINY_MAPPINGS.get(name, {}), "use_tokens": use_tokens}
     build = {"text_len": L, "text_dim": D, "out_shapes": out_shapes}
     torch.manual_seed(0)

@@ -180,19 +180,26 @@ def test_signal_writes_a_checkpoint_and_exits_128_plus_signum(setup, reference, 
                                             f"continue with: att3d train resume={run_dir}")
     assert "Traceback" not in err
     # the documented normalisations of the prompt file, each with a warning
-    assert "dropped 1 duplicate prompt(s): a blue sphere" in out + err
+    dropped = [x for x in (out + err).splitlines() if "dropped 1 duplicate prompt(s): " in x]
+    assert len(dropped) == 1 and "a blue sphere" in dropped[0], out + err
     assert "truncated to the encoder's 16" in out + err
     assert resume_in_process(run_dir) == 0
     assert_identical(load(run_dir / "model"), reference())
 
 
-def test_second_signal_stops_at_once(setup, tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_second_signal_stops_at_once(setup, tmp_path, monkeypatch, capfd, signum):
+    """A second signal stops at once with 128 + its number (143 for SIGTERM, not Ctrl-C's 130)."""
     run_dir = tmp_path / "run"
-    _signal_at_step(monkeypatch, 3, signal.SIGTERM, times=2)
-    assert app.main(overrides(setup, run_dir)) == 130
-    assert capfd.readouterr().err.strip().splitlines()[-1] == "att3d: interrupted"
+    _signal_at_step(monkeypatch, 3, signum, times=2)
+    assert app.main(overrides(setup, run_dir)) == 128 + signum
+    name = signal.Signals(signum).name
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"att3d: stopped at once by a second {name}: the last checkpoint (step 2) stays valid; continue with: "
+        f"att3d train resume={run_dir}")
     # no checkpoint at step 3; the one at step 2 stays valid
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest.json", "step-0000002"]
 
 
 @pytest.fixture(scope="module")

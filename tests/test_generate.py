@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -268,9 +269,13 @@ def test_cli_generate_writes_exactly_what_it_lists(tiny_model_dir, tmp_path, cap
     captured = capsys.readouterr()
     assert code == 0, captured.err
     listed = _listed_files(captured.out)
-    written = {str(p) for p in out.iterdir()}
+    written = {str(p) for p in out.iterdir()} - {str(out / gen.MANIFEST)}
     assert listed == written
     assert written == {str(out / f"{s}.{e}") for s in ("a-red-cube", "a-blue-torus") for e in ("glb", "mp4")}
+    records = [json.loads(line) for line in (out / gen.MANIFEST).read_text().splitlines()]
+    assert [(r["prompt"], r["slug"], sorted(r["files"])) for r in records] == [
+        ("a red cube", "a-red-cube", ["a-red-cube.glb", "a-red-cube.mp4"]),
+        ("a blue torus", "a-blue-torus", ["a-blue-torus.glb", "a-blue-torus.mp4"])]
     assert "per prompt: encode" in captured.out
     back = trimesh.load(out / "a-red-cube.glb", force="mesh")
     assert isinstance(back.visual, trimesh.visual.TextureVisuals) and len(back.faces) > 0
@@ -285,8 +290,8 @@ def test_cli_generate_obj_without_turntable(tiny_model_dir, tmp_path, capsys):
                      "--format", "OBJ", "--resolution", "16", "--texture-size", "16", "--no-turntable", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert {p.name for p in out.iterdir()} == {"a-red-cube.obj", "a-red-cube.mtl", "a-red-cube.png"}
-    assert _listed_files(captured.out) == {str(p) for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} == {"a-red-cube.obj", "a-red-cube.mtl", "a-red-cube.png", gen.MANIFEST}
+    assert _listed_files(captured.out) == {str(p) for p in out.iterdir()} - {str(out / gen.MANIFEST)}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -260,3 +260,89 @@ def test_exported_mesh_files_are_world_readable(tmp_path):
     for fmt in ("glb", "obj", "ply"):
         for path in export_mesh(box, tmp_path / f"box.{fmt}"):
             assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lambertian shading, generation heads, solid fill, oracle fits
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_lambert_shading_lights_the_albedo_and_moves_the_geometry():
+    """With shading=lambert a white albedo renders as the world's light factor of the mesh normal, and the image
+    has a gradient w.r.t. the vertex positions through the normals (none without shading, for a flat colour)."""
+    from att3d.render.shading import lambert
+
+    field = SphereField(threshold=2.0, colour=(1.0, 1.0, 1.0))
+    verts, tets = tet_grid(24, 1.0)
+    mesh = mh.surface_from_sdf(verts, tets, 2.0 - field.density(verts[None], {})[0])
+    v = mesh.verts.detach().clone().requires_grad_(True)
+    surface = mh.SurfaceMesh(v, mesh.faces, mesh.normals)
+    cams = OrbitCameras.evaluation(1)
+    cond = {"unused": torch.zeros(1, 1)}
+    flat = mh.render_surfaces(field, cond, [surface], cams, 32)
+    lit = mh.render_surfaces(field, cond, [surface], cams, 32, shading="lambert")
+    fg = lit["mask"][0] > 0
+    assert torch.allclose(flat["rgb"][0][fg], torch.ones(int(fg.sum()), 3))
+    factor = lit["rgb"][0][fg]
+    lo, hi = float(lambert(torch.ones(1, 3), -torch.tensor([[0.5, 0.8, 0.6]]) / 1.118)[0, 0]), 1.0
+    assert (factor >= lo - 1e-5).all() and (factor <= hi + 1e-5).all() and factor.std() > 0.05
+    (grad,) = torch.autograd.grad(lit["rgb"].sum(), v)
+    assert grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shading"):
+        mh.render_surfaces(field, cond, [surface], cams, 8, shading="phong")
+
+
+def test_generation_heads_face_budget_and_solid_fill(files):
+    from att3d.mesh.extract import GenerationError, fill_interior
+
+    model = att3d.load(files["model"])
+    nerf, = model.generate(["a red cube"], grid_resolution=24, texture_size=0, progress=False, head="nerf")
+    mesh, = model.generate(["a red cube"], texture_size=0, progress=False, head="mesh", tet_resolution=20)
+    assert nerf.metadata["att3d"]["head"] == "nerf" and mesh.metadata["att3d"]["head"] == "mesh"
+    assert mesh.metadata["att3d"]["grid_resolution"] == 20 and len(mesh.faces) > 0
+    small, = model.generate(["a red cube"], grid_resolution=24, texture_size=0, progress=False, max_faces=100)
+    assert 0 < len(small.faces) <= 100 and small.metadata["att3d"]["faces_before"] > 100
+    with pytest.raises(GenerationError, match="head"):
+        model.generate(["a red cube"], progress=False, head="volume")
+    with pytest.raises(GenerationError, match="face budget"):
+        model.generate(["a red cube"], progress=False, max_faces=-1)
+    # a hollow ball (a shell of density above the threshold) becomes solid; the outside stays empty
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, 32)] * 3, indexing="ij")
+    r = torch.linalg.vector_norm(torch.stack(axes, -1), dim=-1)
+    shell = ((r > 0.4) & (r < 0.6)).float() * 10.0
+    solid = fill_interior(shell, 5.0, close_voxels=0)
+    assert (solid[r < 0.4] > 5.0).all() and (solid[r > 0.65] == 0).all() and (solid[(r > 0.4) & (r < 0.6)] == 10).all()
+
+
+def test_oracle_stage_fits_ground_truth_renders(files, tmp_path):
+    """stage=oracle needs no init_from, trains on the world's renders (the loss falls), and records its stage."""
+    run = tmp_path / "oracle"
+    args = [a for a in argv(files, run, "trainer.max_steps=24", "trainer.lr=0.02", "trainer.resolution=16")
+            if not a.startswith(("stage=", "init_from=", "stage.", "trainer.resolution=48"))]
+    assert train_main(["stage=oracle", *args]) == 0
+    rows = _metrics(run)
+    losses = [r["loss"] for r in rows]
+    assert len(rows) == 24 and all(r["sds_grad_norm"] == 0 for r in rows)
+    assert sum(losses[-6:]) < 0.8 * sum(losses[:6]), losses
+    extra = json.loads((run / "model" / "model_config.json").read_text())["extra"]
+    assert extra["stage"] == "oracle"
+
+
+def test_mesh_oracle_stage_records_lambert_and_generates_its_surface(files, tmp_path):
+    run = tmp_path / "mesh-oracle"
+    args = [a if a != "stage=mesh" else "stage=mesh_oracle" for a in argv(files, run, "trainer.max_steps=2")]
+    assert train_main(args) == 0
+    model = att3d.load(run / "model")
+    settings = model.config["extra"]["mesh"]
+    assert model.config["extra"]["stage"] == "mesh_oracle" and settings["shading"] == "lambert"
+    mesh, = model.generate(["a red cube"], texture_size=16, progress=False)
+    assert mesh.metadata["att3d"]["head"] == "mesh" and mesh.metadata["att3d"]["shading"] == "lambert"
+
+
+def test_oracle_refuses_prompts_that_are_not_captions(files, tmp_path, capsys):
+    from att3d.cli import main as cli_main
+
+    (tmp_path / "p.txt").write_text("a red cube\nsomething else\n")
+    args = [a for a in argv(files, tmp_path / "bad", "trainer.max_steps=8", "trainer.batch_size=2")
+            if not a.startswith(("stage=", "init_from=", "stage.", "prompts.train="))]
+    assert cli_main(["train", "stage=oracle", f"prompts.train={tmp_path / 'p.txt'}", *args]) == 2
+    assert "shapes-world captions" in capsys.readouterr().err

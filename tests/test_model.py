@@ -65,3 +65,93 @@ def test_checkpoint_from_another_architecture_is_a_one_line_error(model, tmp_pat
 def test_loading_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(CheckpointError, match="not an att3d model folder"):
         att3d.load(tmp_path)
+
+
+# -- every model folder is checked against the schema before use (issue 19, item 5) ---------------------------
+
+def _folder(model, tmp_path, name: str = "m"):
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder, change) -> None:
+    import json
+
+    path = folder / "model_config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: {}, "no text_encoder section"),
+    (lambda c: [c], "expected a mapping of the sections text_encoder, mapping, field, renderer, got list"),
+    (lambda c: "model", "got str"),
+    (lambda c: {**c, "fields": {}}, "unknown section(s) fields"),
+    (lambda c: {**c, "field": {**c["field"], "name": "nope"}}, "field.name: unknown field 'nope'; choose one of:"),
+    (lambda c: {**c, "field": {**c["field"], "name": 3}}, "field.name must name a registered field, got 3"),
+    (lambda c: {**c, "mapping": "hypernetwork"}, "mapping must be a mapping with a name, got 'hypernetwork'"),
+    (lambda c: {**c, "field": {**c["field"], "num_levls": 2}}, "field.num_levls: field 'grid' has no argument(s) "
+                                                               "num_levls"),
+    (lambda c: {**c, "renderer": {**c["renderer"], "backend": "nope"}}, "backend must be one of"),
+    (lambda c: {**c, "extraction": {"threshold": "abc"}}, "extraction.threshold must be a number, got 'abc'"),
+    (lambda c: {**c, "extraction": {"threshold": float("nan")}}, "extraction.threshold must be a finite density"),
+    (lambda c: {**c, "extra": [1]}, "extra must be a mapping, got list"),
+])
+def test_a_model_config_of_the_wrong_shape_is_one_line_naming_the_file_and_the_key(model, tmp_path, change,
+                                                                                   message):
+    folder = _folder(model, tmp_path)
+    _edit_config(folder, change)
+    with pytest.raises(CheckpointError) as e:
+        att3d.load(folder)
+    text = str(e.value)
+    assert text.startswith(f"{folder / 'model_config.json'}: ") and message in text and "\n" not in text, text
+
+
+def test_weights_of_the_wrong_dtype_or_not_finite_are_refused(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _folder(model, tmp_path)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v.to(torch.int64) for k, v in state.items()}, str(weights))
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) of the wrong dtype \(e\.g\. .*: int64, the model has "
+                                              r"float32\): not weights of this model") as e:
+        att3d.load(folder)
+    assert str(e.value).startswith(f"checkpoint {weights}: ")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, str(weights))
+    with pytest.raises(CheckpointError, match=r"hold NaN or inf values .*: the weights are damaged or from a "
+                                              "diverged run"):
+        att3d.load(folder)
+    save_file({k: v.to(torch.float16) for k, v in state.items()}, str(weights))  # another precision: converted
+    assert att3d.load(folder).field.mlp[0].weight.dtype == torch.float32
+
+
+def test_conditioning_of_no_prompts_is_a_clear_error(model):
+    from att3d.model import ModelConfigError
+    from att3d.text.encoders import TextEmbedding
+
+    with pytest.raises(ModelConfigError, match=r"^no prompts to embed \(an empty list\)$"):
+        model.conditioning([])
+    with pytest.raises(ModelConfigError, match="expected a list of prompts, got the string 'a red cube'"):
+        model.conditioning("a red cube")
+    empty = TextEmbedding(torch.zeros(0, 8, 384), torch.zeros(0, 8, dtype=torch.bool), torch.zeros(0, 384))
+    with pytest.raises(ModelConfigError, match="no prompts to condition on"):
+        model.conditioning(empty)
+
+
+def test_saving_is_atomic_and_replaces_the_folder(model, tmp_path, monkeypatch):
+    folder = _folder(model, tmp_path)
+    (folder / "stale.txt").write_text("from an older save\n")
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "model_config.json"]
+    before = (folder / "model.safetensors").read_bytes()
+    import att3d.model as model_module
+
+    def broken(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(model_module, "save_json", broken)
+    with pytest.raises(OSError, match=f"cannot write {folder}/model_config.json: No space left on device"):
+        model.save_pretrained(folder)
+    assert (folder / "model.safetensors").read_bytes() == before  # the old folder, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left

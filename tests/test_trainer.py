@@ -186,3 +186,54 @@ def test_batch_must_split_over_processes():
     with pytest.raises(distributed.DistributedError, match="batch_size=6 does not split evenly over 4 processes"):
         distributed.shard(6, distributed.DistInfo(rank=1, world_size=4))
     assert distributed.shard(8, distributed.DistInfo(rank=1, world_size=4)) == slice(2, 4)
+
+
+def test_the_trainer_locks_its_run_folder_while_it_writes(prior_dir, prompts_file, tmp_path):
+    from att3d.train.run_dir import RunDirLocked, holds_lock
+
+    run_dir = tmp_path / "run"
+    tr = make_trainer(prior_dir, prompts_file, run_dir, trainer__max_steps=2)
+    seen = []
+
+    class Probe:
+        def on_step(self, trainer, stats):
+            seen.append(holds_lock(run_dir))
+
+    tr.callbacks.append(Probe())
+    tr.fit()
+    assert seen == [True, True] and not holds_lock(run_dir)  # held while training, released at the end
+    import subprocess
+    import sys
+
+    hold = "import sys, time; from att3d.train.run_dir import lock_run_dir; held = lock_run_dir(sys.argv[1]); " \
+           "print('locked', flush=True); time.sleep(600)"
+    other = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        again = make_trainer(prior_dir, prompts_file, run_dir, trainer__max_steps=4)
+        with pytest.raises(RunDirLocked, match=f"run folder {run_dir} is in use by another att3d run"):
+            again.fit()
+        assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 2  # untouched
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_pruning_keeps_later_complete_checkpoints_and_removes_leftovers(prior_dir, prompts_file, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    tr = make_trainer(prior_dir, prompts_file, run_dir, trainer__max_steps=2, trainer__keep_checkpoints=1)
+    tr.fit()
+    ckpt = run_dir / "checkpoints"
+    later = ckpt / "step-0000008"  # a complete checkpoint of a later step (the run was rolled back on purpose)
+    shutil.copytree(ckpt / "step-0000002", later)
+    state = json.loads((later / "trainer_state.json").read_text())
+    (later / "trainer_state.json").write_text(json.dumps({**state, "step": 8}))
+    (ckpt / ".step-0000004.tmp-0a1b").mkdir()  # the remains of a write that a crash interrupted
+    (ckpt / "step-0000003").mkdir()  # an incomplete folder (a version that wrote in place)
+    resumed = make_trainer(prior_dir, prompts_file, run_dir, trainer__max_steps=4, trainer__keep_checkpoints=1,
+                           resume_checkpoint="step-0000002")
+    assert resumed.restore() == ckpt / "step-0000002" and resumed.step == 2
+    resumed.fit()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step-0000004", "step-0000008"]

@@ -12,9 +12,11 @@ stays instant (no torch). An implementing function takes the rest of the command
 on untouched) and returns an exit code; its parser is :class:`~att3d.cli._args.CommandParser`.
 
 Errors, mapped to exit codes here and only here (:func:`main`): an :class:`~att3d.utils.errors.Att3dError`, a
-missing file or a config error is printed as ``att3d: error: <message>`` on one line with exit code 2, any
-other exception as one line ``internal error`` with exit code 1; ``ATT3D_DEBUG=1`` adds the traceback. Ctrl-C
-exits with 130.
+missing file, a config error, or a file operation that the operating system refused for a reason the user or the
+machine must fix (a full disk, a file size limit, a read-only or unwritable folder, a file in the way:
+:data:`~att3d.utils.errors.USER_ERRNOS`) is printed as ``att3d: error: <message>`` on one line with exit code 2
+(for the latter: the path and the cause), any other exception as one line ``internal error`` with exit code 1;
+``ATT3D_DEBUG=1`` adds the traceback. Ctrl-C exits with 130 (a signal that stopped a command: 128 + its number).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import difflib
 import importlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -30,13 +33,42 @@ from dataclasses import dataclass, field
 
 from att3d import __version__
 from att3d.cli._args import PROG, CommandParser, UsageError, command_parser
-from att3d.utils.errors import Att3dError, one_line
+from att3d.utils.errors import Att3dError, describe_os_error, is_user_os_error, one_line
 
 __all__ = ["COMMANDS", "Command", "CommandParser", "UsageError", "command_parser", "dispatch", "lookup", "main"]
 
 HELP_FLAGS = ("-h", "--help")
-# Exceptions reported as the user's to fix (exit code 2), besides Hydra's and OmegaConf's config errors.
-USER_ERRORS = (Att3dError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# Exceptions reported as the user's to fix (exit code 2), besides Hydra's and OmegaConf's config errors and the
+# OSErrors of att3d.utils.errors.USER_ERRNOS (no space, file too large, read-only, a file in the way, ...).
+USER_ERRORS = (Att3dError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+               FileExistsError)
+#: Texts of a failed write in the errors of libraries that drop the operating system's error: torch.save's zip
+#: writer (``[enforce fail at inline_container.cc:672] . unexpected pos ...``), safetensors' ``os error N``.
+_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "file write failed")
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one-line message of an exception that is the user's to fix (exit code 2), or None for a bug.
+
+    An :class:`OSError` names the path and the cause (``/x/run: Read-only file system (EROFS; ...)``); a write
+    that a library reports without its cause (torch.save's ``unexpected pos``, safetensors' ``os error 28``) is
+    one line too.
+    """
+    if isinstance(error, Att3dError):
+        return one_line(error)
+    if isinstance(error, OSError) and (isinstance(error, USER_ERRORS) or is_user_os_error(error)):
+        return describe_os_error(error) if error.strerror else one_line(error)
+    if isinstance(error, USER_ERRORS) or type(error).__module__.split(".")[0] in ("hydra", "omegaconf"):
+        return one_line(error)
+    text = " ".join(str(error).split())
+    match = re.search(r"os error (\d+)", text)
+    if match is not None:
+        code = int(match.group(1))
+        return describe_os_error(OSError(code, os.strerror(code)))
+    if any(t in text for t in _WRITE_FAILURES):
+        return (f"a file could not be written (a full disk, a file size limit or a read-only folder?): "
+                f"{text.split(' (')[0][:200]}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -279,11 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         return dispatch(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C; att3d.train.trainer.StoppedAtOnce carries its signal's exit code
         if debug:
             traceback.print_exc()
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        message = getattr(e, "message", None)
+        print(f"{PROG}: {message}" if message else f"{PROG}: interrupted", file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
     except SystemExit as e:  # argparse's --help / --version, or Hydra inside a subcommand
         return _exit_code(e.code)
     except BrokenPipeError:  # e.g. `att3d --help | head -1`
@@ -295,8 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        if isinstance(e, USER_ERRORS) or type(e).__module__.split(".")[0] in ("hydra", "omegaconf"):
-            code, msg = 2, one_line(e)  # a config error (bad override, missing key) is the user's to fix
+        user = user_message(e)
+        if user is not None:
+            code, msg = 2, user  # a config error (bad override, missing key), a refused file operation, ...
         elif isinstance(e, ModuleNotFoundError):
             code, msg = 1, f"{one_line(e)} (a dependency is missing; reinstall att3d with its dependencies)"
         else:

@@ -5,6 +5,9 @@
 of argparse's usage text and ``SystemExit``. Built for a command path (``CommandParser("eval prior")``) it takes
 its prog (``att3d eval prior``) and description from the row of :data:`att3d.cli.COMMANDS`, so that a command's
 own ``--help`` matches the listing in its parent's.
+
+Options that several commands share are added here, once: :func:`add_max_memory` (``--max-memory SIZE``, the
+memory budget of :func:`att3d.utils.resources.check_memory`).
 """
 
 from __future__ import annotations
@@ -45,3 +48,20 @@ class CommandParser(argparse.ArgumentParser):
 def command_parser(path: str, **kwargs: Any) -> CommandParser:
     """``CommandParser(path, **kwargs)``: the parser of ``att3d <path>``."""
     return CommandParser(path, **kwargs)
+
+
+def memory_size(text: str) -> float:
+    """argparse type of ``--max-memory``: bytes of ``4GB`` / ``512MB`` / ``16GiB``, ``math.inf`` for ``none``."""
+    from att3d.utils.resources import ResourceError, parse_size
+
+    try:
+        return parse_size(text)
+    except ResourceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_max_memory(parser: argparse.ArgumentParser) -> None:
+    """Add ``--max-memory SIZE``: the budget a request's memory estimate is checked against before any work."""
+    parser.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                        help="memory budget, e.g. 4GB or 512MB; a request whose estimate exceeds it is refused before "
+                             "any work ('none': no check; default: the memory available on the machine or GPU)")

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from att3d.cli._args import CommandParser
+from att3d.cli._args import CommandParser, UsageError
 from att3d.utils.paths import DEFAULT_MODEL
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +144,10 @@ def model_parser() -> CommandParser:
     ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--meshes", action="store_true", help="also export each GLB (to OUT/meshes) and score it")
+    ap.add_argument("--head", choices=("auto", "nerf", "mesh"), default="auto",
+                    help="with --meshes: the surface exported (auto: the mesh stage's if the model has one)")
+    ap.add_argument("--faces", type=int, default=20_000, help="with --meshes: the face budget (0: no limit)")
+    ap.add_argument("--no-solid", action="store_true", help="with --meshes: do not fill hidden cavities")
     return ap
 
 
@@ -162,8 +166,11 @@ def model_main(argv: list[str] | None = None) -> int:
     prompts = resolve_prompts(args.prompts)
     heldout = resolve_prompts(args.heldout) if args.heldout else []
     out = Path(args.out) if args.out else folder / "eval"
+    if args.faces < 0:
+        raise UsageError(f"--faces must be >= 0 (0: no limit), got {args.faces}")
     res = evaluate(model, prompts, heldout, args.resolution, threshold=args.threshold,
-                   mesh_dir=out / "meshes" if args.meshes else None)
+                   mesh_dir=out / "meshes" if args.meshes else None,
+                   mesh_kw={"head": args.head, "max_faces": args.faces, "solid": not args.no_solid})
     write_report(res, prompts, out)
     print(markdown_table(res["summary"]), end="")
     print(f"wrote {out}/metrics.json, metrics.md, renders.png")

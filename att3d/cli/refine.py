@@ -4,6 +4,12 @@ then export its mesh and turntable as ``att3d generate`` does and save the refin
 The SDS schedule comes from the guidance config (:func:`att3d.config.guidance_config`): its ``refine:`` block
 when refining from the amortized start, the options ``--guidance-scale``, ``--guidance-scale-low``, ``--low-t``,
 ``--t-max`` and ``--lr-final`` above it (:func:`refine_schedule`).
+
+Before any work: the prompt is normalised like every prompt (:func:`att3d.text.prompts.normalize_prompt`), files
+of an earlier run in ``--out`` (``model/``, ``history.json``, the prompt's mesh and video) are refused unless
+``--overwrite``, and a memory estimate (:mod:`att3d.utils.resources`: the SDS renders of ``--resolution`` x
+``--batch-views``, the mesh of ``--grid-resolution`` / ``--texture-size``) is checked against the available memory
+(or ``--max-memory``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from att3d.cli._args import CommandParser
+from att3d.cli._args import CommandParser, add_max_memory
 from att3d.train.refine import MODES, SDS_KEYS
 from att3d.utils.errors import Att3dError
 from att3d.utils.paths import DEFAULT_MODEL
@@ -46,9 +52,10 @@ def load_guidance(name_or_path: str = "shapes", prior: str | None = None, device
 
 def export_refined(refined, out_dir: str | Path, format: str = "glb", grid_resolution: int = 128,
                    texture_size: int = 512, turntable: bool = True, threshold: float | None = None,
-                   device: Any = "cpu", progress: bool = True) -> list[dict[str, Any]]:
+                   device: Any = "cpu", progress: bool = True, exists: str = "overwrite") -> list[dict[str, Any]]:
     """Mesh (and turntable video) of the refined prompt, written by :func:`att3d.infer.generate.write_outputs`
-    exactly as ``att3d generate`` writes them (``<slug>.<format>``, ``<slug>.mp4``).
+    exactly as ``att3d generate`` writes them (``<slug>.<format>``, ``<slug>.mp4``); ``exists`` is
+    ``write_outputs``' (``error``: refuse files that exist).
 
     Returns:
         ``write_outputs``' rows (one: ``files``, ``empty``, ``note``, ...).
@@ -63,7 +70,7 @@ def export_refined(refined, out_dir: str | Path, format: str = "glb", grid_resol
     meshes = meshes_from_conditioning(refined, cond, grid_resolution=grid_resolution, threshold=threshold,
                                       texture_size=texture_size)
     return write_outputs(meshes, [refined.prompt], out_dir, format=format, turntable=turntable, device=device,
-                         progress=progress)
+                         progress=progress, exists=exists)
 
 
 def build_parser() -> CommandParser:
@@ -106,7 +113,37 @@ def build_parser() -> CommandParser:
     ap.add_argument("--no-turntable", action="store_true", help="do not render the turntable video")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+    add_max_memory(ap)
     return ap
+
+
+def existing_output(out: Path, prompt: str, format: str, turntable: bool) -> Path | None:
+    """The first file of an earlier run in ``out`` that refining ``prompt`` would replace (None: none)."""
+    from att3d.infer.generate import OutputFolder, slugify
+
+    if not out.is_dir():
+        return None
+    candidates = [out / "model", out / "history.json"]
+    candidates += OutputFolder(out, format=format, turntable=turntable).targets(slugify(prompt))
+    return next((f for f in candidates if f.exists()), None)
+
+
+def memory_estimate(args: Any, samples_per_ray: int):
+    """The memory estimate of a run (:mod:`att3d.utils.resources`): the SDS renders with gradients and the mesh."""
+    from att3d.utils.resources import Estimate, mesh_estimate, render_training_bytes
+
+    parts = [(f"--resolution {args.resolution} x {args.batch_views} views x {samples_per_ray} samples per ray",
+              render_training_bytes(args.resolution, args.batch_views, samples_per_ray))]
+    parts += mesh_estimate(args.grid_resolution, args.texture_size, 1, 0 if args.no_turntable else 48, 256,
+                           grid_option="--grid-resolution").parts
+    return Estimate(tuple(parts))
+
+
+def samples_per_ray(model: Any) -> int:
+    """Samples per ray of the model's training renders (``renderer.num_samples`` + ``num_importance``)."""
+    cfg = (getattr(model, "config", None) or {}).get("renderer") or {}
+    return int(cfg.get("num_samples", 64) or 64) + int(cfg.get("num_importance", 0) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,16 +151,37 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 0:
         raise Att3dError(f"--steps must be >= 0, got {args.steps}")
+    for name in ("resolution", "batch_views", "grid_resolution"):
+        if getattr(args, name) < 1:
+            raise Att3dError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.texture_size < 0:
+        raise Att3dError(f"--texture-size must be >= 0 (0: vertex colours only), got {args.texture_size}")
+    from att3d.text.prompts import PromptError, normalize_prompt
+
+    try:
+        args.prompt = normalize_prompt(args.prompt)
+    except PromptError as e:
+        raise PromptError(f"prompt: {e}") from None
 
     from att3d.eval.refine_eval import is_shapes_caption, shapes_eval_fn
     from att3d.model import load
     from att3d.train.refine import from_scratch, refine
+    from att3d.utils.checkpoint import atomic_write
     from att3d.utils.devices import pick_device
     from att3d.utils.paths import resolve_model_folder
+    from att3d.utils.resources import check_memory
 
     device = pick_device(args.device)
     ckpt = resolve_model_folder(args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise Att3dError(f"--out {out} is a file, not a folder")
+    found = None if args.overwrite else existing_output(out, args.prompt, args.format, not args.no_turntable)
+    if found is not None:
+        raise Att3dError(f"{found} exists (an earlier run's output); add --overwrite to replace it, or choose "
+                         "another --out")
     model = load(ckpt, device=device)
+    check_memory(memory_estimate(args, samples_per_ray(model)), args.max_memory, device)
     schedule = refine_schedule(args.guidance, from_scratch=args.from_scratch,
                                overrides={"guidance_scale": args.guidance_scale, "t_max": args.t_max,
                                           "lr_final": args.lr_final, "guidance_scale_low": args.guidance_scale_low,
@@ -141,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         refined, history = refine(model, args.prompt, args.steps, guidance, **kwargs)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     folder = refined.save_pretrained(out / "model", extra={"checkpoint": str(ckpt)})
-    (out / "history.json").write_text(json.dumps(history.to_dict(), indent=2) + "\n")
+    text = json.dumps(history.to_dict(), indent=2) + "\n"
+    atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(text))
     print(f"{'optimised from scratch' if args.from_scratch else 'refined'} {refined.prompt!r}: {args.steps} steps "
           f"({args.mode} mode) in {history.seconds:.1f} s")
     if history.evals:
@@ -153,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {folder}/ (refined model) and {out / 'history.json'}")
     rows = export_refined(refined, out, format=args.format, grid_resolution=args.grid_resolution,
                           texture_size=args.texture_size, turntable=not args.no_turntable,
-                          threshold=args.threshold, device=device)
+                          threshold=args.threshold, device=device, exists="overwrite")
     for row in rows:
         for f in row["files"]:
             print(f"wrote {f}")

@@ -11,29 +11,47 @@ is joined before Hydra starts (gloo on the CPU, NCCL for CUDA tensors), the rank
 on the run folder's timestamp and use rank 0's resolved config, rank 0 alone writes
 files, and ``trainer.batch_size`` is the global batch (see :mod:`att3d.train.distributed`).
 
+The run folder is written only by the run that holds its lock (rank 0 takes it:
+:func:`att3d.train.run_dir.lock_run_dir`), and only once the run has started: Hydra
+writes its record (``.hydra/``) and log (``train.log``) into a scratch folder, which moves
+into the run folder when the trainer is built and its checkpoint loaded. A run that
+fails before that leaves nothing in a ``resume=`` folder, and removes a run folder it
+created; a second run into a locked folder writes nothing there.
+
 Exit codes: 0 done, 2 a user error (one line on stderr: bad prompt file, damaged or
-mismatching checkpoint, unknown config key, too many non-finite steps), 130 / 143
-stopped by SIGINT / SIGTERM after writing a checkpoint (resume continues from it).
+mismatching checkpoint, a missing ``latest.json``, unknown config key, a value out of
+range, too many non-finite steps, a run folder in use, a full, read-only or
+size-limited disk), 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint
+(resume continues from it), or at once by a second one (the last checkpoint stays).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from att3d.utils.errors import Att3dError
+from att3d.utils.errors import Att3dError, describe_os_error, is_user_os_error
 
 log = logging.getLogger(__name__)
 
+#: Prefix of the scratch folder that takes Hydra's record and log until the run folder is ready.
+SCRATCH_PREFIX = "att3d-train-"
 
-def run(cfg: dict[str, Any], run_dir: str | Path) -> Path:
+
+def run(cfg: dict[str, Any], run_dir: str | Path, on_ready: Callable[[], None] | None = None) -> Path:
     """Train with a resolved config dict; returns the final model folder.
 
-    The latest checkpoint (if any) is loaded before ``config.yaml`` is (re)written, so a resume with
+    The checkpoint to resume from (if any) is loaded before ``config.yaml`` is (re)written, so a resume with
     overrides that do not fit the checkpoint (another field size) fails without touching the run's config.
+    ``on_ready`` is called then (the app moves Hydra's record and log into the run folder). ``resume_checkpoint``
+    is not saved: a later plain resume continues from ``latest.json``.
     """
     from att3d.config import build_trainer
     from att3d.train import distributed
@@ -42,19 +60,29 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> Path:
     try:
         trainer = build_trainer(cfg, run_dir)
     except (ValueError, TypeError) as e:  # a component rejected its options (bad value, unknown keyword)
+        if isinstance(e, Att3dError):  # already one line naming the option
+            raise
         raise Att3dError(f"invalid configuration: {' '.join(str(e).split())}") from None
-    trainer.restore(resume=True)
-    if distributed.current().is_main:
-        save_config(cfg, run_dir)
-    return trainer.fit(resume=True)
+    try:
+        trainer.restore(resume=True)
+        if on_ready is not None:
+            on_ready()
+        if distributed.current().is_main:
+            save_config({**cfg, "resume_checkpoint": None} if "resume_checkpoint" in cfg else cfg, run_dir)
+        return trainer.fit(resume=True)
+    finally:
+        trainer.close()
 
 
 def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
     """The run's config as a plain dict: the saved ``config.yaml`` plus the overrides on resume."""
     from omegaconf import OmegaConf
 
+    from att3d.train.run_dir import check_run_dir
+
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.yaml"
+    check_run_dir(run_dir, "resume" if cfg.resume else "run_dir")
     if cfg.resume and saved.is_file():
         overrides = [o for o in task_overrides if not o.startswith("resume=")]
         try:
@@ -67,6 +95,69 @@ def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
     elif cfg.resume:
         raise Att3dError(f"resume: {run_dir} is not an att3d run folder (no config.yaml)")
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # e.g. prompts=file without .train
+
+
+class _RunFolder:
+    """Rank 0's hold on the run folder: its lock, whether this run created it, and Hydra's scratch outputs.
+
+    Args:
+        run_dir: the run folder.
+        scratch: the folder Hydra writes ``.hydra/`` and its log into until :meth:`adopt` moves them.
+    """
+
+    def __init__(self, run_dir: Path, scratch: Path | None):
+        from att3d.train.run_dir import lock_run_dir
+
+        self.run_dir = run_dir
+        self.scratch = scratch
+        self.created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # the run folder first
+        self.lock = lock_run_dir(run_dir)  # RunDirLocked before anything is written
+        self.adopted = False
+
+    def adopt(self) -> None:
+        """Move Hydra's record (``.hydra/``) and log from the scratch folder into the run folder; the log goes on
+        in the run folder (appended to an existing one on resume)."""
+        from att3d.utils.checkpoint import atomic_write
+
+        self.adopted = True
+        if self.scratch is None:
+            return
+        record = self.scratch / ".hydra"
+        if record.is_dir():
+            target = self.run_dir / ".hydra"
+            target.mkdir(exist_ok=True)
+            for f in record.iterdir():
+                text = f.read_text()
+                if f.name == "hydra.yaml":  # it names the scratch folder as the run's output folder
+                    text = text.replace(str(self.scratch), str(self.run_dir.resolve()))
+                atomic_write(target / f.name, lambda tmp, t=text: Path(tmp).write_text(t))
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            name = getattr(h, "baseFilename", None)
+            if not isinstance(h, logging.FileHandler) or name is None or Path(name).parent != self.scratch:
+                continue
+            h.flush()
+            h.close()
+            moved = logging.FileHandler(self.run_dir / Path(name).name, mode="a", encoding=h.encoding)
+            moved.setLevel(h.level)
+            moved.setFormatter(h.formatter)
+            for flt in h.filters:
+                moved.addFilter(flt)
+            with open(name, encoding=h.encoding or "utf-8", errors="replace") as src:
+                moved.stream.write(src.read())
+            moved.flush()
+            root.removeHandler(h)
+            root.addHandler(moved)
+
+    def release(self, failed: bool) -> None:
+        """Unlock; after a failure before the run started, remove the folders this run created (nothing of a run
+        is in them: Hydra's outputs are still in the scratch folder)."""
+        self.lock.release()
+        if failed and not self.adopted and self.created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            for p in self.created[1:]:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only when empty
 
 
 def _quiet_worker_logging() -> None:
@@ -111,6 +202,20 @@ def _config_error(e: BaseException) -> Att3dError:
     return Att3dError(msg)
 
 
+def _remove_stale_scratch() -> None:
+    """Remove the scratch folders of ``att3d train`` processes that died without cleaning up (``kill -9``)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # dead: its scratch folder is garbage
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive (another user's process, say): leave it
+            pass
+
+
 def _world_size() -> int:
     """``WORLD_SIZE`` from the environment (1 when unset), read without importing torch."""
     try:
@@ -132,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     register_resolvers()
     argv = list(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {"code": 0}
+    wants_output = not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--shell-completion")
+                           or a.startswith(("--cfg=", "--info=")) for a in argv)
+    scratch: Path | None = None
     distributed: Any = None  # att3d.train.distributed (imports torch): only in a multi-process job
     rank, is_main, multi = 0, True, False
     joined = False
@@ -147,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[STAMP_ENV] = str(distributed.broadcast_object(stamp()))  # one run folder for all ranks
         if not is_main:
             argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
+    if wants_output:  # Hydra's record and log go here until the run folder is locked and the run has started
+        _remove_stale_scratch()
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")).resolve()
+        except OSError as e:  # no writable temporary folder: Hydra writes into the run folder at once
+            log.debug("no scratch folder for Hydra's outputs: %s", e)
+        else:
+            argv.append(f"hydra.run.dir={scratch}")
     # Config errors come back as exceptions (one line through att3d.cli), not as Hydra's multi-line report.
     os.environ["HYDRA_FULL_ERROR"] = "1"
 
@@ -154,13 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     def _app(cfg: DictConfig) -> None:
         if not is_main:
             _quiet_worker_logging()
+        folder_hold: _RunFolder | None = None
+        failed = True
         try:
             failure, container = None, None
             if is_main:
                 try:
                     container = _resolved_config(cfg, list(HydraConfig.get().overrides.task))
+                    folder_hold = _RunFolder(Path(container["run_dir"]), scratch)
                 except Att3dError as e:
                     failure = str(e)
+                except OSError as e:
+                    if not is_user_os_error(e):
+                        raise
+                    failure = describe_os_error(e)
                 except Exception as e:  # e.g. OmegaConf's MissingMandatoryValue for prompts.train=???
                     if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
                         raise
@@ -170,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             if failure is not None:
                 raise Att3dError(failure)
             _quiet_libraries(bool(container.get("progress", True)))
-            folder = run(container, Path(container["run_dir"]))
+            folder = run(container, Path(container["run_dir"]),
+                         on_ready=folder_hold.adopt if folder_hold is not None else None)
+            failed = False
             if is_main:
                 print(f"model written to {folder}")
         except Att3dError as e:
@@ -183,9 +308,20 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"[rank {rank}] " if multi else ""
                 print(f"att3d: error: {where}{' '.join(str(e).split())}", file=sys.stderr)
                 result["code"] = 2
-        except KeyboardInterrupt:
-            print("att3d: interrupted", file=sys.stderr)
-            result["code"] = 130
+        except OSError as e:  # a full, read-only or size-limited disk, a file in the way: the user's to fix
+            if not is_user_os_error(e):
+                raise
+            where = f"[rank {rank}] " if multi else ""
+            print(f"att3d: error: {where}{describe_os_error(e)}", file=sys.stderr)
+            result["code"] = 2
+        except KeyboardInterrupt as e:  # Ctrl-C outside the training loop, or a second signal inside it
+            message = getattr(e, "message", None)
+            if is_main:
+                print(f"att3d: {message}" if message else "att3d: interrupted", file=sys.stderr)
+            result["code"] = int(getattr(e, "exit_code", 130))
+        finally:
+            if folder_hold is not None:
+                folder_hold.release(failed)
 
     old = sys.argv
     sys.argv = ["att3d train", *argv]
@@ -216,4 +352,6 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ[k] = v
         if joined:
             distributed.shutdown()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return int(result["code"])

@@ -22,46 +22,75 @@ from att3d.world import metrics
 from att3d.world.metrics import field_occupancy, render_views
 from att3d.world.shapes import all_objects, parse_caption
 
-__all__ = ["evaluate", "exported_mesh_iou", "field_occupancy", "figure", "markdown_table", "render_views",
+__all__ = ["evaluate", "exported_mesh_scores", "field_occupancy", "figure", "markdown_table", "render_views",
            "write_report"]
 
 
-@torch.no_grad()
-def exported_mesh_iou(model, cond: dict[str, torch.Tensor], prompts: Sequence[str], out_dir: str | Path,
-                      threshold: float | None = None) -> list[float]:
-    """Volume IoU against the ground truth of each prompt's exported GLB (written, then re-read with trimesh).
+#: Per-prompt keys of :func:`exported_mesh_scores` that the summary averages.
+MESH_KEYS = ["mesh_volume_iou", "mesh_silhouette_iou", "mesh_colour_error", "mesh_retrieved", "mesh_faces",
+             "mesh_bytes"]
 
-    The meshes come from :func:`att3d.mesh.extract.meshes_from_conditioning` with its defaults, as
-    ``att3d generate`` makes them; occupancy of the re-read mesh by ray parity on the 64^3 voxel centres.
+
+@torch.no_grad()
+def exported_mesh_scores(model, cond: dict[str, torch.Tensor], prompts: Sequence[str], out_dir: str | Path,
+                         threshold: float | None = None, resolution: int = 64,
+                         **mesh_kw: Any) -> list[dict[str, Any]]:
+    """Score each prompt's exported GLB (written, then re-read with trimesh) against the ground truth.
+
+    The meshes come from :func:`att3d.mesh.extract.meshes_from_conditioning` (its defaults, as ``att3d generate``
+    makes them, unless ``mesh_kw`` says otherwise: ``head``, ``max_faces``, ``solid``, ...). Occupancy of the
+    re-read mesh by ray parity on the 64^3 voxel centres; renders of its texture at the 8 evaluation views,
+    drawn as it is when it holds radiance, lit by the world's light (with the file's normals) when it holds an
+    albedo (a mesh stage trained with ``stage.shading=lambert``).
+
+    Returns:
+        One dict per prompt: ``mesh_volume_iou``, ``mesh_silhouette_iou``, ``mesh_colour_error``,
+        ``mesh_retrieved`` (scored among the 64 objects like the field), ``mesh_faces``, ``mesh_bytes``.
     """
     import trimesh
 
     from att3d.infer.generate import slugify
+    from att3d.infer.turntable import mesh_arrays
+    from att3d.mesh import render_mesh
     from att3d.mesh.export import export_mesh
-    from att3d.mesh.extract import meshes_from_conditioning
+    from att3d.mesh.extract import colour_shading, meshes_from_conditioning
+    from att3d.render.cameras import OrbitCameras
 
-    meshes = meshes_from_conditioning(model, cond, threshold=threshold)
-    out = []
+    meshes = meshes_from_conditioning(model, cond, threshold=threshold, **mesh_kw)
+    lit = colour_shading(model) == "lambert"  # an albedo texture is viewed under the world's light
+    candidates = all_objects()
+    cams = OrbitCameras.evaluation(8)
+    out: list[dict[str, Any]] = []
     for mesh, prompt in zip(meshes, prompts):
+        obj = parse_caption(prompt)
         if len(mesh.faces) == 0:
-            out.append(0.0)
+            out.append({"mesh_volume_iou": 0.0, "mesh_silhouette_iou": 0.0, "mesh_colour_error": 1.0,
+                        "mesh_retrieved": False, "mesh_faces": 0, "mesh_bytes": 0})
             continue
         path = Path(out_dir) / f"{slugify(prompt)}.glb"
         export_mesh(mesh, path)
         back = trimesh.load(path, force="mesh")
         occ = metrics.mesh_occupancy(torch.as_tensor(back.vertices, dtype=torch.float32),
                                      torch.as_tensor(back.faces, dtype=torch.long), metrics.VOXEL_RESOLUTION)
-        out.append(metrics.volume_iou(occ, metrics.ground_truth_occupancy(parse_caption(prompt))))
+        arrays = mesh_arrays(back)
+        rgb, mask = render_mesh(arrays["verts"], arrays["faces"], cams, resolution, colours=arrays.get("colours"),
+                                uvs=arrays.get("uvs"), texture=arrays.get("texture"), lambert=lit)
+        scored = metrics.score_object(occ, rgb, mask, obj)
+        best = int(metrics.retrieval_scores(occ, rgb, mask, candidates).argmax())
+        out.append({"mesh_volume_iou": scored["volume_iou"], "mesh_silhouette_iou": scored["silhouette_iou"],
+                    "mesh_colour_error": scored["colour_error"], "mesh_retrieved": candidates[best] == obj,
+                    "mesh_faces": int(len(back.faces)), "mesh_bytes": int(path.stat().st_size)})
     return out
 
 
 @torch.no_grad()
 def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolution: int = 64,
              batch_size: int = 8, threshold: float | None = None, progress: bool = True,
-             mesh_dir: str | Path | None = None) -> dict[str, Any]:
+             mesh_dir: str | Path | None = None, mesh_kw: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score each prompt (a shapes-world caption) and summarise per split.
 
-    With ``mesh_dir``, each prompt's GLB is also exported there and scored (``mesh_volume_iou``).
+    With ``mesh_dir``, each prompt's GLB is also exported there and scored (:func:`exported_mesh_scores`, with
+    ``mesh_kw`` as its mesh options).
 
     Returns:
         dict with ``per_prompt`` (list of dicts), ``summary`` (split -> mean metrics and retrieval),
@@ -80,15 +109,16 @@ def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolut
         cond = model.conditioning(chunk)
         occ = field_occupancy(model, cond, metrics.VOXEL_RESOLUTION, threshold)
         rgb, op = render_views(model, cond, resolution)
-        mesh_iou = exported_mesh_iou(model, cond, chunk, mesh_dir, threshold) if mesh_dir else None
+        mesh_scores = (exported_mesh_scores(model, cond, chunk, mesh_dir, threshold, resolution, **(mesh_kw or {}))
+                       if mesh_dir else None)
         for i, p in enumerate(chunk):
             obj = objects[s + i]
             m = metrics.score_object(occ[i], rgb[i], op[i], obj)
             scores = metrics.retrieval_scores(occ[i], rgb[i], op[i], candidates)
             m["retrieved"] = bool(int(scores.argmax()) == cand_index[obj])
             m["best_match"] = candidates[int(scores.argmax())].caption
-            if mesh_iou is not None:
-                m["mesh_volume_iou"] = mesh_iou[i]
+            if mesh_scores is not None:
+                m.update(mesh_scores[i])
             rows.append({"prompt": p, "split": "heldout" if p in held else "train", **m})
         renders.append(rgb)
         opac.append(op)
@@ -97,22 +127,28 @@ def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolut
         sel = [r for r in rows if split == "all" or r["split"] == split]
         if not sel:
             continue
-        keys = ["volume_iou", "silhouette_iou", "colour_error", "retrieved"] + (["mesh_volume_iou"] if mesh_dir else [])
+        keys = ["volume_iou", "silhouette_iou", "colour_error", "retrieved"] + (MESH_KEYS if mesh_dir else [])
         summary[split] = {k: float(np.mean([r[k] for r in sel])) for k in keys}
         summary[split]["count"] = len(sel)
         summary[split]["retrieval_accuracy"] = summary[split].pop("retrieved")
+        if mesh_dir:
+            summary[split]["mesh_retrieval_accuracy"] = summary[split].pop("mesh_retrieved")
     return {"per_prompt": rows, "summary": summary, "renders": torch.cat(renders), "opacity": torch.cat(opac)}
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:
+    """The summary as a Markdown table: the field's metrics, and the exported GLB's when they were measured."""
     meshes = all("mesh_volume_iou" in m for m in summary.values())
     lines = ["| split | prompts | volume IoU | silhouette IoU | colour error | retrieval |"
-             + (" GLB volume IoU |" if meshes else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|" if meshes else "")]
+             + (" GLB volume IoU | GLB silhouette IoU | GLB colour error | GLB retrieval | GLB faces |"
+                if meshes else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" * 5 if meshes else "")]
     for split, m in summary.items():
         lines.append(f"| {split} | {m['count']} | {m['volume_iou']:.3f} | {m['silhouette_iou']:.3f} | "
                      f"{m['colour_error']:.3f} | {100 * m['retrieval_accuracy']:.1f}% |"
-                     + (f" {m['mesh_volume_iou']:.3f} |" if meshes else ""))
+                     + (f" {m['mesh_volume_iou']:.3f} | {m['mesh_silhouette_iou']:.3f} | "
+                        f"{m['mesh_colour_error']:.3f} | {100 * m['mesh_retrieval_accuracy']:.1f}% | "
+                        f"{m['mesh_faces']:.0f} |" if meshes else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def embedding_path(emb: TextEmbedding, frames: int, mode: str = "linear") -> Tex
 # ---------------------------------------------------------------------------------------------------------------
 
 def _prompts_path(model, prompts: Sequence[str], frames: int, mode: str) -> TextEmbedding:
-    prompts = list(prompts)
+    from att3d.text.prompts import normalize_prompts
+
+    prompts = normalize_prompts(list(prompts))  # one normalisation for every prompt: empty ones are errors
     if len(prompts) < 2:
         raise Att3dError(f"an interpolation needs at least 2 prompts, got {len(prompts)}")
     if frames < len(prompts):
@@ -269,7 +272,8 @@ def write_video(frames: torch.Tensor | np.ndarray, path: str | Path, fps: float 
     """Write frames as an H.264 ``.mp4`` (ffmpeg from imageio-ffmpeg), or a ``.gif`` if that fails.
 
     Odd image sizes are padded by one edge pixel (H.264 needs even sizes); every frame is written
-    exactly once, so the file holds F frames.
+    exactly once, so the file holds F frames. The file is written under a temporary name in the same folder and
+    renamed into place: ``path`` never holds half a video, even when the write is interrupted.
 
     Args:
         frames: (F, H, W, 3) floats in [0, 1] or uint8.
@@ -285,21 +289,30 @@ def write_video(frames: torch.Tensor | np.ndarray, path: str | Path, fps: float 
         raise ValueError(f"frames must be (F, H, W, 3), got {arr.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() != ".gif":
-        pad_h, pad_w = arr.shape[1] % 2, arr.shape[2] % 2
-        video = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else arr
-        try:
-            with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                    pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
-                for frame in video:
-                    writer.append_data(frame)
-            return path
-        except Exception as e:  # no ffmpeg binary / plugin: fall back to a GIF
-            log.warning("could not write %s (%s); writing a GIF instead", path, e)
-            path.unlink(missing_ok=True)
-            path = path.with_suffix(".gif")
-    imageio.mimsave(path, list(arr), duration=1000.0 / fps, loop=0)
-    return path
+    # Written under a temporary name and renamed into place: an interrupted write leaves no half video.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        if path.suffix.lower() != ".gif":
+            pad_h, pad_w = arr.shape[1] % 2, arr.shape[2] % 2
+            video = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else arr
+            try:
+                with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                        pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
+                    for frame in video:
+                        writer.append_data(frame)
+                os.replace(tmp, path)
+                return path
+            except Exception as e:  # no ffmpeg binary / plugin: fall back to a GIF
+                log.warning("could not write %s (%s); writing a GIF instead", path, e)
+                tmp.unlink(missing_ok=True)
+                path, tmp = path.with_suffix(".gif"), tmp.with_suffix(".gif")
+        imageio.mimsave(tmp, list(arr), duration=1000.0 / fps, loop=0)
+        os.replace(tmp, path)
+        return path
+    except BaseException:
+        for leftover in (tmp, tmp.with_suffix(".gif")):
+            leftover.unlink(missing_ok=True)
+        raise
 
 
 def read_video(path: str | Path) -> np.ndarray:

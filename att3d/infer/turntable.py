@@ -62,7 +62,7 @@ def mesh_arrays(mesh: trimesh.Trimesh, device: str | torch.device = "cpu") -> di
 @torch.no_grad()
 def mesh_turntable(mesh: trimesh.Trimesh, frames: int = 48, resolution: int = 256,
                    elevation_deg: float = EVAL_ELEVATION_DEG, background: Background = (1.0, 1.0, 1.0),
-                   lambert: bool = False, device: str | torch.device = "cpu", batch: int = 8) -> np.ndarray:
+                   lambert: bool | None = None, device: str | torch.device = "cpu", batch: int = 8) -> np.ndarray:
     """Render a mesh from ``frames`` views around it with the pure-torch rasterizer.
 
     Args:
@@ -71,7 +71,9 @@ def mesh_turntable(mesh: trimesh.Trimesh, frames: int = 48, resolution: int = 25
         resolution: H = W in pixels.
         elevation_deg: camera elevation.
         background: colour behind the mesh.
-        lambert: shade with the shapes world's light (off: colours are drawn as they are).
+        lambert: shade with the shapes world's light (off: colours are drawn as they are); None: when the
+            mesh's texture is an albedo (``mesh.metadata["att3d"]["shading"] == "lambert"``, from a mesh stage
+            trained with shading), else off.
         device: where to rasterize.
         batch: views rasterized at once.
 
@@ -81,6 +83,8 @@ def mesh_turntable(mesh: trimesh.Trimesh, frames: int = 48, resolution: int = 25
     from att3d.mesh import render_mesh
 
     device = torch.device(device)
+    if lambert is None:
+        lambert = (mesh.metadata.get("att3d") or {}).get("shading") == "lambert"
     arrays = mesh_arrays(mesh, device)
     cams = OrbitCameras.turntable(frames, elevation_deg=elevation_deg, device=device)
     if arrays["faces"].shape[0] == 0:

@@ -38,6 +38,11 @@ from att3d.utils.timing import StageTimer, maybe_timed
 DEFAULT_THRESHOLD = 5.0
 #: UV atlas methods.
 UV_METHODS = ("box", "xatlas")
+#: Surface extraction heads: ``nerf`` (marching cubes of the density, smoothed) or ``mesh`` (the mesh stage's
+#: DMTet surface: marching tetrahedra of the same density on the stage's tet grid, as it was trained).
+HEADS = ("auto", "nerf", "mesh")
+#: The default face budget of generated meshes (0: no limit).
+DEFAULT_MAX_FACES = 20_000
 
 
 class GenerationError(Att3dError):
@@ -48,6 +53,59 @@ def extraction_threshold(model: Any) -> float:
     """The density threshold of extraction: ``model.config["extraction"]["threshold"]`` or :data:`DEFAULT_THRESHOLD`."""
     config = getattr(model, "config", None) or {}
     return float((config.get("extraction") or {}).get("threshold", DEFAULT_THRESHOLD))
+
+
+def mesh_head(model: Any, head: str = "auto") -> tuple[str, int | None]:
+    """Which surface a model's meshes come from: ``(head, tet_resolution)``.
+
+    ``auto`` is ``mesh`` for a model trained by the mesh stage (which records its settings in
+    ``config["extra"]["mesh"]``, the DMTet grid resolution ``tet_resolution`` among them) and ``nerf`` otherwise;
+    ``mesh`` on a NeRF-stage model uses a 64^3 tet grid.
+    """
+    if head not in HEADS:
+        raise GenerationError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    extra = (getattr(model, "config", None) or {}).get("extra") or {}
+    trained = isinstance(extra.get("mesh"), dict)  # the mesh stage (or its oracle) records its settings there
+    if head == "auto":
+        head = "mesh" if trained else "nerf"
+    if head == "nerf":
+        return "nerf", None
+    res = (extra.get("mesh") or {}).get("tet_resolution", 64) if trained else 64
+    return "mesh", int(res)
+
+
+def fill_interior(density: torch.Tensor, threshold: float, close_voxels: int = 2) -> torch.Tensor:
+    """Make a density grid's object solid: fill the cavities no camera can see.
+
+    Score distillation constrains only what renders show, so an SDS-trained field is often hollow or
+    spongy inside (density below the threshold in enclosed pockets, and pockets joined by thin tunnels).
+    A mesh of it then has inner shells, and its volume is too small. The occupancy ``density > threshold``
+    is closed morphologically (``close_voxels`` dilations then erosions with the 6-neighbourhood: tunnels
+    and cracks up to about twice that many voxels wide are shut) and every region not connected to the
+    grid's boundary through free voxels is filled (``scipy.ndimage.binary_fill_holes``). Filled voxels get
+    the density ``2 * threshold`` (inside), the others keep theirs, so the outer surface stays where it was.
+
+    Args:
+        density: (R, R, R) float density; threshold: the extraction threshold (inside: above).
+        close_voxels: iterations of the closing (0: fill enclosed cavities only).
+
+    Returns:
+        (R, R, R) the density with cavities filled (a new tensor on the input's device).
+    """
+    from scipy import ndimage
+
+    inside = (density > threshold).cpu().numpy()
+    solid = ndimage.binary_closing(inside, iterations=close_voxels) if close_voxels > 0 else inside
+    solid = ndimage.binary_fill_holes(solid | inside)
+    filled = torch.from_numpy(solid & ~inside).to(density.device)
+    return torch.where(filled, torch.full_like(density, 2.0 * float(threshold)), density)
+
+
+def colour_shading(model: Any) -> str:
+    """What a model's colour field holds: ``"none"`` (radiance: draw it as it is) or ``"lambert"`` (an albedo,
+    from a mesh stage trained with ``stage.shading=lambert``: light it with the world's light to view it)."""
+    settings = ((getattr(model, "config", None) or {}).get("extra") or {}).get("mesh")
+    return str(settings.get("shading", "none")) if isinstance(settings, dict) else "none"
 
 
 def _batch_size(cond: dict[str, torch.Tensor]) -> int:
@@ -148,6 +206,8 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
                              threshold: float | None = None, texture_size: int = 256,
                              min_component_fraction: float = 0.05, smooth_iterations: int = 10,
                              colour_offset: float | None = None, uv_method: str = "box", texture_padding: int = 4,
+                             head: str = "auto", max_faces: int = DEFAULT_MAX_FACES, tet_resolution: int | None = None,
+                             solid: bool = True, close_radius: float = 0.1,
                              timer: StageTimer | None = None, progress: bool = False) -> list[trimesh.Trimesh]:
     """Textured meshes of B prompts' fields.
 
@@ -165,6 +225,16 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             ``2 bound / (R - 1)``; 0: on the surface.
         uv_method: ``"box"`` (fast box-projection atlas) or ``"xatlas"`` (slow, fewer seams).
         texture_padding: gutter texels around charts (and dilation of the baked texture).
+        head: the surface (:func:`mesh_head`): ``nerf``, marching cubes of the density at ``grid_resolution``,
+            cleaned and smoothed; ``mesh``, the mesh stage's DMTet surface (marching tetrahedra of the density
+            on a ``tet_resolution`` grid, not smoothed: the surface the stage trained); ``auto`` by the model.
+        max_faces: the face budget (quadric decimation, :func:`att3d.mesh.decimate.decimate`, before the UV
+            atlas so that the texture is baked on the final mesh); 0: no limit.
+        tet_resolution: the DMTet grid of ``head="mesh"``; None: the model's (64 if it records none).
+        solid: fill the object's hidden cavities before extraction (:func:`fill_interior`), so that the mesh is
+            one solid without inner shells; False: extract the raw level set.
+        close_radius: the radius of the fill's closing in world units (tunnels and cracks up to about twice as
+            wide are shut; 0: enclosed cavities only), rounded to whole grid cells.
         timer: stages ``field``, ``extraction``, ``texture``, ``export`` are added to it.
         progress: progress bars.
 
@@ -173,14 +243,18 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
         texture; the per-vertex colours are kept in ``mesh.vertex_attributes["color"]``, (V, 4)
         RGBA uint8, which GLB stores as the application attribute ``_color``: a glTF ``COLOR_0``
         would multiply the texture in viewers) or, with ``texture_size=0``, ``ColorVisuals``.
-        ``mesh.metadata["att3d"]`` holds ``threshold``, ``grid_resolution``, ``empty`` (and
-        ``reason`` when empty).
+        Vertex normals are the welded surface's (area-weighted), kept across UV seams.
+        ``mesh.metadata["att3d"]`` holds ``threshold``, ``grid_resolution``, ``head``, ``shading``
+        (:func:`colour_shading`: whether the texture is radiance or albedo), ``faces_before``
+        (before the face budget), ``empty`` (and ``reason`` when empty).
     """
     from tqdm import tqdm
 
-    from att3d.mesh.cleanup import clean_mesh
+    from att3d.mesh.cleanup import clean_mesh, vertex_normals
+    from att3d.mesh.decimate import decimate
     from att3d.mesh.export import to_trimesh
     from att3d.mesh.marching_cubes import marching_cubes
+    from att3d.mesh.marching_tets import marching_tetrahedra
     from att3d.mesh.texture import bake_texture
 
     if grid_resolution < 4:
@@ -189,10 +263,23 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
         raise GenerationError(f"texture size must be >= 0, got {texture_size}")
     if uv_method not in UV_METHODS:
         raise GenerationError(f"unknown uv method {uv_method!r}; choose one of {', '.join(UV_METHODS)}")
+    if not isinstance(max_faces, int) or isinstance(max_faces, bool) or max_faces < 0:
+        raise GenerationError(f"the face budget must be an integer >= 0 (0: no limit), got {max_faces!r}")
+    head, model_tets = mesh_head(model, head)
+    if head == "mesh":
+        R_tet = int(tet_resolution if tet_resolution is not None else model_tets)
+        if R_tet < 4:
+            raise GenerationError(f"tet resolution must be >= 4, got {R_tet}")
+        grid_resolution = R_tet
+    shading = colour_shading(model)
     field = model.field
     thr = extraction_threshold(model) if threshold is None else float(threshold)
     bound = float(getattr(field, "bound", 1.0))
     R = int(grid_resolution)
+    if colour_offset is None and head == "mesh":  # where the mesh stage read its colour (one 128^3 cell inside)
+        stage_offset = (((getattr(model, "config", None) or {}).get("extra") or {}).get("mesh") or {}).get(
+            "colour_offset")
+        colour_offset = 2.0 * bound / 127 if stage_offset is None else float(stage_offset)
     offset = 2.0 * bound / (R - 1) if colour_offset is None else float(colour_offset)
     B = _batch_size(cond)
 
@@ -203,17 +290,33 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
         density[:, :, [0, -1]] = 0.0
         density[:, :, :, [0, -1]] = 0.0
 
+    tets = None
+    if head == "mesh":
+        from att3d.mesh.marching_tets import tet_grid
+
+        tet_verts, tets = tet_grid(R, bound, device=density.device)
     meshes: list[trimesh.Trimesh] = []
     for b in tqdm(range(B), desc="meshes", disable=not progress or B == 1, leave=False):
-        meta = {"threshold": thr, "grid_resolution": R}
+        meta: dict[str, Any] = {"threshold": thr, "grid_resolution": R, "head": head, "shading": shading}
         cond_b = {k: v[b:b + 1] for k, v in cond.items()}
         with maybe_timed(timer, "extraction"):
             vol = density[b]
             peak = float(vol.max())
+            if solid and peak > thr:
+                vol = fill_interior(vol, thr, close_voxels=int(round(close_radius * (R - 1) / (2.0 * bound))))
             verts = faces = None
             if peak > thr:
-                verts, faces = marching_cubes(vol, thr, bound, inside="above")
-                verts, faces = clean_mesh(verts, faces, min_component_fraction, smooth_iterations=smooth_iterations)
+                if tets is None:
+                    verts, faces = marching_cubes(vol, thr, bound, inside="above")
+                    verts, faces = clean_mesh(verts, faces, min_component_fraction,
+                                              smooth_iterations=smooth_iterations)
+                else:  # the grid is indexed [x, y, z] like tet_grid's vertices
+                    verts, faces = marching_tetrahedra(tet_verts, tets, thr - vol.reshape(-1))
+                    verts, faces = clean_mesh(verts, faces, min_component_fraction)
+            if faces is not None and faces.shape[0]:
+                meta["faces_before"] = int(faces.shape[0])
+                if max_faces and faces.shape[0] > max_faces:
+                    verts, faces = decimate(verts, faces, max_faces)
         if verts is None or faces is None or faces.shape[0] == 0:
             reason = (f"no surface: the density never exceeds the extraction threshold {thr:g} "
                       f"(max {peak:.3g}); try a lower --threshold")
@@ -221,9 +324,10 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             continue
         with maybe_timed(timer, "texture"):
             colour = surface_colour_fn(field, cond_b, offset)
+            normals = vertex_normals(verts, faces)
             if texture_size > 0:
                 vmap, faces, uvs = uv_atlas(verts, faces, texture_size, texture_padding, uv_method)
-                verts = verts[vmap]
+                verts, normals = verts[vmap], normals[vmap]
                 texture = bake_texture(verts.detach(), faces, uvs, colour, size=texture_size,
                                        padding=texture_padding)
             else:
@@ -236,6 +340,7 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
                 mesh.vertex_attributes["color"] = rgba
             else:
                 mesh = to_trimesh(verts, faces, vertex_colors=vcol)
+            mesh.vertex_normals = normals.detach().cpu().numpy().astype(np.float64)
             mesh.metadata["att3d"] = {**meta, "empty": False}
         meshes.append(mesh)
     return meshes

@@ -26,8 +26,12 @@ from att3d.mesh.extract import density_grid
 from att3d.mesh.marching_tets import marching_tetrahedra
 from att3d.mesh.rasterize import interpolate, rasterize
 from att3d.render.cameras import OrbitCameras
+from att3d.render.shading import lambert
 
-__all__ = ["SurfaceMesh", "boundary_index", "density_to_sdf", "differentiable_surface", "grid_sdf",
+#: How :func:`render_surfaces` colours a pixel: the field's radiance, or its albedo lit by the world's light.
+SHADINGS = ("none", "lambert")
+
+__all__ = ["SHADINGS", "SurfaceMesh", "boundary_index", "density_to_sdf", "differentiable_surface", "grid_sdf",
            "render_surfaces", "surface_from_sdf"]
 
 
@@ -144,12 +148,16 @@ def differentiable_surface(field: torch.nn.Module, cond: dict[str, torch.Tensor]
 def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshes: list[SurfaceMesh],
                     cameras: OrbitCameras, resolution: int,
                     background: tuple[float, float, float] | torch.Tensor = (1.0, 1.0, 1.0),
-                    colour_offset: float = 0.0) -> dict[str, torch.Tensor]:
+                    colour_offset: float = 0.0, shading: str = "none") -> dict[str, torch.Tensor]:
     """Render B prompts' meshes, each from its own camera, coloured by the (amortized) colour field.
 
     Each pixel's colour is ``field(p - colour_offset * n, cond_b)``'s rgb at the visible surface point
     ``p`` (interpolated with the rasterizer's perspective-correct barycentrics) and its interpolated unit
-    normal ``n``; no shading is added. All visible points of the batch go through the field in one call.
+    normal ``n``. All visible points of the batch go through the field in one call. With
+    ``shading="none"`` that rgb is the pixel (the field holds radiance, lighting included); with
+    ``shading="lambert"`` it is an albedo lit by the world's light (:func:`att3d.render.shading.lambert`)
+    with the mesh's *differentiable* area-weighted vertex normals, so that the image's shading carries a
+    gradient to the vertex positions (the geometry), as in Magic3D's and LATTE3D's shaded mesh stages.
 
     Args:
         field: ``field(points (B, N, 3), cond) -> (density (B, N), rgb (B, N, 3))``.
@@ -159,6 +167,7 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         resolution: H = W.
         background: (3,) or (B, 3) colour behind the meshes.
         colour_offset: distance inside the surface at which the colour is read.
+        shading: ``"none"`` or ``"lambert"`` (see above).
 
     Returns:
         ``rgb`` (B, H, W, 3) differentiable w.r.t. the field, ``cond`` and the mesh vertices;
@@ -167,10 +176,12 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
     B = len(meshes)
     if len(cameras) != B:
         raise ValueError(f"{len(cameras)} cameras for {B} meshes")
+    if shading not in SHADINGS:
+        raise ValueError(f"shading must be one of {', '.join(SHADINGS)}, got {shading!r}")
     some = next(iter(cond.values()))
     device, dtype = some.device, torch.float32
     H = W = int(resolution)
-    rows_b, rows_r, rows_c, points = [], [], [], []
+    rows_b, rows_r, rows_c, points, lit = [], [], [], [], []
     for b, mesh in enumerate(meshes):
         if mesh.empty:
             points.append(torch.zeros(0, 3, device=device, dtype=dtype))
@@ -182,6 +193,10 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         if colour_offset > 0 and r.numel():
             n = F.normalize(interpolate(mesh.normals, rast, mesh.faces)[0][r, c].detach(), dim=-1)
             p = p - colour_offset * n
+        if shading == "lambert":
+            n_diff = vertex_normals(mesh.verts, mesh.faces)  # (V, 3), differentiable in the vertices
+            n_pix = F.normalize(interpolate(n_diff, rast, mesh.faces)[0][r, c], dim=-1)
+            lit.append(lambert(torch.ones_like(n_pix), n_pix).to(dtype))  # (P, 3) the light's factor
         points.append(p.to(dtype))
         rows_b.append(torch.full_like(r, b))
         rows_r.append(r)
@@ -196,6 +211,8 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         _, rgb = field(padded, cond)
         keep = torch.arange(n_max)[None, :] < counts[:, None]  # (B, n_max)
         colours = rgb[keep.to(device)].to(dtype)  # (P_total, 3), in (b, pixel) order
+        if shading == "lambert":
+            colours = colours * torch.cat(lit)
         bi, ri, ci = torch.cat(rows_b), torch.cat(rows_r), torch.cat(rows_c)
         mask[bi, ri, ci] = True
         surface = torch.zeros(B, H, W, 3, dtype=dtype, device=device).index_put((bi, ri, ci), colours)

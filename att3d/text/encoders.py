@@ -106,7 +106,9 @@ class TextEncoder(torch.nn.Module):
         for p in prompts:
             n = self.token_count(p)
             if n > self.max_length:
-                log.warning("prompt %r has %d tokens; truncated to the encoder's %d", p, n, self.max_length)
+                from att3d.text.prompts import shorten  # here: att3d.text.prompts imports this module
+
+                log.warning("prompt %r has %d tokens; truncated to the encoder's %d", shorten(p), n, self.max_length)
         batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

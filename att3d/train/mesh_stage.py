@@ -48,6 +48,7 @@ import torch
 from att3d.mesh.extract import extraction_threshold
 from att3d.mesh.marching_tets import tet_grid
 from att3d.mesh.surface import (
+    SHADINGS,
     SurfaceMesh,
     boundary_index,
     differentiable_surface,
@@ -87,6 +88,10 @@ class MeshSDS(Objective):
             None: one cell of generation's 128^3 grid (``2 bound / 127``), where generation reads the colour it
             bakes into the texture.
         min_resolution: the smallest mesh render size accepted.
+        shading: ``"none"``: a pixel is the colour field's value (radiance, as the NeRF stage learnt it);
+            ``"lambert"``: the colour field becomes an albedo lit by the world's light with the mesh's
+            differentiable normals (:func:`att3d.mesh.surface.render_surfaces`), so the prior's view of the
+            shading moves the geometry too; generation then bakes the albedo as the PBR base colour.
     """
 
     name = "mesh"
@@ -95,7 +100,7 @@ class MeshSDS(Objective):
 
     def __init__(self, tet_resolution: int = 64, geometry: bool = False, anchor_weight: float = 1.0,
                  anchor_points: int = 2048, anchor_band: float = 2.0, colour_offset: float | None = None,
-                 min_resolution: int = 8):
+                 min_resolution: int = 8, shading: str = "none"):
         if not isinstance(tet_resolution, int) or isinstance(tet_resolution, bool) or tet_resolution < 4:
             raise MeshStageError(f"stage.tet_resolution must be an integer >= 4, got {tet_resolution!r}")
         if not isinstance(geometry, bool):
@@ -109,6 +114,9 @@ class MeshSDS(Objective):
             raise MeshStageError(f"stage.anchor_band must be >= 0, got {anchor_band!r}")
         if colour_offset is not None and not (isinstance(colour_offset, (int, float)) and colour_offset >= 0):
             raise MeshStageError(f"stage.colour_offset must be >= 0 (or null), got {colour_offset!r}")
+        if shading not in SHADINGS:
+            raise MeshStageError(f"stage.shading must be one of {', '.join(SHADINGS)}, got {shading!r}")
+        self.shading = shading
         self.tet_resolution = int(tet_resolution)
         self.geometry = geometry
         self.anchor_weight = float(anchor_weight)
@@ -123,7 +131,7 @@ class MeshSDS(Objective):
         """The stage's arguments (recorded in the output folder)."""
         return {"tet_resolution": self.tet_resolution, "geometry": self.geometry, "anchor_weight": self.anchor_weight,
                 "anchor_points": self.anchor_points, "anchor_band": self.anchor_band,
-                "colour_offset": self.colour_offset}
+                "colour_offset": self.colour_offset, "shading": self.shading}
 
     # -- set-up --------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -216,7 +224,7 @@ class MeshSDS(Objective):
         cond = trainer.model.mapping(batch.emb)
         meshes = self.meshes(idx, cond)
         out = render_surfaces(trainer.model.field, cond, meshes, batch.cameras, trainer.cfg.resolution,
-                              background=trainer.background, colour_offset=self.offset)
+                              background=trainer.background, colour_offset=self.offset, shading=self.shading)
         images = out["rgb"].permute(0, 3, 1, 2)  # (B, 3, H, W); the prior resizes it to its resolution
         anchor = torch.zeros((), device=trainer.device)
         if self.anchor_weight > 0:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from att3d.train.trainer import Trainer
 
 #: Stage objectives by the name of the ``stage`` config group.
-STAGES = Registry("training stage", ("att3d.train.objectives", "att3d.train.mesh_stage"))
+STAGES = Registry("training stage", ("att3d.train.objectives", "att3d.train.mesh_stage", "att3d.train.oracle"))
 
 
 @dataclass

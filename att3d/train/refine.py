@@ -145,30 +145,35 @@ class RefinedModel(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """A model folder (``att3d.load`` reads it as the refined copy of the amortized model) plus, in params
         mode, ``refined_conditioning.safetensors`` (read by :func:`load_refined`)."""
-        from att3d.utils.checkpoint import save_tensors
+        from att3d.utils.checkpoint import atomic_folder, save_tensors
 
         folder = Path(folder)
         meta = {"refined": {"prompt": self.prompt, **self.info}, **(extra or {})}
-        self.model.save_pretrained(folder, extra=meta)
-        if self.refined is not None:
-            save_tensors(folder / REFINED_NAME, {k: v.detach() for k, v in self.refined.items()})
+        with atomic_folder(folder) as tmp:  # the whole folder or nothing
+            self.model.write_files(tmp, extra=meta)
+            if self.refined is not None:
+                save_tensors(tmp / REFINED_NAME, {k: v.detach() for k, v in self.refined.items()})
         return folder
 
 
 def load_refined(folder: str | os.PathLike, device: str | torch.device = "cpu") -> RefinedModel:
     """Read a folder written by :meth:`RefinedModel.save_pretrained` (with its refined conditioning)."""
-    from att3d.model import CONFIG_NAME, load
-    from att3d.utils.checkpoint import CheckpointError, load_json, load_tensors
+    from att3d.model import CONFIG_NAME, load, read_model_config
+    from att3d.utils.checkpoint import CheckpointError, load_tensors
 
     folder = Path(folder)
     model = load(folder, device=device)
-    meta = (load_json(folder / CONFIG_NAME).get("extra") or {}).get("refined")
-    if not meta or "prompt" not in meta:
+    meta = (read_model_config(folder)[1] or {}).get("refined")
+    if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
         raise CheckpointError(f"{folder} is not a refined model folder (no extra.refined.prompt in {CONFIG_NAME})")
     info = {k: v for k, v in meta.items() if k != "prompt"}
     cond = None
     if (folder / REFINED_NAME).is_file():
         cond = load_tensors(folder / REFINED_NAME, device=device)
+        bad = sorted(k for k, v in cond.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all()))
+        if bad:
+            raise CheckpointError(f"{folder / REFINED_NAME}: tensor {bad[0]} is not finite floating-point data "
+                                  "(damaged or diverged)")
     out = RefinedModel(model, meta["prompt"], cond, info).to(device)
     return out.eval()
 

@@ -17,18 +17,23 @@ the whole batch.
 
 Checkpoints (``run_dir/checkpoints/step-XXXXXXX/``) hold the model folder, the
 optimiser state, the generator state and the trainer state (step, skipped steps,
-prompt order); ``checkpoints/latest.json`` is rewritten (atomically) only after a
-checkpoint folder is complete, so a crash at any moment (even ``kill -9``) leaves a
-resumable run that loses at most ``checkpoint_every`` steps. A damaged checkpoint is a
-one-line :class:`~att3d.utils.checkpoint.CheckpointError` naming the file, never a
-silent restart. Checkpoints hold nothing rank-specific: a run resumes on any number of
-processes.
+prompt order). A checkpoint folder is written under a temporary name and renamed into
+place when complete, and ``checkpoints/latest.json`` is rewritten (atomically) only
+after that, so a crash at any moment (even ``kill -9``) leaves a resumable run that
+loses at most ``checkpoint_every`` steps. A damaged checkpoint is a one-line
+:class:`~att3d.utils.checkpoint.CheckpointError` naming the file, never a silent
+restart; so is a missing or damaged ``latest.json`` next to complete ``step-*``
+folders, which names the newest one and how to continue from it (``resume_checkpoint``).
+Resuming never deletes a checkpoint. Checkpoints hold nothing rank-specific: a run
+resumes on any number of processes. The run folder is locked while the trainer writes
+to it (:func:`att3d.train.run_dir.lock_run_dir`).
 
 Faults: SIGINT / SIGTERM during :meth:`Trainer.fit` finish the current step, write a
 checkpoint and raise :class:`TrainingInterrupted` (the ``att3d train`` command exits with
-130 / 143); a second signal stops at once. A step whose loss (or every item's SDS
-gradient, or the clipped gradient) is not finite is skipped and counted; more than
-``trainer.max_bad_steps`` of them stop the run with a :class:`TrainingError`.
+130 / 143); a second signal stops at once (:class:`StoppedAtOnce`, exit code 128 + its
+number as well). A step whose loss (or every item's SDS gradient, or the clipped
+gradient) is not finite is skipped and counted; more than ``trainer.max_bad_steps`` of
+them stop the run with a :class:`TrainingError`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import re
 import shutil
 import signal
 import sys
@@ -54,8 +61,11 @@ from att3d.train import distributed
 from att3d.train.batch import Batch, BatchSampler, CameraSampler
 from att3d.train.objectives import NerfSDS, Objective, StepResult
 from att3d.train.optim import clip_gradients, lr_factor
+from att3d.train.run_dir import RunDirLock, lock_run_dir
 from att3d.utils.checkpoint import (
     CheckpointError,
+    atomic_folder,
+    is_temporary,
     load_json,
     load_state,
     load_tensors,
@@ -95,6 +105,27 @@ class TrainingInterrupted(Att3dError):
         self.exit_code = 128 + self.signum
         super().__init__(f"interrupted by {signal.Signals(self.signum).name} at step {self.step}: checkpoint "
                          f"written to {self.checkpoint}; continue with: att3d train resume={run_dir}")
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM during training: stop now, without a checkpoint (the last one stays valid).
+
+    A :class:`KeyboardInterrupt`, so that it unwinds like Ctrl-C through any ``except Exception``.
+
+    Attributes:
+        signum: the signal.
+        exit_code: ``128 + signum`` (130 for SIGINT, 143 for SIGTERM).
+        message: one line for the user.
+    """
+
+    def __init__(self, signum: int, step: int | None, run_dir: Path | None):
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        name = signal.Signals(self.signum).name
+        last = f" (step {step})" if step is not None else ""
+        tail = f"; continue with: att3d train resume={run_dir}" if run_dir is not None and step is not None else ""
+        self.message = f"stopped at once by a second {name}: the last checkpoint{last} stays valid{tail}"
+        super().__init__(self.message)
 
 
 @dataclass
@@ -139,41 +170,125 @@ class TrainerConfig:
 # Entries of the per-step vector that the ranks sum (one all-reduce per step); the stage's own statistics follow.
 _HEAD = _NONFINITE_LOSS, _SIGINT, _SIGTERM, _SDS_NONFINITE, _LOSS, _TOTAL, _SDS_NORM, _T_MEAN = range(8)
 
+#: The files of a complete checkpoint folder (``trainer_state.json`` is written last).
+CHECKPOINT_FILES = ("model.safetensors", "model_config.json", "optimizer.pt", "rng.safetensors",
+                    "trainer_state.json")
+POINTER_NAME = "latest.json"
+_STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
-def latest_checkpoint(ckpt_dir: str | Path, warn: bool = True) -> Path | None:
-    """The folder ``ckpt_dir/latest.json`` points at, or None when no checkpoint was ever completed.
 
-    A damaged ``latest.json`` is a :class:`CheckpointError` naming it (a pointer to a missing folder fails when
-    the folder is loaded): a run never silently starts over. Step folders without ``latest.json`` are the
-    remains of a crash during the first checkpoint: the run starts from step 0 (with a warning).
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step of a complete checkpoint folder (``step-N`` holding every file of :data:`CHECKPOINT_FILES`, its
+    ``trainer_state.json`` readable and saying step N), or None. Reads only ``trainer_state.json``."""
+    folder = Path(folder)
+    match = _STEP_FOLDER.match(folder.name)
+    if match is None or not folder.is_dir() or any(not (folder / f).is_file() for f in CHECKPOINT_FILES):
+        return None
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step != int(match.group(1)):
+        return None
+    return step
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders of ``ckpt_dir`` (:func:`checkpoint_step`), oldest step first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in ckpt_dir.glob("step-*")]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def continue_hint(ckpt_dir: str | Path, skip: Path | None = None) -> str:
+    """``"; the newest complete checkpoint is ... continue from it with: ..."`` for an error message, or ``""``
+    when ``ckpt_dir`` holds no complete checkpoint (other than ``skip``)."""
+    ckpt_dir = Path(ckpt_dir)
+    found = [p for p in complete_checkpoints(ckpt_dir) if skip is None or p.resolve() != skip.resolve()]
+    if not found:
+        return ""
+    newest = found[-1]
+    return (f"; the newest complete checkpoint is {newest} (step {checkpoint_step(newest)}): continue from it with: "
+            f"att3d train resume={ckpt_dir.parent} resume_checkpoint={newest.name}")
+
+
+def resolve_checkpoint(ckpt_dir: str | Path, checkpoint: str | Path) -> Path:
+    """The checkpoint folder that ``resume_checkpoint`` names: a ``step-*`` folder of ``ckpt_dir`` (its name) or a
+    path; a :class:`CheckpointError` unless it is a complete checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    given = Path(str(checkpoint))
+    folder = given if (given.is_absolute() or len(given.parts) > 1) else ckpt_dir / given
+    if checkpoint_step(folder) is None:
+        if not folder.is_dir():
+            why = "not found"
+        else:
+            missing = [f for f in CHECKPOINT_FILES if not (folder / f).is_file()]
+            why = (f"incomplete (no {', '.join(missing)})" if missing else
+                   "not a checkpoint folder (step-N whose trainer_state.json says step N)")
+        raise CheckpointError(f"resume_checkpoint: {folder} is {why}{continue_hint(ckpt_dir, folder)}")
+    return folder
+
+
+def latest_checkpoint(ckpt_dir: str | Path, warn: bool = True, checkpoint: str | Path | None = None) -> Path | None:
+    """The checkpoint folder to resume from, or None when no checkpoint was ever completed.
+
+    That is ``checkpoint`` when given (``resume_checkpoint``: a ``step-*`` name or a path, which must be
+    complete), else the folder ``ckpt_dir/latest.json`` points at. A missing ``latest.json`` next to complete
+    ``step-*`` folders, a damaged one, or one pointing at a missing folder is a :class:`CheckpointError` naming
+    it and the newest complete checkpoint with the command that continues from it: a run never silently starts
+    over, and nothing is deleted. Only ``step-*`` folders that are all incomplete (a crash during the first
+    checkpoint of a version that wrote them in place) let the run start from step 0 (with a warning).
     """
     ckpt_dir = Path(ckpt_dir)
-    pointer = ckpt_dir / "latest.json"
-    if not pointer.is_file():
+    if checkpoint not in (None, ""):
+        return resolve_checkpoint(ckpt_dir, checkpoint)  # type: ignore[arg-type]
+    pointer = ckpt_dir / POINTER_NAME
+    if not pointer.exists():
+        hint = continue_hint(ckpt_dir)
+        if hint:
+            raise CheckpointError(f"{pointer} is missing, but complete checkpoints are there (nothing was changed)"
+                                  f"{hint} (or restore {POINTER_NAME}: {{\"folder\": \"step-...\"}})")
         partial = sorted(p.name for p in ckpt_dir.glob("step-*")) if ckpt_dir.is_dir() else []
         if partial and warn:
-            log.warning("%s has %s but no latest.json: no checkpoint was completed (a crash during the first "
-                        "one); starting from step 0", ckpt_dir, ", ".join(partial))
+            log.warning("%s has %s but no %s and none of them is complete: no checkpoint was completed (a crash "
+                        "during the first one); starting from step 0", ckpt_dir, ", ".join(partial), POINTER_NAME)
         return None
-    data = load_json(pointer)
-    if not isinstance(data, dict) or not isinstance(data.get("folder"), str) or "/" in data["folder"]:
-        raise CheckpointError(f"corrupted checkpoint pointer {pointer}: expected {{\"folder\": \"step-...\"}}")
-    return ckpt_dir / data["folder"]
+    try:
+        data = load_json(pointer)
+        if not isinstance(data, dict) or not isinstance(data.get("folder"), str) or "/" in data["folder"] \
+                or data["folder"] in ("", ".", ".."):
+            raise CheckpointError(f"corrupted checkpoint pointer {pointer}: expected {{\"folder\": \"step-...\"}}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{continue_hint(ckpt_dir)}") from None
+    folder = ckpt_dir / data["folder"]
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder} (named by {pointer})"
+                              f"{continue_hint(ckpt_dir, folder)}")
+    return folder
 
 
-def check_model_fits(model: torch.nn.Module, run_dir: str | Path) -> Path | None:
-    """Fail fast on resume: load the model weights of the run's latest checkpoint (if any) into ``model``.
+def check_model_fits(model: torch.nn.Module, run_dir: str | Path, checkpoint: str | Path | None = None
+                     ) -> Path | None:
+    """Fail fast on resume: load the model weights of the run's checkpoint to resume from (if any) into ``model``.
 
-    A checkpoint of another architecture (or a damaged one) raises a one-line :class:`CheckpointError` naming
-    the file, before the expensive parts (the diffusion prior) are loaded. Returns the checkpoint folder.
+    A checkpoint of another architecture (or a damaged one, or a missing ``latest.json``) raises a one-line
+    :class:`CheckpointError` naming the file, before the expensive parts (the diffusion prior) are loaded.
+    Returns the checkpoint folder.
     """
-    folder = latest_checkpoint(Path(run_dir) / "checkpoints", warn=False)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    folder = latest_checkpoint(ckpt_dir, warn=False, checkpoint=checkpoint)
     if folder is None:
         return None
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
     weights = folder / "model.safetensors"
-    load_state_checked(model, load_tensors(weights), weights)
+    try:
+        load_state_checked(model, load_tensors(weights), weights)
+    except CheckpointError as e:
+        if "another architecture" in str(e):
+            raise
+        raise CheckpointError(f"{e}{continue_hint(ckpt_dir, folder)}") from None
     return folder
 
 
@@ -201,6 +316,102 @@ def check_stage(objective: Objective, cfg: TrainerConfig, dist: distributed.Dist
                             "train here): set trainer.interpolation.prob=0")
 
 
+def encoder_tag(config: dict[str, Any]) -> str:
+    """The embedding cache's tag of the mapping network's text encoder: its full config (name and arguments)."""
+    return "mapping-" + json.dumps(config, sort_keys=True, default=str)
+
+
+def prior_tag(prior: Any) -> str:
+    """The embedding cache's tag of a prior's text conditioning: its class, settings and text encoder."""
+    encoder = getattr(prior, "text_encoder", None)
+    ident = {
+        "prior": f"{type(prior).__module__}.{type(prior).__qualname__}",
+        "arch": getattr(prior, "arch", None),
+        "negative_prompt": getattr(prior, "negative_prompt", None),
+        "view_suffixes": list(getattr(prior, "view_suffixes", ()) or ()),
+        "encoder": getattr(encoder, "path", None) or getattr(getattr(encoder, "config", None), "_name_or_path", None),
+        "max_length": getattr(encoder, "max_length", None),
+    }
+    return "prior-" + json.dumps(ident, sort_keys=True, default=str)
+
+
+#: Per-prompt fields of a prior's conditioning (the unconditional ones are one prompt's, shared by all).
+_COND_FIELDS = ("cond", "cond_mask", "views", "view_masks")
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    return bool(torch.equal(a, b)) if not a.is_floating_point() else bool(torch.allclose(a, b, rtol=0, atol=1e-6))
+
+
+def prior_conditioning(prior: Any, prompts: PromptBank, cache_dir: str | Path | None = None,
+                       text_emb: Any = None) -> Any:
+    """The prior's conditioning (``PromptConditioning``) of every prompt of ``prompts``, in batches.
+
+    Batches go through the prior's ``encode_prompts`` (its memo is cleared after each, so memory is bounded by a
+    batch) and, with ``cache_dir``, stream to the on-disk embedding cache and come back memory-mapped. When the
+    prior embeds text exactly as the mapping network's encoder does (the same encoder: checked on a probe
+    prompt against ``text_emb``), its conditioning reuses ``text_emb`` instead of embedding every prompt again.
+    """
+    from att3d.guidance.priors.base import PromptConditioning
+
+    first = prior.encode_prompts([prompts.prompts[0]])  # also the unconditional (negative prompt) embedding
+    prior.clear_cache()
+    uncond = first.uncond[:1]
+    uncond_mask = first.uncond_mask[:1] if first.uncond_mask is not None else None
+    if text_emb is not None and first.views is None and _same(first.cond, text_emb.tokens[:1]) \
+            and _same(first.cond_mask, text_emb.mask[:1]):
+        return PromptConditioning(text_emb.tokens.to(first.cond.device), uncond, text_emb.mask.to(first.cond.device),
+                                  uncond_mask, prompts=tuple(prompts.prompts))
+
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+        cond = prior.encode_prompts(batch)
+        prior.clear_cache()
+        return {k: getattr(cond, k) for k in _COND_FIELDS if getattr(cond, k) is not None}
+
+    fields = prompts.embedding_fields(prior_tag(prior), encode, cache_dir, verify=True)
+    device = first.cond.device
+    return PromptConditioning(fields["cond"].to(device), uncond,
+                              *(fields[k].to(device) if k in fields else None for k in _COND_FIELDS[1:]),
+                              prompts=tuple(prompts.prompts))
+
+
+def read_trainer_state(path: Path, num_prompts: int) -> tuple[int, int, list[int], list[dict[str, Any]]]:
+    """``(step, bad_steps, order, history)`` of a checkpoint's ``trainer_state.json``, every value checked (a
+    negative or non-integer step, more skipped steps than steps, a prompt order that does not fit the prompt set)
+    : a one-line :class:`CheckpointError` naming the file and the field."""
+    state = load_json(path)
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"corrupted checkpoint file {path}: {what}")
+
+    if not isinstance(state, dict):
+        raise bad(f"expected a mapping, got {type(state).__name__}")
+    for key in ("step", "bad_steps", "order"):
+        if key not in state:
+            raise bad(f"no {key!r}")
+    step, bad_steps, order = state["step"], state["bad_steps"], state["order"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"step must be an integer >= 0, got {step!r}")
+    if isinstance(bad_steps, bool) or not isinstance(bad_steps, int) or not 0 <= bad_steps <= step:
+        raise bad(f"bad_steps must be an integer in [0, step={step}], got {bad_steps!r}")
+    if not isinstance(order, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in order):
+        raise bad("order must be a list of prompt indices")
+    if any(not 0 <= i < num_prompts for i in order) or len(order) > num_prompts:
+        raise CheckpointError(f"checkpoint {path} was trained on another prompt set (prompt index out of range for "
+                              f"{num_prompts} prompts)")
+    if len(set(order)) != len(order):
+        raise bad("order repeats a prompt index")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise bad("history must be a list of records")
+    return step, bad_steps, list(order), list(history)
+
+
 class Trainer:
     """The training loop of every stage (one process, or one rank of a ``torchrun`` job).
 
@@ -214,10 +425,15 @@ class Trainer:
             written (checkpoints, resume and the final model folder are off; e.g. refinement).
         objective: the stage (default :class:`~att3d.train.objectives.NerfSDS`).
         background: (3,) background colour composited behind the renders.
-        embedding_cache: folder to keep the prompts' text embeddings in.
+        embedding_cache: folder of the on-disk embedding cache (:mod:`att3d.text.embedding_cache`) for the
+            prompts' text embeddings and the prior's conditioning: computed in batches, streamed there and read
+            back memory-mapped (bounded memory for any number of prompts; a warm cache embeds nothing). None:
+            computed in batches and kept in memory.
         progress: show a progress bar (rank 0).
         callbacks: objects with optional ``on_start(trainer)``, ``on_step(trainer, stats)`` and
             ``on_end(trainer)`` methods (e.g. refinement's evaluation curve).
+        resume_checkpoint: resume from this checkpoint (a ``step-*`` folder name of ``run_dir/checkpoints`` or a
+            path) instead of the one ``latest.json`` names.
 
     In a process group (:func:`att3d.train.distributed.init_from_env`), each rank trains rows
     ``[rank * b, (rank + 1) * b)`` of every global batch (``b = batch_size / world_size``) and the
@@ -228,7 +444,7 @@ class Trainer:
                  run_dir: str | Path | None, objective: Objective | None = None,
                  background: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  embedding_cache: str | Path | None = None, progress: bool = True,
-                 callbacks: Sequence[Any] = ()):
+                 callbacks: Sequence[Any] = (), resume_checkpoint: str | Path | None = None):
         self.cfg = cfg
         self.objective = objective if objective is not None else NerfSDS()
         self.dist = distributed.current()
@@ -242,6 +458,9 @@ class Trainer:
         self.guidance = guidance
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.resume_checkpoint = resume_checkpoint if resume_checkpoint not in (None, "") else None
+        self.embedding_cache = Path(embedding_cache) if embedding_cache is not None else None
+        self._lock: RunDirLock | None = None
         self.background = torch.tensor(background, dtype=torch.float32, device=self.device)
         self.progress = progress and self.dist.is_main
         self.callbacks = list(callbacks)
@@ -254,10 +473,16 @@ class Trainer:
                                     CameraSampler(tuple(cfg.elevation_deg), cfg.radius, cfg.fov_deg,
                                                   cfg.views_per_prompt),
                                     cfg.interpolation.prob, cfg.interpolation.kappa)
-        # Embeddings are computed once for the whole prompt set.
-        self.text_emb = prompts.embeddings("mapping-" + model.config["text_encoder"]["name"],
-                                           model.text_encoder, embedding_cache).to(self.device)
-        self.prior_cond = guidance.prior.encode_prompts(prompts.prompts)
+        # Embeddings are computed once for the whole prompt set (in batches; through the disk cache if any). With a
+        # cache, rank 0 fills it first and the other ranks read it: every rank trains on the same embeddings.
+        first = self.dist.enabled and self.embedding_cache is not None
+        if first and not self.dist.is_main:
+            distributed.barrier()
+        self.text_emb = prompts.embeddings(encoder_tag(model.config["text_encoder"]), model.text_encoder,
+                                           self.embedding_cache, verify=True).to(self.device)
+        self.prior_cond = prior_conditioning(guidance.prior, prompts, self.embedding_cache, self.text_emb)
+        if first and self.dist.is_main:
+            distributed.barrier()
         self.objective.setup(self)
         distributed.broadcast_module(self.model)  # identical start on every rank (no-op for one process)
         self.optimizer = torch.optim.Adam(self.objective.param_groups(self), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -400,34 +625,49 @@ class Trainer:
             raise TrainingError("this trainer has no run folder: nothing to checkpoint")
         folder = self.ckpt_dir / f"step-{self.step:07d}"
         if self.dist.is_main:
-            self.model.save_pretrained(folder)
-            save_state(folder / "optimizer.pt", self.optimizer.state_dict())
-            save_tensors(folder / "rng.safetensors", {"rng.generator": self.generator.get_state(), **rng_state()})
-            save_json(folder / "trainer_state.json", {
-                "step": self.step, "bad_steps": self.bad_steps, "order": self.sampler.order,
-                "history": self.history[-2000:], "batch_size": self.cfg.batch_size,
-                "world_size": self.dist.world_size})
-            save_json(self.ckpt_dir / "latest.json", {"step": self.step, "folder": folder.name})
+            with atomic_folder(folder) as tmp:  # complete under its name, or not there at all
+                write_files = getattr(self.model, "write_files", None)
+                write_files(tmp) if write_files is not None else self.model.save_pretrained(tmp)
+                save_state(tmp / "optimizer.pt", self.optimizer.state_dict())
+                save_tensors(tmp / "rng.safetensors", {"rng.generator": self.generator.get_state(), **rng_state()})
+                save_json(tmp / "trainer_state.json", {
+                    "step": self.step, "bad_steps": self.bad_steps, "order": self.sampler.order,
+                    "history": self.history[-2000:], "batch_size": self.cfg.batch_size,
+                    "world_size": self.dist.world_size})
+            save_json(self.ckpt_dir / POINTER_NAME, {"step": self.step, "folder": folder.name})
             self._prune_checkpoints(folder)
         distributed.barrier()
         self._saved_step = self.step
         return folder
 
     def _prune_checkpoints(self, current: Path) -> None:
-        """Keep ``current`` and the newest ``keep_checkpoints - 1`` older folders; drop stale newer ones."""
-        older, stale = [], []
-        for p in self.ckpt_dir.glob("step-*"):
-            if p.is_dir() and p != current:
-                (stale if p.name > current.name else older).append(p)
+        """After ``current`` was written and ``latest.json`` points at it: keep it and the newest
+        ``keep_checkpoints - 1`` complete older folders; drop the older rest, incomplete ``step-*`` folders and
+        the temporary remains of interrupted writes. Complete folders of later steps (a run resumed from an
+        earlier checkpoint on purpose) are kept until the run rewrites them."""
+        older, junk = [], []
+        for p in self.ckpt_dir.iterdir():
+            if p == current or not p.is_dir():
+                continue
+            if is_temporary(p) and p.name.startswith(".step-"):
+                junk.append(p)
+            elif _STEP_FOLDER.match(p.name):
+                step = checkpoint_step(p)
+                if step is None:
+                    junk.append(p)
+                elif step < self.step:
+                    older.append((step, p))
         older.sort()
-        for p in stale + older[: max(0, len(older) - (self.cfg.keep_checkpoints - 1))]:
+        drop = [p for _, p in older[: max(0, len(older) - (self.cfg.keep_checkpoints - 1))]]
+        for p in junk + drop:
             shutil.rmtree(p, ignore_errors=True)
 
     def latest(self) -> Path | None:
-        """The folder ``checkpoints/latest.json`` points at, or None for a fresh run (see :func:`latest_checkpoint`)."""
+        """The checkpoint to resume from: ``resume_checkpoint`` or the folder ``checkpoints/latest.json`` points at;
+        None for a fresh run (see :func:`latest_checkpoint`)."""
         if self.ckpt_dir is None:
             return None
-        return latest_checkpoint(self.ckpt_dir, warn=self.dist.is_main)
+        return latest_checkpoint(self.ckpt_dir, warn=self.dist.is_main, checkpoint=self.resume_checkpoint)
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Restore model, optimiser, RNG and step from a checkpoint folder (errors name the bad file)."""
@@ -459,16 +699,12 @@ class Trainer:
             rng = {k: v for k, v in rng.items() if k not in cuda_states}  # another machine: keep its own CUDA RNG
         set_rng_state(rng)
         state_file = folder / "trainer_state.json"
-        state = load_json(state_file)
-        try:
-            self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
-            self.sampler.order = [int(i) for i in state["order"]]
-            self.history = list(state.get("history", []))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"corrupted checkpoint file {state_file}: {type(e).__name__}: {e}") from None
-        if any(not 0 <= i < len(self.prompts) for i in self.sampler.order):
-            raise CheckpointError(f"checkpoint {state_file} was trained on another prompt set (prompt index out of "
-                                  f"range for {len(self.prompts)} prompts)")
+        step, bad_steps, order, history = read_trainer_state(state_file, len(self.prompts))
+        match = _STEP_FOLDER.match(folder.name)
+        if match is not None and int(match.group(1)) != step:
+            raise CheckpointError(f"corrupted checkpoint file {state_file}: step {step} in the folder of step "
+                                  f"{int(match.group(1))}")
+        self.step, self.bad_steps, self.sampler.order, self.history = step, bad_steps, order, history
         self._saved_step = self.step
 
     # -- logging -------------------------------------------------------------------------------------------------
@@ -523,7 +759,7 @@ class Trainer:
         def handler(signum: int, frame: object) -> None:
             if self._stop_signal is not None:
                 restore()
-                raise KeyboardInterrupt
+                raise StoppedAtOnce(signum, self._saved_step, self.run_dir)
             self.request_stop(signum)
             if self.dist.is_main:
                 print(f"att3d: {signal.Signals(signum).name} received: stopping after this step with a checkpoint "
@@ -544,8 +780,8 @@ class Trainer:
         checkpoint against the model before it saves the run's config).
         """
         main = self.dist.is_main
-        if main and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if main and self.run_dir is not None and self._lock is None:
+            self._lock = lock_run_dir(self.run_dir)  # creates the folder; RunDirLocked if another run writes there
         distributed.barrier()
         latest = self.latest() if resume else None
         if latest is not None:
@@ -572,12 +808,28 @@ class Trainer:
             TrainingInterrupted: on SIGINT / SIGTERM, after writing a checkpoint (with a run folder).
             TrainingError: after more than ``max_bad_steps`` non-finite steps.
             CheckpointError: the latest checkpoint is damaged or from another architecture.
+            RunDirLocked: another process is writing to the run folder.
         """
+        try:
+            return self._fit(resume)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder's lock and close the TensorBoard writer (:meth:`fit` does it when it ends)."""
+        self._close_writer()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _fit(self, resume: bool) -> Path | None:
         from tqdm import tqdm
 
         main = self.dist.is_main
         if not self._restored:
             self.restore(resume)
+        elif main and self.run_dir is not None and self._lock is None:  # fit() again after an earlier one ended
+            self._lock = lock_run_dir(self.run_dir)
         cfg = self.cfg
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress,
                    desc=self.objective.name, dynamic_ncols=True)
@@ -637,40 +889,100 @@ class Trainer:
 
 
 def _coerce(what: str, annotation: str, value: Any) -> Any:
-    """``value`` as the field type ``annotation`` (``int``, ``float``, ``bool``, ``str``, ``tuple[float, float]``)."""
+    """``value`` as the field type ``annotation`` (``int``, ``float``, ``bool``, ``str``, ``tuple[float, float]``);
+    a float must be finite."""
     try:
         if annotation == "int":
-            if isinstance(value, bool) or float(value) != int(float(value)):
+            if isinstance(value, bool) or isinstance(value, (list, tuple, dict)) or value is None:
                 raise ValueError
-            return int(float(value))
+            number = float(value)
+            if not math.isfinite(number) or number != int(number):
+                raise ValueError
+            return int(number)
         if annotation == "float":
-            if isinstance(value, bool):
+            if isinstance(value, bool) or value is None:
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         if annotation == "bool":
             if not isinstance(value, bool):
                 raise ValueError
             return value
         if annotation == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
             return str(value)
         if annotation.startswith("tuple[float"):
+            if isinstance(value, (str, bytes)):
+                raise ValueError
             out = tuple(float(v) for v in value)
-            if len(out) != 2:
+            if len(out) != 2 or not all(math.isfinite(v) for v in out) or any(isinstance(v, bool) for v in value):
                 raise ValueError
             return out
-    except (TypeError, ValueError):
-        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(annotation, annotation)
+    except (TypeError, ValueError, OverflowError):
+        kind = {"int": "an integer", "float": "a finite number", "bool": "true or false",
+                "str": "a string"}.get(annotation, annotation)
         if annotation.startswith("tuple"):
-            kind = "a list of two numbers"
+            kind = "a list of two finite numbers"
         raise Att3dError(f"{what} must be {kind}, got {value!r}") from None
     return value
 
 
+#: Ranges of the trainer options: ``(low, high, low_open, high_open)``; None: unbounded on that side.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "max_steps": (0, None, False, False), "batch_size": (1, None, False, False),
+    "views_per_prompt": (1, None, False, False), "resolution": (1, 8192, False, False),
+    "lr": (0, None, True, False), "lr_final": (0, None, False, False), "weight_decay": (0, None, False, False),
+    "warmup_steps": (0, None, False, False), "grad_clip": (0, None, False, False),
+    "opacity_reg": (0, None, False, False), "entropy_reg": (0, None, False, False),
+    "radius": (0, None, True, False), "fov_deg": (0, 180, True, True), "checkpoint_every": (1, None, False, False),
+    "keep_checkpoints": (1, None, False, False), "log_every": (1, None, False, False),
+    "image_every": (0, None, False, False), "max_bad_steps": (0, None, False, False),
+    "seed": (0, 2**63 - 1, False, False), "threads": (0, 4096, False, False),
+    "interpolation.prob": (0, 1, False, False), "interpolation.kappa": (0, None, True, False),
+}
+
+
+def _check_range(key: str, value: float) -> None:
+    low, high, low_open, high_open = _RANGES[key]
+    ok = (low is None or (value > low if low_open else value >= low)) and \
+         (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    if low is not None and high is not None:
+        want = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        want = f"{'greater than' if low_open else 'at least'} {low:g}"
+    else:
+        want = f"at most {high:g}"
+    raise Att3dError(f"trainer.{key} must be {want}, got {value:g}")
+
+
+def check_device_name(name: str, what: str = "trainer.device") -> None:
+    """A one-line :class:`~att3d.utils.errors.Att3dError` naming ``what`` unless ``name`` is a device of this
+    machine (``auto``, ``cpu``, ``cuda``, ``cuda:N`` with N below the device count, ``mps``)."""
+    try:
+        device = pick_device(name)
+    except Att3dError as e:
+        raise Att3dError(f"{what}={name}: {e}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise Att3dError(f"{what}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def trainer_config_from_dict(d: dict[str, Any]) -> TrainerConfig:
-    """A :class:`TrainerConfig` from the ``trainer`` config group; an unknown key or a value of the wrong type
-    (``trainer.batch_size=abc``) is a one-line error."""
+    """A :class:`TrainerConfig` from the ``trainer`` config group, every field checked: an unknown key, a value of
+    the wrong type (``trainer.batch_size=abc``), a float that is not finite, or one out of its range
+    (``trainer.interpolation.prob=2``, ``trainer.threads=-1``, ``trainer.device=bogus``) is a one-line error
+    naming the option, before anything is loaded."""
+    if not isinstance(d, dict):
+        raise Att3dError(f"trainer must be a mapping of options, got {d!r}")
     d = dict(d)
-    interp = dict(d.pop("interpolation", {}) or {})
+    interp = d.pop("interpolation", {}) or {}
+    if not isinstance(interp, dict):
+        raise Att3dError(f"trainer.interpolation must be a mapping (prob, kappa), got {interp!r}")
+    interp = dict(interp)
     for what, keys, cls in (("trainer", d, TrainerConfig), ("trainer.interpolation", interp, InterpolationConfig)):
         fields = cls.__dataclass_fields__
         unknown = sorted(set(keys) - set(fields) - {"interpolation"})
@@ -679,8 +991,15 @@ def trainer_config_from_dict(d: dict[str, Any]) -> TrainerConfig:
         for key in list(keys):
             keys[key] = _coerce(f"{what}.{key}", str(fields[key].type), keys[key])
     cfg = TrainerConfig(interpolation=InterpolationConfig(**interp), **d)
-    for key, least in (("max_steps", 0), ("batch_size", 1), ("resolution", 1), ("checkpoint_every", 1),
-                       ("log_every", 1), ("image_every", 0), ("max_bad_steps", 0)):
-        if getattr(cfg, key) < least:
-            raise Att3dError(f"trainer.{key} must be at least {least}, got {getattr(cfg, key)}")
+    for key in _RANGES:
+        obj, name = (cfg.interpolation, key.split(".", 1)[1]) if key.startswith("interpolation.") else (cfg, key)
+        _check_range(key, getattr(obj, name))
+    for i, b in enumerate(cfg.betas):
+        if not 0 <= b < 1:
+            raise Att3dError(f"trainer.betas[{i}] must be in [0, 1), got {b:g}")
+    lo, hi = cfg.elevation_deg
+    if not -90.0 <= lo <= hi <= 90.0:
+        raise Att3dError(f"trainer.elevation_deg must be [low, high] with -90 <= low <= high <= 90, got [{lo:g}, "
+                         f"{hi:g}]")
+    check_device_name(cfg.device)
     return cfg

@@ -1,0 +1,382 @@
+"""LATTE3D's triplane field and generator: sampling, shapes, initial density, learning, files, and every pipeline
+the hypernetwork serves (training with interpolation mixing, resume, generation, the mesh stage, refinement,
+interpolation), each on a tiny configuration that runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import att3d
+from att3d.config import build_trainer
+from att3d.config import compose as compose_config
+from att3d.field.triplane import (
+    PLANE_AXES,
+    TriplaneField,
+    combine_planes,
+    plane_coords,
+    triplane_sample,
+    triplane_sample_reference,
+)
+from att3d.mapping.triplane import TriplaneGenerator, level_heads, level_widths, num_upsamplings
+from att3d.model import AmortizedModel
+from att3d.registry import FIELDS, MAPPINGS
+from att3d.text.encoders import TextEmbedding
+
+PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone"]
+TINY_FIELD = {"name": "triplane", "channels": 4, "resolution": 8, "hidden_dim": 8, "latent_dim": 4}
+TINY_MAPPING = {"name": "triplane", "width": 16, "min_width": 8, "context_dim": 16, "heads": 2, "min_head_dim": 8}
+TINY = {
+    "text_encoder": {"name": "minilm", "max_length": 8},
+    "mapping": TINY_MAPPING,
+    "field": TINY_FIELD,
+    "renderer": {"name": "volume", "backend": "torch", "num_samples": 8, "region": "box"},
+    "extraction": {"threshold": 2.0},
+}
+
+
+def _emb(b: int, length: int = 5, dim: int = 12, seed: int = 0) -> TextEmbedding:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[:, -2:] = False
+    return TextEmbedding(torch.randn(b, length, dim, generator=g) * mask[..., None], mask,
+                         torch.randn(b, dim, generator=g))
+
+
+@pytest.fixture(scope="module")
+def model() -> AmortizedModel:
+    torch.manual_seed(0)
+    return AmortizedModel(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory) -> Path:
+    return model.save_pretrained(tmp_path_factory.mktemp("triplane") / "model", extra={"steps": 7})
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+# -- the field ------------------------------------------------------------------------------------------------
+
+
+def test_sampling_matches_a_hand_computed_case():
+    # R = 3: vertices at -1, 0, 1 on every axis; C = 1. Each plane holds a distinct pattern.
+    planes = torch.zeros(1, 3, 1, 3, 3)
+    planes[0, 0, 0] = torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]])  # xy: [ix, iy]
+    planes[0, 1, 0, 2, 1] = 10.0  # xz: the vertex x = 1, z = 0
+    planes[0, 2, 0, 0, 2] = -4.0  # yz: the vertex y = -1, z = 1
+    point = torch.tensor([[[0.5, -0.5, 0.25]]])  # vertex units: x 1.5, y 0.5, z 1.25
+    out = triplane_sample(planes, point)
+    assert out.shape == (1, 1, 3, 1)
+    # xy: cell ix 1..2, iy 0..1 at (0.5, 0.5): the mean of 3, 4, 6, 7.
+    xy = 0.25 * (3.0 + 4.0 + 6.0 + 7.0)
+    # xz: cell ix 1..2, iz 1..2 at (0.5, 0.25); the vertex (2, 1) has weight fx (1 - fz) = 0.5 * 0.75.
+    xz = 10.0 * 0.5 * 0.75
+    # yz: cell iy 0..1, iz 1..2 at (0.5, 0.25); the vertex (0, 2) has weight (1 - fy) fz = 0.5 * 0.25.
+    yz = -4.0 * 0.5 * 0.25
+    torch.testing.assert_close(out[0, 0, :, 0], torch.tensor([xy, xz, yz]))
+    torch.testing.assert_close(triplane_sample_reference(planes, point), out)
+    # concat keeps the planes apart (B, N, 3C); sum adds them (B, N, C)
+    assert combine_planes(out, "concat").tolist() == [[[xy, xz, yz]]]
+    torch.testing.assert_close(combine_planes(out, "sum"), torch.tensor([[[xy + xz + yz]]]))
+
+
+def test_sampling_hits_vertices_matches_the_reference_and_clamps_outside():
+    g = torch.Generator().manual_seed(0)
+    planes = torch.randn(2, 3, 5, 7, 7, generator=g)
+    points = torch.rand(2, 200, 3, generator=g) * 2 - 1
+    torch.testing.assert_close(triplane_sample(planes, points), triplane_sample_reference(planes, points))
+    # at a vertex (i, j, k): plane p gives its value at the vertex's two indices on PLANE_AXES[p]
+    ijk = torch.tensor([2, 5, 6])
+    vertex = (-1 + 2 * ijk / 6.0)[None, None].expand(2, 1, 3)
+    out = triplane_sample(planes, vertex)
+    for p, (a, b) in enumerate(PLANE_AXES):
+        torch.testing.assert_close(out[:, 0, p], planes[:, p, :, ijk[a], ijk[b]])
+    assert plane_coords(vertex)[0, 1, 0].tolist() == vertex[0, 0, [0, 2]].tolist()
+    # outside the box: the border value; a shared (batch 1) triplane serves every point set
+    far = torch.tensor([[[3.0, -3.0, 0.0]]])
+    torch.testing.assert_close(triplane_sample(planes[:1], far), triplane_sample(planes[:1], far.clamp(-1, 1)))
+    shared = triplane_sample(planes[:1], points)
+    torch.testing.assert_close(shared[1], triplane_sample(planes[:1], points[1:])[0])
+
+
+def test_field_contract_shapes_and_initial_density():
+    torch.manual_seed(0)
+    field = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3)
+    assert field.conditioning_shapes() == {"planes": (3, 4, 8, 8), "latent": (3,)}
+    assert TriplaneField(latent_dim=0).conditioning_shapes() == {"planes": (3, 8, 32, 32)}
+    assert field.features_at(torch.zeros(2, 5, 3), {"planes": torch.zeros(2, 3, 4, 8, 8),
+                                                    "latent": torch.zeros(2, 3)}).shape == (2, 5, 12 + 3 + 3)
+    assert TriplaneField(channels=4, combine="sum", latent_dim=0).features_at(
+        torch.zeros(1, 5, 3), {"planes": torch.zeros(1, 3, 4, 32, 32)}).shape == (1, 5, 4 + 3)
+    cond = {"planes": torch.randn(2, 3, 4, 8, 8) * 0.5, "latent": torch.randn(2, 3) * 0.5}
+    # forward applies the MLP's first layer part by part: the same as the MLP on the whole input
+    trained = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3)
+    with torch.no_grad():
+        trained.mlp[-1].weight.normal_()
+        p = torch.rand(2, 20, 3) * 2 - 1
+        for c in (cond, {k: v[:1] for k, v in cond.items()}):  # a batch of 1 is shared by every point set
+            torch.testing.assert_close(trained.raw(p, c), trained.mlp(trained.features_at(p, c)))
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.95, 0.95, 0.95], [1.2, 0.0, 0.0]]).expand(2, 3, 3)
+    density, rgb = field(pts, cond)
+    # a fresh field: the bump at the centre (softplus(10 - 4) ~ 6), empty at the corners, zero outside the box
+    assert ((density[:, 0] - 6.0).abs() < 0.1).all() and (density[:, 1] < 0.05).all() and (density[:, 2] == 0).all()
+    assert ((rgb - 0.5).abs() < 0.05).all()
+    with pytest.raises(ValueError, match="cond\\['planes'\\] must be"):
+        field(pts, {"planes": torch.zeros(2, 3, 4, 6, 6), "latent": cond["latent"]})
+    with pytest.raises(ValueError, match="combine"):
+        TriplaneField(combine="product")
+
+
+# -- the generator --------------------------------------------------------------------------------------------
+
+
+def test_generator_output_shapes_and_structure():
+    shapes = {"planes": (3, 8, 32, 32), "latent": (16,)}
+    torch.manual_seed(0)
+    m = TriplaneGenerator(5, 12, shapes).eval()
+    assert m.widths == [64, 32, 16, 16] and m.plane_keys == ["planes"] and m.vector_dim == 16
+    assert [b[0][1].heads for b in m.blocks] == [4, 2, 1, 1]
+    out = m(_emb(3))
+    assert list(out) == ["planes", "latent"]
+    assert out["planes"].shape == (3, 3, 8, 32, 32) and out["latent"].shape == (3, 16)
+    # any resolution (resized when not seed * 2^k), several plane entries, other shapes from the vector head
+    odd = TriplaneGenerator(5, 12, {"code": (2, 3), "a": (3, 2, 12, 12), "b": (3, 1, 12, 12)}, width=16,
+                            min_width=8, context_dim=8, heads=2, min_head_dim=4)
+    assert odd.widths == [16, 8, 8]
+    out = odd(_emb(2))
+    assert list(out) == ["code", "a", "b"]
+    assert out["code"].shape == (2, 2, 3)
+    assert out["a"].shape == (2, 3, 2, 12, 12) and out["b"].shape == (2, 3, 1, 12, 12)
+    with pytest.raises(ValueError, match="share one resolution"):
+        TriplaneGenerator(5, 12, {"a": (3, 2, 8, 8), "b": (3, 2, 16, 16)})
+    with pytest.raises(ValueError, match="tokens of shape"):
+        m(_emb(2, length=6))
+    assert num_upsamplings(32, 4) == 3 and num_upsamplings(24, 4) == 3 and num_upsamplings(4, 4) == 0
+    assert level_widths(3, 64, 24) == [64, 32, 24] and level_heads(64, 4, 16) == 4 and level_heads(8, 4, 16) == 1
+
+
+def test_generator_reads_real_tokens_only_and_items_are_independent():
+    torch.manual_seed(0)
+    m = TriplaneGenerator(5, 12, {"planes": (3, 4, 8, 8), "latent": (3,)}, width=16, min_width=8, context_dim=8,
+                          heads=2, min_head_dim=4).eval()
+    emb = _emb(3)
+    out = m(emb)
+    noisy = TextEmbedding(emb.tokens + (~emb.mask)[..., None] * 5.0, emb.mask, emb.pooled)  # junk where padded
+    again = m(noisy)
+    assert all(torch.allclose(out[k], again[k], atol=1e-6) for k in out)
+    other = TextEmbedding(emb.tokens.clone(), emb.mask, emb.pooled)
+    # a real token changes the planes (through cross-attention; the pooled vector is the same)
+    other.tokens[:, 0] += torch.randn(12, generator=torch.Generator().manual_seed(5))
+    assert (m(other)["planes"] - out["planes"]).abs().max() > 1e-4
+    one = m(emb.index(slice(2, 3)))
+    assert all(torch.allclose(one[k][0], out[k][2], atol=1e-5) for k in out)
+
+
+def test_default_size_and_initial_state():
+    """Defaults at the shapes world (MiniLM tokens 16 x 384): a few hundred thousand parameters; fresh planes and
+    codes of RMS ~0.3-0.6 that differ between prompts (the hypernetwork's grid: ~0.5); the field's starting
+    density is its centre bump."""
+    torch.manual_seed(0)
+    field = TriplaneField()
+    m = TriplaneGenerator(16, 384, field.conditioning_shapes()).eval()
+    n = sum(p.numel() for p in m.parameters())
+    assert 150_000 < n < 400_000, n
+    with torch.no_grad():
+        out = m(_emb(4, length=16, dim=384))
+        for k, v in out.items():
+            rms = v.square().mean().sqrt().item()
+            assert 0.15 < rms < 1.0, (k, rms)
+            assert (v[0] - v[1]).square().mean().sqrt().item() > 0.5 * rms, k
+        pts = torch.tensor([[0.0, 0.0, 0.0], [0.9, -0.9, 0.9]]).expand(4, 2, 3)
+        d = field.density(pts, out)
+    assert ((d[:, 0] - 6.0).abs() < 0.2).all() and (d[:, 1] < 0.1).all()
+
+
+# -- learning ---------------------------------------------------------------------------------------------------
+
+
+def test_mapping_and_field_fit_distinct_targets_per_prompt():
+    """Fit two prompts' objects (a red ball, a blue box) in density and colour: the loss falls and each prompt
+    gets its own object."""
+    torch.manual_seed(0)
+    field = TriplaneField(channels=4, resolution=16, hidden_dim=16, latent_dim=4)
+    m = TriplaneGenerator(5, 12, field.conditioning_shapes(), width=32, min_width=16, context_dim=16, heads=2)
+    emb = _emb(2, seed=3)
+    g = torch.Generator().manual_seed(1)
+    pts = (torch.rand(2, 2048, 3, generator=g) * 2 - 1) * 0.9
+    ball = pts[0].norm(dim=-1) < 0.5
+    box = (pts[1].abs() < 0.4).all(dim=-1)
+    target_d = torch.stack([ball, box]).float() * 10.0
+    target_rgb = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9]])[:, None].expand(2, 2048, 3)
+    opt = torch.optim.Adam([*m.parameters(), *field.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(150):
+        d, rgb = field(pts, m(emb))
+        loss = (d - target_d).square().mean() / 25.0 + (rgb - target_rgb).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+    with torch.no_grad():
+        d, rgb = field(pts, m(emb))
+    occ = d > 5.0
+    iou = [float((occ[i] & t).sum() / (occ[i] | t).sum()) for i, t in enumerate((ball, box))]
+    assert min(iou) > 0.7, iou
+    assert rgb[0, ball, 0].mean() > 0.6 and rgb[1, box, 2].mean() > 0.6
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_records_every_argument(model, model_dir):
+    cfg = json.loads((model_dir / "model_config.json").read_text())
+    for part, registry, exclude in (("field", FIELDS, ()), ("mapping", MAPPINGS, ("text_len", "text_dim",
+                                                                                  "out_shapes"))):
+        assert cfg[part] == {"name": "triplane", **registry.resolve("triplane", exclude=exclude,
+                                                                    **{k: v for k, v in TINY[part].items()
+                                                                       if k != "name"})}
+    assert cfg["field"]["combine"] == "concat" and cfg["mapping"]["blocks_per_level"] == 1
+    again = att3d.load(model_dir)
+    with torch.no_grad():
+        a, b = model.conditioning(PROMPTS), again.conditioning(PROMPTS)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        pts = torch.rand(4, 64, 3) * 2 - 1
+        for x, y in zip(model.field(pts, a), again.field(pts, b)):
+            assert torch.equal(x, y)
+
+
+def test_hydra_groups_compose_the_triplane():
+    cfg = compose_config("train", ["mapping=triplane", "field=triplane", "field.resolution=16",
+                                   "mapping.blocks_per_level=2"])
+    assert cfg["field"] == {"name": "triplane", **FIELDS.resolve("triplane", resolution=16)}
+    assert cfg["mapping"] == {"name": "triplane", **MAPPINGS.resolve(
+        "triplane", exclude=("text_len", "text_dim", "out_shapes"), blocks_per_level=2)}
+
+
+# -- every pipeline -------------------------------------------------------------------------------------------
+
+
+def _overrides(prior: Path, prompts_file: Path, run_dir: Path, **extra: object) -> list[str]:
+    """A tiny ``att3d train mapping=triplane field=triplane`` run (``extra``: ``trainer__max_steps=2``...)."""
+    values = {
+        "name": "test", "prompts": "file", "prompts.train": str(prompts_file), "guidance.prior.path": str(prior),
+        "mapping": "triplane", "field": "triplane", "text_encoder.max_length": 8,
+        **{f"field.{k}": v for k, v in TINY_FIELD.items() if k != "name"},
+        **{f"mapping.{k}": v for k, v in TINY_MAPPING.items() if k != "name"},
+        "renderer.num_samples": 12, "trainer.resolution": 16, "trainer.batch_size": 4, "trainer.max_steps": 4,
+        "trainer.checkpoint_every": 2, "trainer.log_every": 1, "trainer.image_every": 0, "trainer.threads": 1,
+        "trainer.device": "cpu", "trainer.interpolation.prob": 0.5, "progress": "false", "run_dir": str(run_dir),
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _weights(trainer_or_folder) -> dict[str, torch.Tensor]:
+    if isinstance(trainer_or_folder, Path):
+        from safetensors.torch import load_file
+
+        return load_file(str(trainer_or_folder / "model.safetensors"))
+    return {k: v.detach().clone() for k, v in trainer_or_folder.model.state_dict().items()}
+
+
+def test_training_with_interpolation_mixing_and_exact_resume(tiny_prior_dir, prompts_file, tmp_path):
+    def trainer(run: Path, **extra: object):
+        cfg = compose_config("train", _overrides(tiny_prior_dir, prompts_file, run, **extra))
+        return build_trainer(cfg, run)
+
+    full = trainer(tmp_path / "full")
+    assert isinstance(full.model.mapping, TriplaneGenerator) and isinstance(full.model.field, TriplaneField)
+    assert full.sampler.interpolation_prob == 0.5
+    start = _weights(full)
+    reference = _weights(full.fit())
+    assert full.sample_batch().n_mix == 2  # half of every batch of 4 are mixtures of two prompts
+    assert all(not torch.equal(start[k], reference[k]) for k in start if k.startswith("mapping.blocks"))
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() and r["grad_norm"] > 0 for r in rows)
+    half = trainer(tmp_path / "half", trainer__max_steps=2)
+    half.fit()
+    resumed = trainer(tmp_path / "half")
+    final = resumed.fit(resume=True)
+    assert resumed.step == 4
+    now = _weights(final)
+    assert all(torch.equal(now[k], reference[k]) for k in reference)
+    loaded = att3d.load(tmp_path / "half" / "model")
+    assert isinstance(loaded.mapping, TriplaneGenerator)
+
+
+def test_generate_refine_and_interpolate(model, model_dir, tiny_prior_dir):
+    from att3d.guidance import ScoreDistillation, ShapesPrior
+    from att3d.infer import interpolate as interp
+    from att3d.train import refine as rf
+    from att3d.utils.checkpoint import load_json
+
+    loaded = att3d.load(model_dir)
+    meshes = loaded.generate(PROMPTS[:2], batch_size=2, progress=False, grid_resolution=24, texture_size=16)
+    assert len(meshes) == 2 and all(len(m.faces) > 0 for m in meshes)  # the initial ball
+    frames = interp.render_interpolation(model, PROMPTS[:2], frames=3, resolution=8, batch_size=3, progress=False)
+    assert frames.shape == (3, 8, 8, 3) and torch.isfinite(frames).all()
+    torch.testing.assert_close(frames[0], interp.render_interpolation(model, PROMPTS[:1] * 2, frames=2, resolution=8,
+                                                                      progress=False)[0])
+    tiny = ShapesPrior.from_pretrained(tiny_prior_dir)
+    prior = ShapesPrior(tiny.unet, tiny.scheduler, model.text_encoder,
+                        load_json(tiny_prior_dir / "prior_config.json")["arch"])
+    sds = ScoreDistillation(prior, guidance_scale=5.0)
+    refined, hist = rf.refine(model, PROMPTS[1], 2, sds, resolution=16, batch_views=2, progress=False)
+    with torch.no_grad():
+        before, after = model.conditioning([PROMPTS[1]]), refined.conditioning([PROMPTS[1]])
+    assert set(after) == {"planes", "latent"} and (after["planes"] - before["planes"]).abs().max() > 1e-5
+    assert len(hist.train) == 2 and hist.finite()
+    # model mode trains a copy of the generator itself
+    whole, _ = rf.refine(model, PROMPTS[1], 1, sds, mode="model", resolution=16, batch_views=2, progress=False)
+    assert not torch.equal(whole.model.mapping.seed, model.mapping.seed)
+
+
+def test_mesh_stage_starts_from_a_triplane_model(model_dir, tiny_prior_dir, prompts_file, tmp_path):
+    from att3d.cli.train import main as train_main
+
+    run = tmp_path / "mesh"
+    argv = ["stage=mesh", f"init_from={model_dir}", f"run_dir={run}", "prompts=file",
+            f"prompts.train={prompts_file}", f"guidance.prior.path={tiny_prior_dir}", "trainer.batch_size=2",
+            "trainer.resolution=32", "stage.tet_resolution=16", "trainer.device=cpu", "trainer.threads=1",
+            "progress=false", "stage.anchor_points=128", "trainer.log_every=1", "trainer.image_every=0",
+            "trainer.max_steps=2", "trainer.checkpoint_every=2"]
+    assert train_main(argv) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["faces"] > 0 and r["grad_norm"] > 0 for r in rows)
+    out = att3d.load(run / "model")
+    assert isinstance(out.field, TriplaneField)
+    assert json.loads((run / "model" / "model_config.json").read_text())["extra"]["stage"] == "mesh"
+
+
+def test_two_gloo_processes_train_like_one(tiny_prior_dir, prompts_file, tmp_path):
+    """Data-parallel training (torchrun, 2 gloo processes of 2 prompts) equals one process with the batch of 4
+    (the tolerances of tests/test_distributed.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    kw = {"trainer__max_steps": 2, "trainer__interpolation__prob": 0.25}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "att3d.cli", "train", *_overrides(tiny_prior_dir, prompts_file, two, **kw)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    build_trainer(compose_config("train", _overrides(tiny_prior_dir, prompts_file, one, **kw)), one).fit()
+    a, b = (load_file(str(run / "model" / "model.safetensors")) for run in (two, one))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    assert torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean().item() <= 1e-7

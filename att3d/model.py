@@ -326,18 +326,14 @@ def repeat_conditioning(cond: dict[str, torch.Tensor], n: int) -> dict[str, torc
 def check_prompts(prompts: Sequence[str]) -> list[str]:
     """Prompts with their white space normalised; an empty prompt (or none at all) is a one-line error."""
     from att3d.mesh.extract import GenerationError
-    from att3d.text.prompts import PromptError, normalize_prompt
+    from att3d.text.prompts import PromptError, normalize_prompts
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    out = []
-    for i, p in enumerate(prompts):
-        try:
-            out.append(normalize_prompt(p))
-        except PromptError as e:
-            raise GenerationError(f"prompt {i + 1}: {e}") from None
-    if not out:
+    if isinstance(prompts, (list, tuple)) and not prompts:
         raise GenerationError("no prompts to generate")
+    try:
+        out = normalize_prompts(prompts)
+    except PromptError as e:
+        raise GenerationError(str(e)) from None
     return out
 
 

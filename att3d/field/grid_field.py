@@ -120,17 +120,7 @@ class GridField(nn.Module):
             self.register_parameter("grid", None)
 
         in_dim = n_levels * self.features + (3 if self.include_position else 0) + self.text_dim + self.latent_dim
-        layers: list[nn.Module] = []
-        d = in_dim
-        for _ in range(num_hidden_layers):
-            layers += [nn.Linear(d, hidden_dim), nn.SiLU()]
-            d = hidden_dim
-        head = nn.Linear(d, 4)
-        with torch.no_grad():  # start near raw = 0 so that the bump alone shapes the initial density
-            head.weight.mul_(0.1)
-            head.bias.zero_()
-        layers.append(head)
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
 
     # -- contract ---------------------------------------------------------------------------
 
@@ -179,11 +169,7 @@ class GridField(nn.Module):
             density: (B, N) >= 0 (zero outside the box); rgb: (B, N, 3) in [0, 1].
         """
         raw = self.mlp(self.features_at(points, cond))  # (B, N, 4)
-        pre = raw[..., 0] + self.bump(points) + self.density_bias
-        density = DENSITY_ACTIVATIONS[self.density_activation](pre)
-        density = density * encoding.inside_box(points, self.bound).to(density.dtype)
-        rgb = torch.sigmoid(raw[..., 1:])
-        return density, rgb
+        return decode_raw(raw, points, self.bump(points), self.density_bias, self.density_activation, self.bound)
 
     def density(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, N, 3) -> (B, N) density."""
@@ -195,4 +181,39 @@ class GridField(nn.Module):
                 f"text_dim={self.text_dim}, bound={self.bound}")
 
 
-__all__ = ["DENSITY_ACTIVATIONS", "GridField", "trunc_exp"]
+def decoder_mlp(in_dim: int, hidden_dim: int, num_hidden_layers: int) -> nn.Sequential:
+    """The fields' shared decoder: ``num_hidden_layers`` x (Linear, SiLU), then Linear(-> 4) (raw density, rgb).
+
+    The head starts at a tenth of its default scale with a zero bias, so that the raw density starts near 0 and
+    the field's centre bump alone shapes the initial density.
+    """
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(num_hidden_layers):
+        layers += [nn.Linear(d, hidden_dim), nn.SiLU()]
+        d = hidden_dim
+    head = nn.Linear(d, 4)
+    with torch.no_grad():
+        head.weight.mul_(0.1)
+        head.bias.zero_()
+    layers.append(head)
+    return nn.Sequential(*layers)
+
+
+def decode_raw(raw: torch.Tensor, points: torch.Tensor, bump: torch.Tensor, density_bias: float,
+               density_activation: str, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's raw output -> density and colour, the conventions every field shares.
+
+    Args:
+        raw: (B, N, 4) pre-activations; points: (B, N, 3); bump: (B, N) (or broadcastable) initial density bump.
+
+    Returns:
+        density: (B, N) ``activation(raw_0 + bump + density_bias)``, zero outside the box ``[-bound, bound]^3``;
+        rgb: (B, N, 3) ``sigmoid(raw_1:4)``.
+    """
+    density = DENSITY_ACTIVATIONS[density_activation](raw[..., 0] + bump + density_bias)
+    density = density * encoding.inside_box(points, bound).to(density.dtype)
+    return density, torch.sigmoid(raw[..., 1:])
+
+
+__all__ = ["DENSITY_ACTIVATIONS", "GridField", "decode_raw", "decoder_mlp", "trunc_exp"]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from att3d.field import encoding
-from att3d.field.grid_field import DENSITY_ACTIVATIONS
+from att3d.field.grid_field import DENSITY_ACTIVATIONS, decode_raw, decoder_mlp
 from att3d.registry import FIELDS
 
 #: The two world axes (0 = x, 1 = y, 2 = z) spanned by each plane, in storage order ``[c, i_a, i_b]``.
@@ -177,17 +177,7 @@ class TriplaneField(nn.Module):
 
         feat_dim = self.channels * (3 if combine == "concat" else 1)
         in_dim = feat_dim + (3 if self.include_position else 0) + self.latent_dim
-        layers: list[nn.Module] = []
-        d = in_dim
-        for _ in range(num_hidden_layers):
-            layers += [nn.Linear(d, hidden_dim), nn.SiLU()]
-            d = hidden_dim
-        head = nn.Linear(d, 4)
-        with torch.no_grad():  # start near raw = 0 so that the bump alone shapes the initial density
-            head.weight.mul_(0.1)
-            head.bias.zero_()
-        layers.append(head)
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
 
     # -- contract ---------------------------------------------------------------------------
 
@@ -256,11 +246,7 @@ class TriplaneField(nn.Module):
             density: (B, N) >= 0 (zero outside the box); rgb: (B, N, 3) in [0, 1].
         """
         raw = self.raw(points, cond)  # (B, N, 4)
-        pre = raw[..., 0] + self.bump(points) + self.density_bias
-        density = DENSITY_ACTIVATIONS[self.density_activation](pre)
-        density = density * encoding.inside_box(points, self.bound).to(density.dtype)
-        rgb = torch.sigmoid(raw[..., 1:])
-        return density, rgb
+        return decode_raw(raw, points, self.bump(points), self.density_bias, self.density_activation, self.bound)
 
     def density(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, N, 3) -> (B, N) density."""

@@ -218,23 +218,29 @@ class MeshSDS(Objective):
         return (torch.log1p(d.float()) - torch.log1p(d0.float())).square().mean()
 
     # -- one step ------------------------------------------------------------------------------------------------
-    def step(self, trainer: Trainer, batch: Batch) -> StepResult:
+    def render_batch(self, trainer: Trainer, batch: Batch) -> dict[str, Any]:
+        """The batch's meshes rendered from its cameras: ``idx`` (N,) prompt of each row, ``cond`` (with gradients),
+        ``meshes``, ``images`` (N, 3, H, W), ``mask`` (N, H, W), ``anchor`` (the anchor loss, 0 without) and the
+        step's ``stats``."""
         views = batch.views
         idx = batch.idx.repeat_interleave(views) if views > 1 else batch.idx
         cond = trainer.model.mapping(batch.emb)
         meshes = self.meshes(idx, cond)
         out = render_surfaces(trainer.model.field, cond, meshes, batch.cameras, trainer.cfg.resolution,
                               background=trainer.background, colour_offset=self.offset, shading=self.shading)
-        images = out["rgb"].permute(0, 3, 1, 2)  # (B, 3, H, W); the prior resizes it to its resolution
         anchor = torch.zeros((), device=trainer.device)
         if self.anchor_weight > 0:
             anchor = self.anchor_loss(idx, cond)
-        sds = trainer.score_distillation(images, batch)
-        loss = sds.loss + self.anchor_weight * anchor
         stats = {"anchor": anchor.detach(), "opacity": out["mask"].mean(),
                  "faces": float(sum(m.faces.shape[0] for m in meshes)) / len(idx),
                  "empty": float(sum(m.empty for m in meshes))}
-        return StepResult(loss, sds, stats, images)
+        return {"idx": idx, "cond": cond, "meshes": meshes, "images": out["rgb"].permute(0, 3, 1, 2),
+                "mask": out["mask"], "anchor": anchor, "stats": stats}
+
+    def step(self, trainer: Trainer, batch: Batch) -> StepResult:
+        r = self.render_batch(trainer, batch)  # images (B, 3, H, W); the prior resizes them to its resolution
+        sds = trainer.score_distillation(r["images"], batch)
+        return StepResult(sds.loss + self.anchor_weight * r["anchor"], sds, r["stats"], r["images"])
 
     def record(self, trainer: Trainer) -> dict[str, Any]:
         record: dict[str, Any] = {

@@ -116,18 +116,6 @@ class MeshOracle(MeshSDS):
         self.mask_weight = float(mask_weight)
 
     def step(self, trainer: Trainer, batch: Batch) -> StepResult:
-        from att3d.mesh.surface import render_surfaces
-
-        views = batch.views
-        idx = batch.idx.repeat_interleave(views) if views > 1 else batch.idx
-        cond = trainer.model.mapping(batch.emb)
-        meshes = self.meshes(idx, cond)
-        out = render_surfaces(trainer.model.field, cond, meshes, batch.cameras, trainer.cfg.resolution,
-                              background=trainer.background, colour_offset=self.offset, shading=self.shading)
-        images = out["rgb"].permute(0, 3, 1, 2)
-        sds = supervised(images, out["mask"], ground_truth_batch(trainer, batch), self.mask_weight)
-        anchor = self.anchor_loss(idx, cond) if self.anchor_weight > 0 else torch.zeros((), device=trainer.device)
-        loss = sds.loss + self.anchor_weight * anchor
-        stats = {"anchor": anchor.detach(), "opacity": out["mask"].mean(),
-                 "faces": float(sum(m.faces.shape[0] for m in meshes)) / len(idx)}
-        return StepResult(loss, sds, stats, images)
+        r = self.render_batch(trainer, batch)
+        sds = supervised(r["images"], r["mask"], ground_truth_batch(trainer, batch), self.mask_weight)
+        return StepResult(sds.loss + self.anchor_weight * r["anchor"], sds, r["stats"], r["images"])

@@ -368,3 +368,20 @@ def test_export_unknown_format(tmp_path):
         export_mesh(mesh, tmp_path / "x.glb", format="fbx")
     with pytest.raises(ValueError):
         to_trimesh(verts, faces, texture=torch.zeros(4, 4, 3))
+
+
+def test_box_atlas_last_resort_single_triangle_charts(monkeypatch):
+    """When every chart overlaps itself, the last round cuts the offenders into single triangles; no chart may be
+    left empty (an empty chart's bounding box is (inf, -inf) and used to make the packing fail)."""
+    import att3d.mesh.atlas as atlas
+
+    def all_overlap(xy, depth, faces, chart, n_charts, size):
+        covered = torch.full((n_charts,), 100, dtype=torch.long)
+        return covered.clone(), covered
+
+    monkeypatch.setattr(atlas, "_layer_mismatch", all_overlap)
+    verts, faces = sphere_mesh(12)
+    vmap, new_faces, uvs = atlas.box_atlas(verts, faces, size=256, padding=1, max_rounds=1)
+    assert new_faces.shape == faces.shape and torch.isfinite(uvs).all()
+    assert vmap.shape[0] == 3 * faces.shape[0]  # every triangle is its own chart
+    assert (uvs >= 0).all() and (uvs <= 1).all()

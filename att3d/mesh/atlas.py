@@ -304,6 +304,9 @@ def box_atlas(verts: torch.Tensor, faces: torch.Tensor, size: int = 512, padding
             idx = face_bad.nonzero().squeeze(1)
             chart = chart.clone()
             chart[idx] = K + torch.arange(idx.shape[0], device=device)
+            # a chart whose every face was cut out is empty now: relabel so that every label has faces
+            # (an empty chart's bounding box would be (inf, -inf) and fit nowhere)
+            chart = torch.unique(chart, return_inverse=True)[1]
         else:  # split each offending chart at its median centroid depth
             med = torch.zeros(K, dtype=v.dtype, device=device)
             for k in bad.nonzero().squeeze(1).tolist():

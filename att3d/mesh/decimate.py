@@ -226,13 +226,18 @@ def decimate(verts: torch.Tensor, faces: torch.Tensor, max_faces: int, aggressiv
     v = _np(verts).astype(np.float32)
     f = _np(faces).astype(np.int32)
     closed = is_closed(f)
-    out_v = out_f = None
-    # A closed input must stay closed: in the rare case the repair cannot separate a pinch, collapse again
-    # less aggressively (a different sequence of collapses).
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
+    # A closed input must stay closed: in the rare case the repair cannot separate a pinch (or a singular quadric
+    # places a vertex at infinity), collapse again less aggressively (a different sequence of collapses).
     for agg in (float(aggressiveness), max(1.0, aggressiveness - 2.0), max(1.0, aggressiveness - 4.0)):
         v2, f2 = fast_simplification.simplify(v, f, target_count=int(max_faces), agg=agg)
-        out_v, out_f = make_manifold(torch.as_tensor(np.asarray(v2), dtype=verts.dtype, device=verts.device),
-                                     torch.as_tensor(np.asarray(f2).astype(np.int64), device=faces.device))
-        if not closed or is_closed(out_f):
+        if not np.isfinite(np.asarray(v2)).all():
+            continue
+        best = make_manifold(torch.as_tensor(np.asarray(v2), dtype=verts.dtype, device=verts.device),
+                             torch.as_tensor(np.asarray(f2).astype(np.int64), device=faces.device))
+        if not closed or is_closed(best[1]):
             break
-    return out_v, out_f
+    if best is None:
+        raise DecimationError(f"the decimation of a {faces.shape[0]}-face mesh gave non-finite vertices; "
+                              "use a larger face budget (--faces) or none (--faces 0)")
+    return best

@@ -329,7 +329,8 @@ def test_oracle_stage_fits_ground_truth_renders(files, tmp_path):
 
 def test_mesh_oracle_stage_records_lambert_and_generates_its_surface(files, tmp_path):
     run = tmp_path / "mesh-oracle"
-    args = [a if a != "stage=mesh" else "stage=mesh_oracle" for a in argv(files, run, "trainer.max_steps=2")]
+    args = [a if a != "stage=mesh" else "stage=mesh_oracle"
+            for a in argv(files, run, "trainer.max_steps=2", "stage.shading=lambert")]
     assert train_main(args) == 0
     model = att3d.load(run / "model")
     settings = model.config["extra"]["mesh"]

@@ -95,7 +95,10 @@ class NerfOracle(NerfSDS):
 @STAGES.register("mesh_oracle")
 class MeshOracle(MeshSDS):
     """The mesh stage supervised by ground-truth renders: its meshes, rasterized and coloured (and shaded, with
-    ``shading=lambert``) as :class:`~att3d.train.mesh_stage.MeshSDS` does, against the truth.
+    ``shading=lambert``) as :class:`~att3d.train.mesh_stage.MeshSDS` does, against the truth. The defaults are the
+    mesh stage's (texture mode, density anchored). In geometry mode without an anchor the surface grows without
+    bound (the rasterizer has no coverage gradient to pull it back; measured in the model card of
+    ``assets/att3d-shapes64``).
 
     Args:
         mask_weight: weight of the coverage-vs-silhouette term (the rasterizer's coverage has no gradient: it
@@ -105,9 +108,9 @@ class MeshOracle(MeshSDS):
 
     name = "mesh_oracle"
 
-    def __init__(self, mask_weight: float = 0.0, tet_resolution: int = 64, geometry: bool = True,
-                 anchor_weight: float = 0.0, anchor_points: int = 2048, anchor_band: float = 2.0,
-                 colour_offset: float | None = None, min_resolution: int = 8, shading: str = "lambert"):
+    def __init__(self, mask_weight: float = 0.0, tet_resolution: int = 64, geometry: bool = False,
+                 anchor_weight: float = 1.0, anchor_points: int = 2048, anchor_band: float = 2.0,
+                 colour_offset: float | None = None, min_resolution: int = 8, shading: str = "none"):
         super().__init__(tet_resolution=tet_resolution, geometry=geometry, anchor_weight=anchor_weight,
                          anchor_points=anchor_points, anchor_band=anchor_band, colour_offset=colour_offset,
                          min_resolution=min_resolution, shading=shading)

@@ -13,7 +13,7 @@ import trimesh
 
 from att3d import cli
 from att3d.infer import generate as gen
-from att3d.mesh import bake_texture, export_mesh, texture_sample
+from att3d.mesh import bake_texture, export_mesh, meshes_from_conditioning, texture_sample
 from att3d.mesh.atlas import box_atlas
 from att3d.model import AmortizedModel
 from att3d.world.metrics import mesh_occupancy, volume_iou
@@ -63,7 +63,7 @@ class Duck:
 @pytest.fixture(scope="module")
 def torus_meshes() -> list[trimesh.Trimesh]:
     timer = gen.StageTimer()
-    meshes = gen.meshes_from_conditioning(Duck(), {"scale": torch.tensor([1.0, 0.8])}, grid_resolution=64,
+    meshes = meshes_from_conditioning(Duck(), {"scale": torch.tensor([1.0, 0.8])}, grid_resolution=64,
                                           texture_size=256, timer=timer)
     assert set(timer.seconds) == {"field", "extraction", "texture", "export"}
     return meshes
@@ -108,7 +108,7 @@ def test_texture_holds_the_colour_from_inside_the_surface(torus_meshes):
     vcol = torch.as_tensor(mesh.vertex_attributes["color"][:, :3], dtype=torch.float32) / 255
     assert (vcol - TorusField.true_colour(verts)).abs().mean() < 0.03
     # Reading on the surface itself (no offset) sees the black shell.
-    flat = gen.meshes_from_conditioning(Duck(), {"scale": torch.tensor([1.0])}, grid_resolution=64,
+    flat = meshes_from_conditioning(Duck(), {"scale": torch.tensor([1.0])}, grid_resolution=64,
                                         texture_size=0, colour_offset=0.0)[0]
     assert isinstance(flat.visual, trimesh.visual.ColorVisuals)
     dark = torch.as_tensor(flat.visual.vertex_colors[:, :3], dtype=torch.float32) / 255
@@ -138,7 +138,7 @@ def test_ply_keeps_the_fields_vertex_colours(torus_meshes, tmp_path):
 
 
 def test_empty_level_set_is_flagged_not_raised(tmp_path):
-    meshes = gen.meshes_from_conditioning(Duck(threshold=50.0), {"scale": torch.tensor([1.0])}, grid_resolution=16)
+    meshes = meshes_from_conditioning(Duck(threshold=50.0), {"scale": torch.tensor([1.0])}, grid_resolution=16)
     assert len(meshes) == 1 and gen.is_empty(meshes[0])
     assert "threshold 50" in meshes[0].metadata["att3d"]["reason"]
     rows = gen.write_outputs(meshes, ["a nothing"], tmp_path / "out", turntable=True, frames=2, progress=False)

@@ -365,7 +365,7 @@ class DemoSettings:
 
     Attributes:
         grid_resolution, texture_size, smooth_iterations: mesh extraction (see
-            :func:`att3d.infer.generate.meshes_from_conditioning`); the shipped model's finest grid level is
+            :func:`att3d.mesh.extract.meshes_from_conditioning`); the shipped model's finest grid level is
             32^3, so a 40^3 extraction loses little against 96^3, at a fifth of the time and vertices.
         fine_grid_resolution, fine_texture_size: the same for ``detail="fine"``.
         slider_steps: positions of the interpolation slider (0, 1 / (n - 1), ..., 1).
@@ -612,7 +612,7 @@ class DemoBackend:
         and cached per model, prompts, mode and slider position."""
         import torch
 
-        from att3d.infer.generate import meshes_from_conditioning
+        from att3d.mesh.extract import meshes_from_conditioning
 
         a, b, mode, label = self._interp_inputs(a, b, mode, label)
         k = self.slider_index(t)

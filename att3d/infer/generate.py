@@ -13,7 +13,7 @@ before the next, so memory stays flat and an interrupted run keeps what it finis
 writes a list of meshes. :class:`OutputFolder` gives every prompt of a run its own file names and never
 overwrites an earlier run's files unless told to (``att3d generate`` is :mod:`att3d.cli.generate`). The extraction
 itself (:func:`~att3d.mesh.extract.meshes_from_conditioning`, the extraction threshold, empty meshes)
-lives in :mod:`att3d.mesh.extract`; its names are re-exported here.
+lives in :mod:`att3d.mesh.extract` (also exported by :mod:`att3d.mesh`).
 """
 
 from __future__ import annotations
@@ -32,17 +32,7 @@ from typing import Any
 import torch
 import trimesh
 
-from att3d.mesh.extract import (  # re-exported: the names of generation
-    DEFAULT_THRESHOLD,
-    UV_METHODS,
-    GenerationError,
-    density_grid,
-    empty_mesh,
-    extraction_threshold,
-    is_empty,
-    meshes_from_conditioning,
-    surface_colour_fn,
-)
+from att3d.mesh.extract import GenerationError, is_empty
 from att3d.model import generate_meshes
 from att3d.utils.timing import STAGES, StageTimer, maybe_timed
 
@@ -52,10 +42,9 @@ FORMATS = ("glb", "obj", "ply")
 #: Prompts -> textured meshes in one forward pass per batch (:func:`att3d.model.generate_meshes`).
 generate = generate_meshes
 
-__all__ = ["DEFAULT_THRESHOLD", "EXISTS_MODES", "FORMATS", "MANIFEST", "STAGES", "UV_METHODS", "GenerationError",
-           "OutputExistsError", "OutputFolder", "Planned", "StageTimer", "density_grid", "empty_mesh",
-           "extraction_threshold", "format_table", "generate", "generate_to_folder", "is_empty",
-           "meshes_from_conditioning", "slugify", "surface_colour_fn", "write_outputs"]
+__all__ = ["EXISTS_MODES", "FORMATS", "MANIFEST", "STAGES", "GenerationError", "OutputExistsError", "OutputFolder",
+           "Planned", "StageTimer", "format_table", "generate", "generate_to_folder", "is_empty", "slugify",
+           "write_outputs"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

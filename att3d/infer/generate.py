@@ -32,12 +32,13 @@ from typing import Any
 import torch
 import trimesh
 
+from att3d.mesh.export import EXPORTERS
 from att3d.mesh.extract import GenerationError, is_empty
 from att3d.model import generate_meshes
 from att3d.utils.timing import STAGES, StageTimer, maybe_timed
 
-#: Mesh file formats.
-FORMATS = ("glb", "obj", "ply")
+#: Mesh file formats: the registered exporters (``att3d.registry.EXPORTERS``, :mod:`att3d.mesh.export`).
+FORMATS = tuple(EXPORTERS.names())
 
 #: Prompts -> textured meshes in one forward pass per batch (:func:`att3d.model.generate_meshes`).
 generate = generate_meshes

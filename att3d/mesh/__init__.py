@@ -1,8 +1,10 @@
 """Meshes: iso-surface extraction, cleanup, a differentiable rasterizer, UV texturing and export.
 
-All in torch (CPU and GPU); xatlas for the UV atlas and trimesh for file formats. :mod:`att3d.mesh.extract`
-turns a field's conditioning into textured meshes (the extraction threshold, density grid, surface colour,
-UV atlas of :mod:`att3d.mesh.atlas`).
+All in torch (CPU and GPU), with maintained libraries where they are faster on a CPU: scikit-image's
+marching cubes, fast-simplification's decimation, numba for the rasterizer's visibility pass
+(:mod:`att3d.mesh.raster_cpu`), xatlas for an optional UV atlas and trimesh for file formats.
+:mod:`att3d.mesh.extract` turns a field's conditioning into textured meshes (the extraction threshold, the
+coarse-to-fine density grid of :mod:`att3d.mesh.density`, surface colour, UV atlas of :mod:`att3d.mesh.atlas`).
 """
 
 from att3d.mesh.atlas import box_atlas
@@ -18,6 +20,7 @@ from att3d.mesh.cleanup import (
     vertex_normals,
     weld_vertices,
 )
+from att3d.mesh.density import fill_interior, surface_density_grid
 from att3d.mesh.export import export_mesh, to_trimesh
 from att3d.mesh.extract import (
     DEFAULT_THRESHOLD,
@@ -30,7 +33,7 @@ from att3d.mesh.extract import (
     surface_colour_fn,
     uv_atlas,
 )
-from att3d.mesh.marching_cubes import grid_points, marching_cubes
+from att3d.mesh.marching_cubes import grid_points, marching_cubes, marching_cubes_lewiner
 from att3d.mesh.marching_tets import marching_tetrahedra, tet_grid
 from att3d.mesh.rasterize import (
     RasterOutput,
@@ -57,11 +60,13 @@ __all__ = [
     "extraction_threshold",
     "face_areas",
     "face_normals",
+    "fill_interior",
     "grid_points",
     "interpolate",
     "is_empty",
     "laplacian_smooth",
     "marching_cubes",
+    "marching_cubes_lewiner",
     "marching_tetrahedra",
     "meshes_from_conditioning",
     "rasterize",
@@ -70,6 +75,7 @@ __all__ = [
     "remove_unreferenced",
     "render_mesh",
     "surface_colour_fn",
+    "surface_density_grid",
     "taubin_smooth",
     "tet_grid",
     "texture_mesh",

@@ -152,6 +152,19 @@ def connected_components(faces: torch.Tensor, num_vertices: int) -> torch.Tensor
     device = faces.device
     if faces.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
+    if device.type == "cpu":  # scipy's graph search labels components in the same order, ~10x faster
+        import numpy as np
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components as csgraph_components
+
+        f = faces.numpy()
+        rows = np.concatenate([f[:, 0], f[:, 1]])
+        cols = np.concatenate([f[:, 1], f[:, 2]])
+        graph = coo_matrix((np.ones(rows.shape[0], dtype=np.int8), (rows, cols)), shape=(num_vertices,) * 2)
+        _, vlabels = csgraph_components(graph, directed=False)
+        face_labels = torch.from_numpy(vlabels[f[:, 0]].astype(np.int64))
+        _, compact = torch.unique(face_labels, return_inverse=True)
+        return compact
     labels = torch.arange(num_vertices, device=device)
     flat = faces.reshape(-1)
     while True:
@@ -241,9 +254,33 @@ def taubin_smooth(verts: torch.Tensor, faces: torch.Tensor, iterations: int = 10
         (V, 3) smoothed positions (differentiable w.r.t. ``verts``).
     """
     edges, deg = _adjacency(faces, verts.shape[0], verts.dtype)
+    if verts.device.type == "cpu" and not (torch.is_grad_enabled() and verts.requires_grad) and iterations > 0:
+        return _taubin_sparse(verts, edges, deg, iterations, lam, mu)
     for _ in range(iterations):
         verts = _umbrella_step(_umbrella_step(verts, edges, deg, lam), edges, deg, mu)
     return verts
+
+
+def _taubin_sparse(verts: torch.Tensor, edges: torch.Tensor, deg: torch.Tensor, iterations: int, lam: float,
+                   mu: float) -> torch.Tensor:
+    """:func:`taubin_smooth`'s steps as scipy sparse products (CPU, no gradients; the same arithmetic)."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+
+    V = verts.shape[0]
+    e = edges.numpy()
+    d = deg.double().numpy()
+    # mean of the neighbours: row i holds 1 / deg(i) at its neighbours; isolated vertices keep their place
+    w = 1.0 / np.maximum(d, 1.0)
+    mean = csr_matrix((w[e[:, 0]], (e[:, 0], e[:, 1])), shape=(V, V))
+    isolated = (d == 0)[:, None]
+    v = verts.detach().double().numpy()
+    for _ in range(iterations):
+        for factor in (lam, mu):
+            m = mean @ v
+            m = np.where(isolated, v, m)
+            v = v + factor * (m - v)
+    return torch.from_numpy(v).to(verts.dtype)
 
 
 def clean_mesh(verts: torch.Tensor, faces: torch.Tensor, min_component_fraction: float = 0.05,

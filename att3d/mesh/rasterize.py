@@ -80,6 +80,69 @@ def _edge_bary(tri: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.T
     return torch.stack([w0, w1, w2], dim=-1)
 
 
+@torch.no_grad()
+def _visible_faces_torch(xy: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, H: int, W: int, near: float,
+                         cull_backfaces: bool, max_candidates: int) -> torch.Tensor:
+    """The visibility pass in torch (any device): the nearest face per pixel centre, (B, H, W) long (-1: none).
+
+    Every (triangle, pixel of its bounding box) candidate is tested with edge functions, in chunks of at most
+    ``max_candidates``; a depth buffer by ``scatter_reduce`` keeps the nearest, ties to the larger face index.
+    """
+    B, device = xy.shape[0], xy.device
+    tri = xy.detach()[:, faces].double()  # (B, F, 3, 2)
+    tz = depth.detach()[:, faces].double()  # (B, F, 3)
+    x, y = tri[..., 0], tri[..., 1]
+    area = (x[..., 1] - x[..., 0]) * (y[..., 2] - y[..., 0]) - (x[..., 2] - x[..., 0]) * (y[..., 1] - y[..., 0])
+    valid = (tz > near).all(-1) & (area != 0) & torch.isfinite(area)
+    if cull_backfaces:
+        valid &= area < 0  # rows grow downwards: counter-clockwise on screen has negative area
+    c_lo = torch.ceil(x.min(-1).values - 0.5).clamp(min=0)
+    c_hi = torch.floor(x.max(-1).values - 0.5).clamp(max=W - 1)
+    r_lo = torch.ceil(y.min(-1).values - 0.5).clamp(min=0)
+    r_hi = torch.floor(y.max(-1).values - 0.5).clamp(max=H - 1)
+    valid &= (c_hi >= c_lo) & (r_hi >= r_lo)
+    bi, fi = valid.nonzero(as_tuple=True)  # candidate triangles
+    c_lo, r_lo = c_lo[bi, fi].long(), r_lo[bi, fi].long()
+    wbox = c_hi[bi, fi].long() - c_lo + 1
+    count = wbox * (r_hi[bi, fi].long() - r_lo + 1)
+    tri_c, tz_c = tri[bi, fi], tz[bi, fi]  # (N, 3, 2), (N, 3)
+
+    pids, zs, fids = [], [], []
+    ends = torch.cumsum(count, 0)
+    starts = ends - count
+    n_tri = bi.shape[0]
+    first = 0
+    while first < n_tri:
+        # Largest chunk [first, last) whose candidates fit, at least one triangle.
+        limit = int(starts[first]) + max_candidates
+        last = max(int(torch.searchsorted(ends, torch.tensor(limit, device=device), right=True)), first + 1)
+        sl = slice(first, last)
+        cnt = count[sl]
+        rep = torch.repeat_interleave(torch.arange(last - first, device=device), cnt)
+        off = torch.arange(rep.shape[0], device=device) - (starts[sl] - starts[first])[rep]
+        wb = wbox[sl][rep]
+        col = c_lo[sl][rep] + off % wb
+        row = r_lo[sl][rep] + torch.div(off, wb, rounding_mode="floor")
+        bary = _edge_bary(tri_c[sl][rep], col.double() + 0.5, row.double() + 0.5)
+        inside = (bary >= 0).all(-1)
+        rep, col, row, bary = rep[inside], col[inside], row[inside], bary[inside]
+        z = 1.0 / (bary / tz_c[sl][rep]).sum(-1)
+        g = rep + first
+        pids.append((bi[g] * H + row) * W + col)
+        zs.append(z)
+        fids.append(fi[g])
+        first = last
+
+    face_id = torch.full((B * H * W,), -1, dtype=torch.long, device=device)
+    if pids:
+        pid, z, fid = torch.cat(pids), torch.cat(zs), torch.cat(fids)
+        zbuf = torch.full((B * H * W,), float("inf"), dtype=z.dtype, device=device)
+        zbuf.scatter_reduce_(0, pid, z, "amin")
+        win = z == zbuf[pid]
+        face_id.scatter_reduce_(0, pid[win], fid[win], "amax")
+    return face_id.reshape(B, H, W)
+
+
 def rasterize_screen(xy: torch.Tensor, depth: torch.Tensor | None, faces: torch.Tensor,
                      resolution: int | tuple[int, int], cull_backfaces: bool = False, near: float = 1e-4,
                      max_candidates: int = 1 << 20) -> RasterOutput:
@@ -109,60 +172,18 @@ def rasterize_screen(xy: torch.Tensor, depth: torch.Tensor | None, faces: torch.
         depth = depth[None].expand(B, -1)
     device = xy.device
 
-    with torch.no_grad():
-        tri = xy.detach()[:, faces].double()  # (B, F, 3, 2)
-        tz = depth.detach()[:, faces].double()  # (B, F, 3)
-        x, y = tri[..., 0], tri[..., 1]
-        area = (x[..., 1] - x[..., 0]) * (y[..., 2] - y[..., 0]) - (x[..., 2] - x[..., 0]) * (y[..., 1] - y[..., 0])
-        valid = (tz > near).all(-1) & (area != 0) & torch.isfinite(area)
-        if cull_backfaces:
-            valid &= area < 0  # rows grow downwards: counter-clockwise on screen has negative area
-        c_lo = torch.ceil(x.min(-1).values - 0.5).clamp(min=0)
-        c_hi = torch.floor(x.max(-1).values - 0.5).clamp(max=W - 1)
-        r_lo = torch.ceil(y.min(-1).values - 0.5).clamp(min=0)
-        r_hi = torch.floor(y.max(-1).values - 0.5).clamp(max=H - 1)
-        valid &= (c_hi >= c_lo) & (r_hi >= r_lo)
-        bi, fi = valid.nonzero(as_tuple=True)  # candidate triangles
-        c_lo, r_lo = c_lo[bi, fi].long(), r_lo[bi, fi].long()
-        wbox = c_hi[bi, fi].long() - c_lo + 1
-        count = wbox * (r_hi[bi, fi].long() - r_lo + 1)
-        tri_c, tz_c = tri[bi, fi], tz[bi, fi]  # (N, 3, 2), (N, 3)
+    from att3d.mesh import raster_cpu
 
-        pids, zs, fids = [], [], []
-        ends = torch.cumsum(count, 0)
-        starts = ends - count
-        n_tri = bi.shape[0]
-        first = 0
-        while first < n_tri:
-            # Largest chunk [first, last) whose candidates fit, at least one triangle.
-            limit = int(starts[first]) + max_candidates
-            last = max(int(torch.searchsorted(ends, torch.tensor(limit, device=device), right=True)), first + 1)
-            sl = slice(first, last)
-            cnt = count[sl]
-            rep = torch.repeat_interleave(torch.arange(last - first, device=device), cnt)
-            off = torch.arange(rep.shape[0], device=device) - (starts[sl] - starts[first])[rep]
-            wb = wbox[sl][rep]
-            col = c_lo[sl][rep] + off % wb
-            row = r_lo[sl][rep] + torch.div(off, wb, rounding_mode="floor")
-            bary = _edge_bary(tri_c[sl][rep], col.double() + 0.5, row.double() + 0.5)
-            inside = (bary >= 0).all(-1)
-            rep, col, row, bary = rep[inside], col[inside], row[inside], bary[inside]
-            z = 1.0 / (bary / tz_c[sl][rep]).sum(-1)
-            g = rep + first
-            pids.append((bi[g] * H + row) * W + col)
-            zs.append(z)
-            fids.append(fi[g])
-            first = last
-
-        face_id = torch.full((B * H * W,), -1, dtype=torch.long, device=device)
-        if pids:
-            pid, z, fid = torch.cat(pids), torch.cat(zs), torch.cat(fids)
-            zbuf = torch.full((B * H * W,), float("inf"), dtype=z.dtype, device=device)
-            zbuf.scatter_reduce_(0, pid, z, "amin")
-            win = z == zbuf[pid]
-            face_id.scatter_reduce_(0, pid[win], fid[win], "amax")
-        face_id = face_id.reshape(B, H, W)
-
+    compiled = None
+    if raster_cpu.available(device):  # the same visibility pass, compiled (numba)
+        compiled = raster_cpu.visible_face_ids(xy, depth, faces, H, W, near=near, cull_backfaces=cull_backfaces,
+                                               out_dtype=xy.dtype)
+        face_id = compiled[0]
+        if not (torch.is_grad_enabled() and (xy.requires_grad or depth.requires_grad)):
+            # nothing to differentiate: the kernel's barycentrics and depth (the torch pass's within 1e-6)
+            return RasterOutput(face_id=face_id, bary=compiled[1], depth=compiled[2])
+    else:
+        face_id = _visible_faces_torch(xy, depth, faces, H, W, near, cull_backfaces, max_candidates)
     # Differentiable barycentrics and depth of the winners.
     bary = torch.zeros(B, H, W, 3, dtype=xy.dtype, device=device)
     depth_map = torch.zeros(B, H, W, dtype=xy.dtype, device=device)
@@ -226,14 +247,17 @@ def interpolate(attr: torch.Tensor, rast: RasterOutput, faces: torch.Tensor) -> 
         (B, H, W, C), zero on the background; differentiable w.r.t. ``attr`` and, through
         ``rast.bary``, the vertex positions.
     """
+    from att3d.mesh import raster_cpu
+
     B, H, W = rast.face_id.shape
-    tri = faces[rast.face_id.clamp(min=0)]  # (B, H, W, 3)
-    if attr.dim() == 2:
-        vals = attr[tri]  # (B, H, W, 3, C)
-    else:
-        vals = attr[torch.arange(B, device=attr.device)[:, None, None, None], tri]
-    out = (rast.bary[..., None] * vals).sum(-2)
-    return out * rast.mask[..., None].to(out.dtype)
+    if (raster_cpu.available(attr.device) and attr.dtype in (torch.float32, torch.float64)
+            and not (torch.is_grad_enabled() and (attr.requires_grad or rast.bary.requires_grad))):
+        return raster_cpu.interpolate(attr, rast.face_id, rast.bary, faces)
+    idx = (rast.face_id >= 0).nonzero(as_tuple=True)  # only the covered pixels: the background stays zero
+    tri = faces[rast.face_id[idx]]  # (P, 3)
+    vals = attr[tri] if attr.dim() == 2 else attr[idx[0][:, None], tri]  # (P, 3, C)
+    out_p = (rast.bary[idx][..., None] * vals).sum(-2)
+    return out_p.new_zeros(B, H, W, attr.shape[-1]).index_put(idx, out_p)
 
 
 def texture_sample(texture: torch.Tensor, uv: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from att3d.mesh.cleanup import vertex_normals
-from att3d.mesh.extract import density_grid
+from att3d.mesh.density import density_grid
 from att3d.mesh.marching_tets import marching_tetrahedra
 from att3d.mesh.rasterize import interpolate, rasterize
 from att3d.render.cameras import OrbitCameras

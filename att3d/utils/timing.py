@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ class StageTimer:
         self.sync = bool(sync)
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()  # stages may be timed from several threads (meshes of a batch)
 
     def _sync(self) -> None:
         if not self.sync:
@@ -47,8 +49,9 @@ class StageTimer:
 
     def add(self, stage: str, seconds: float) -> None:
         """Charge ``seconds`` to ``stage``."""
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + float(seconds)
-        self.calls[stage] = self.calls.get(stage, 0) + 1
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + float(seconds)
+            self.calls[stage] = self.calls.get(stage, 0) + 1
 
     def total(self, stages: Sequence[str] | None = None) -> float:
         """Sum over ``stages`` (default: all recorded)."""

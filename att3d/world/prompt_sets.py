@@ -26,3 +26,27 @@ def shapes64_train() -> list[str]:
 def shapes64_heldout() -> list[str]:
     """The 8 held-out captions (shape i, colour i)."""
     return shapes.heldout_captions()
+
+
+@PROMPT_SETS.register("shapes_wordings")
+def shapes_wordings() -> list[str]:
+    """Every distinct wording of the 64 objects (WORLD.md, "Wordings"): 5,760 prompts."""
+    from att3d.world.wordings import all_wordings
+
+    return all_wordings()
+
+
+@PROMPT_SETS.register("shapes_wordings_train")
+def shapes_wordings_train() -> list[str]:
+    """The wordings of the 56 training objects: 5,040 prompts (no held-out object in any wording)."""
+    from att3d.world.wordings import train_wordings
+
+    return train_wordings()
+
+
+@PROMPT_SETS.register("shapes_wordings_heldout")
+def shapes_wordings_heldout() -> list[str]:
+    """The wordings of the 8 held-out objects: 720 prompts."""
+    from att3d.world.wordings import heldout_wordings
+
+    return heldout_wordings()

@@ -30,3 +30,21 @@ def tiny_prior_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-prior")
     save_prior(folder, build_unet(arch), build_scheduler(arch), arch)
     return folder
+
+
+@pytest.fixture
+def baseline_in_clone(tmp_path, monkeypatch):
+    """``att3d bench --baseline`` worktrees go into a shared clone of this checkout, which stays untouched."""
+    import subprocess
+
+    from att3d.eval import bench
+
+    try:
+        root = bench.repo_root()
+    except bench.BenchError:
+        pytest.skip("att3d is not run from a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--shared", "--no-checkout", str(root), str(clone)], check=True)
+    real = bench.baseline_worktree
+    monkeypatch.setattr(bench, "baseline_worktree", lambda repo, rev: real(clone, rev))
+    return clone

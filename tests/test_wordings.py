@@ -31,7 +31,8 @@ def test_counts_and_split():
 
 @pytest.mark.parametrize("prompt, obj", [
     ("an orange cube", ("cube", "orange")), ("an orb that is ruby", ("sphere", "red")),
-    ("a render of an amethyst square block", ("cube", "purple")), ("an octahedron colored slate", ("octahedron", "gray")),
+    ("a render of an amethyst square block", ("cube", "purple")),
+    ("an octahedron colored slate", ("octahedron", "gray")),
     ("a 3d model of an orange ring", ("torus", "orange")), ("a simple orange orb", ("sphere", "orange")),
     ("forest green lozenge", ("capsule", "green")), ("a can, lemon", ("cylinder", "yellow")),
     ("an amethyst colored hoop", ("torus", "purple")), ("the orange orb", ("sphere", "orange")),

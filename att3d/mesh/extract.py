@@ -242,16 +242,10 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
     offset = 2.0 * bound / (R - 1) if colour_offset is None else float(colour_offset)
     B = _batch_size(cond)
 
-    with maybe_timed(timer, "field"):
-        if coarse_step > 1:
-            density, _ = surface_density_grid(field, cond, R, thr, bound, step=coarse_step)
-        else:
-            density = density_grid(field, cond, R, bound, progress=progress)
-        # Nothing is inside on the box's faces, so every level set closes (the field is empty outside the box).
-        density[:, [0, -1]] = 0.0
-        density[:, :, [0, -1]] = 0.0
-        density[:, :, :, [0, -1]] = 0.0
-
+    density = None
+    if coarse_step == 1:  # the dense grid, batched
+        with maybe_timed(timer, "field"):
+            density = _close_box(density_grid(field, cond, R, bound, progress=progress))
     job = _MeshJob(field=field, head=head, threshold=thr, bound=bound, R=R, shading=colour_shading(model),
                    solid=solid, close_voxels=int(round(close_radius * (R - 1) / (2.0 * bound))),
                    min_component_fraction=min_component_fraction, smooth_iterations=smooth_iterations,
@@ -263,9 +257,25 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
 
         job.tet_verts, job.tets = tet_grid(R, bound, device=density.device)
     conds = [{k: v[b:b + 1] for k, v in cond.items()} for b in range(B)]
+
+    def one(b: int) -> trimesh.Trimesh:
+        if density is not None:
+            return job(density[b], conds[b])
+        with maybe_timed(timer, "field"):  # near the surface only, per prompt (in the prompt's thread)
+            vol = _close_box(surface_density_grid(field, conds[b], R, thr, bound, step=coarse_step)[0])[0]
+        return job(vol, conds[b])
+
     n_workers = (1 if B == 1 else 2) if workers is None else max(1, int(workers))
-    return _map_progress(lambda b: job(density[b], conds[b]), range(B), min(n_workers, B),
-                         desc="meshes", progress=progress and B > 1)
+    return _map_progress(one, range(B), min(n_workers, B), desc="meshes", progress=progress and B > 1)
+
+
+def _close_box(density: torch.Tensor) -> torch.Tensor:
+    """(B, R, R, R) with nothing inside on the box's faces, so that every level set closes (the field is empty
+    outside the box). In place; returned."""
+    density[:, [0, -1]] = 0.0
+    density[:, :, [0, -1]] = 0.0
+    density[:, :, :, [0, -1]] = 0.0
+    return density
 
 
 #: Directions of the colour offset (:func:`meshes_from_conditioning`'s ``colour_normals``).
@@ -286,13 +296,19 @@ def _map_progress(fn: Callable[[int], Any], items: range, workers: int, desc: st
             return out
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(fn, i) for i in items]
-            out = []
-            for fut in futures:
-                out.append(fut.result())
-                bar.update()
-            return out
+        # one torch thread per worker: the prompts run side by side instead of each op being split in two
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(fn, i) for i in items]
+                out = []
+                for fut in futures:
+                    out.append(fut.result())
+                    bar.update()
+                return out
+        finally:
+            torch.set_num_threads(threads)
     finally:
         bar.close()
 

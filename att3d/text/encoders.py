@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from att3d.registry import TEXT_ENCODERS
@@ -58,12 +59,25 @@ class TextEmbedding:
         return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
 
     def index(self, idx) -> TextEmbedding:
-        return TextEmbedding(self.tokens[idx], self.mask[idx], self.pooled[idx])
+        """The rows ``idx`` (a slice, or a (K,) index tensor/list)."""
+        return TextEmbedding(_rows(self.tokens, idx), _rows(self.mask, idx), _rows(self.pooled, idx))
 
     @staticmethod
     def cat(items: list[TextEmbedding]) -> TextEmbedding:
         return TextEmbedding(torch.cat([i.tokens for i in items]), torch.cat([i.mask for i in items]),
                              torch.cat([i.pooled for i in items]))
+
+
+def _rows(t: torch.Tensor, idx) -> torch.Tensor:
+    """``t[idx]``; on the CPU, without gradients, gathered by numpy: a prompt set's embeddings may be a memory-mapped
+    cache of gigabytes (:mod:`att3d.text.embedding_cache`), where torch's indexing of 8 random rows of 100k took
+    10-14 ms and numpy's 1.2 ms (the step time must not grow with the prompt set)."""
+    if isinstance(idx, slice) or t.device.type != "cpu" or t.requires_grad:
+        return t[idx]
+    i = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+    if i.dtype == np.bool_ or i.ndim != 1:
+        return t[idx]
+    return torch.from_numpy(np.ascontiguousarray(t.numpy()[i]))
 
 
 class TextEncoderUnavailable(Att3dError, RuntimeError):

@@ -124,3 +124,24 @@ def test_mpnet_embeds_prompts():
     sim = out.pooled @ out.pooled.T
     assert float(sim[0, 1]) == pytest.approx(0.5353, abs=2e-3)  # measured once from the packaged weights
     assert float(sim[0, 1]) > float(sim[1, 2])
+
+
+def test_text_embedding_index_gathers_like_torch(tmp_path):
+    """Rows of a (memory-mapped) embedding by numpy on the CPU: the same as torch's indexing, for every index form."""
+    import numpy as np
+    import torch
+
+    from att3d.text.encoders import TextEmbedding
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "tokens.npy", rng.standard_normal((50, 4, 6)).astype(np.float32))
+    tokens = torch.from_numpy(np.load(tmp_path / "tokens.npy", mmap_mode="c"))
+    emb = TextEmbedding(tokens, torch.from_numpy(rng.random((50, 4)) > 0.3), torch.randn(50, 6))
+    for idx in (torch.tensor([3, 49, 3, 0]), [7, 1], np.array([2]), slice(5, 9), torch.zeros(50, dtype=torch.bool)):
+        got = emb.index(idx)
+        for name in ("tokens", "mask", "pooled"):
+            ref = getattr(emb, name)[torch.as_tensor(idx) if not isinstance(idx, slice) else idx]
+            assert torch.equal(getattr(got, name), ref), (name, idx)
+    grad = TextEmbedding(torch.randn(5, 2, 3, requires_grad=True), torch.ones(5, 2, dtype=torch.bool),
+                         torch.randn(5, 3))
+    assert grad.index(torch.tensor([1, 2])).tokens.requires_grad  # gradients keep torch's indexing

@@ -46,7 +46,7 @@ TINY_MAPPINGS: dict[str, dict[str, Any]] = {
 EXTRA_MAPPING_OUTPUTS: dict[str, dict[str, tuple[int, ...]]] = {"triplane": {"triplane": (3, 2, 8, 8)}}
 TINY_RENDERERS: dict[str, dict[str, Any]] = {"volume": {"backend": "torch", "num_samples": 8, "num_importance": 4}}
 #: Text encoders: kwargs built from the tiny folders of the ``folders`` fixture (name -> folder key).
-TINY_TEXT_FOLDERS = {"clip": "clip", "t5": "t5"}
+TINY_TEXT_FOLDERS = {"clip": "clip", "t5": "t5", "mpnet": "mpnet"}  # encoders built on tiny local weights
 #: Priors: (fixture giving the folder, extra kwargs).
 TINY_PRIORS: dict[str, tuple[str, dict[str, Any]]] = {
     "shapes": ("tiny_prior_dir", {"dtype": "float32"}),
@@ -185,6 +185,19 @@ def text_folders(sd_folder, if_folder, tmp_path_factory) -> dict[str, Path]:  # 
         for f in (src / "tokenizer").iterdir():
             shutil.copy(f, root / key / f.name)
         out[key] = root / key
+    # a tiny random MPNet (the mpnet option's architecture) with MiniLM's WordPiece tokenizer files
+    import transformers
+
+    from att3d.text.encoders import minilm_path
+
+    cfg = transformers.MPNetConfig(vocab_size=30527, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.MPNetModel(cfg).save_pretrained(root / "mpnet")
+    for f in minilm_path().iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, root / "mpnet" / f.name)
+    out["mpnet"] = root / "mpnet"
     return out
 
 

@@ -255,7 +255,7 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
     if head == "mesh":
         from att3d.mesh.marching_tets import tet_grid
 
-        job.tet_verts, job.tets = tet_grid(R, bound, device=density.device)
+        job.tet_verts, job.tets = tet_grid(R, bound, device=next(iter(cond.values())).device)
     conds = [{k: v[b:b + 1] for k, v in cond.items()} for b in range(B)]
 
     def one(b: int) -> trimesh.Trimesh:

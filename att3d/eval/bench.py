@@ -618,6 +618,16 @@ def train_config(experiment: str | None, overrides: Sequence[str]) -> dict[str, 
     return cfg
 
 
+def train_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
+    """The train-config overrides of ``--set``, then ``extra``, then ``--train-batch-size`` / ``--train-resolution``."""
+    out = [*args.set, *extra]
+    if args.train_batch_size:
+        out.append(f"trainer.batch_size={args.train_batch_size}")
+    if args.train_resolution:
+        out.append(f"trainer.resolution={args.train_resolution}")
+    return out
+
+
 def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Training steps per second and rendered rays per second per renderer backend."""
     from tqdm import tqdm
@@ -625,11 +635,7 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     from att3d.config import build_trainer
     from att3d.render import nerfacc_backend
 
-    overrides = [*args.set, f"trainer.device={device}", "progress=false"]
-    if args.train_batch_size:
-        overrides.append(f"trainer.batch_size={args.train_batch_size}")
-    if args.train_resolution:
-        overrides.append(f"trainer.resolution={args.train_resolution}")
+    overrides = train_overrides(args, f"trainer.device={device}", "progress=false")
     cfg = train_config(args.experiment, overrides)
     # Both paths by default: without CUDA the nerfacc row says it was skipped rather than vanishing.
     backends = list(dict.fromkeys(args.backends or ["torch", "cuda"]))
@@ -776,11 +782,7 @@ def bench_scale(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     threads = args.threads or available_cores()
     v = versions(args)
     cache_root = Path(args.embedding_cache).expanduser() if args.embedding_cache else default_scale_cache()
-    overrides = list(args.set)
-    if args.train_batch_size:
-        overrides.append(f"trainer.batch_size={args.train_batch_size}")
-    if args.train_resolution:
-        overrides.append(f"trainer.resolution={args.train_resolution}")
+    overrides = train_overrides(args)
     cfg = train_config(args.experiment, overrides)  # a bad experiment or override fails here, in one line
     if args.fresh_cache:
         for n in counts:

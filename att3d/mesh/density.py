@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _batch(cond: dict[str, torch.Tensor]) -> tuple[int, torch.device]:
+def batch_of(cond: dict[str, torch.Tensor]) -> tuple[int, torch.device]:
+    """The batch size B and device of a field conditioning ``{name: (B, ...)}`` (empty: a GenerationError)."""
     from att3d.mesh.extract import GenerationError
 
     if not cond:
@@ -48,7 +49,7 @@ def density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], resoluti
 
     from att3d.mesh.marching_cubes import grid_points
 
-    B, device = _batch(cond)
+    B, device = batch_of(cond)
     pts = grid_points(resolution, bound, device=device).reshape(1, -1, 3)
     n = pts.shape[1]
     step = max(1024, chunk // max(B, 1))
@@ -84,7 +85,7 @@ def _cell_maps(resolution: int, coarse: torch.Tensor) -> tuple[torch.Tensor, tor
     rc = coarse.shape[0]
     i = torch.arange(resolution)
     right = (torch.searchsorted(coarse, i, right=True) - 1).clamp(0, rc - 2)  # cell starting at or below i
-    on_border = torch.isin(i, coarse) & (right > 0) & (coarse[right] == i)
+    on_border = (right > 0) & (coarse[right] == i)
     left = torch.where(on_border, right - 1, right)
     return left, right
 
@@ -137,14 +138,15 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     Returns:
         density: (B, R, R, R) float; evaluated: (B, R, R, R) bool, the samples the field computed.
     """
-    B, device = _batch(cond)
+    B, device = batch_of(cond)
     R = int(resolution)
     if step <= 1 or R <= 2 * step:
         dense = density_grid(field, cond, R, bound, chunk=chunk)
         return dense, torch.ones_like(dense, dtype=torch.bool)
     coarse = coarse_indices(R, step)
-    lin = torch.linspace(-bound, bound, R, device=device)[coarse.to(device)]
-    gx, gy, gz = torch.meshgrid(lin, lin, lin, indexing="ij")
+    lin = torch.linspace(-bound, bound, R, device=device)  # the fine samples per axis
+    clin = lin[coarse.to(device)]
+    gx, gy, gz = torch.meshgrid(clin, clin, clin, indexing="ij")
     cpts = torch.stack([gx, gy, gz], -1).reshape(1, -1, 3).expand(B, -1, -1)
     rc = coarse.shape[0]
     cdens = field.density(cpts, cond).float().reshape(B, rc, rc, rc)
@@ -153,7 +155,6 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     dense = torch.einsum("jb,nabk->najk", w, dense)
     dense = torch.einsum("ia,najk->nijk", w, dense).contiguous()
     mask = refine_mask(cdens, threshold, R, coarse.to(device), margin)
-    lin = torch.linspace(-bound, bound, R, device=device)
     for b in range(B):
         where = mask[b].nonzero(as_tuple=True)
         if where[0].numel() == 0:

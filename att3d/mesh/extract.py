@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import trimesh
 
-from att3d.mesh.density import density_grid, fill_interior, surface_density_grid
+from att3d.mesh.density import batch_of, density_grid, fill_interior, surface_density_grid
 from att3d.utils.errors import Att3dError
 from att3d.utils.timing import StageTimer, maybe_timed
 
@@ -85,12 +85,6 @@ def colour_shading(model: Any) -> str:
     from a mesh stage trained with ``stage.shading=lambert``: light it with the world's light to view it)."""
     settings = ((getattr(model, "config", None) or {}).get("extra") or {}).get("mesh")
     return str(settings.get("shading", "none")) if isinstance(settings, dict) else "none"
-
-
-def _batch_size(cond: dict[str, torch.Tensor]) -> int:
-    if not cond:
-        raise GenerationError("empty conditioning: the mapping produced no tensors")
-    return int(next(iter(cond.values())).shape[0])
 
 
 def surface_colour_fn(field: torch.nn.Module, cond: dict[str, torch.Tensor], offset: float
@@ -240,7 +234,7 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             "colour_offset")
         colour_offset = 2.0 * bound / 127 if stage_offset is None else float(stage_offset)
     offset = 2.0 * bound / (R - 1) if colour_offset is None else float(colour_offset)
-    B = _batch_size(cond)
+    B, _ = batch_of(cond)
 
     density = None
     if coarse_step == 1:  # the dense grid, batched

@@ -96,3 +96,27 @@ def test_eval_prior_rejects_bad_arguments(tiny_prior, tmp_path):
     with pytest.raises(FileNotFoundError):
         prior_main(["--prior", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert len(all_objects()) == 64
+
+
+def test_view_wordings_spread_over_the_vocabulary():
+    from att3d.world.wordings import wordings_by_object
+
+    owner = wordings_by_object()
+    objects = all_objects()
+    for p, obj in enumerate(objects):
+        texts = prior_eval.view_wordings(obj, 8, p)
+        assert len(set(texts)) == 8 and obj.caption not in texts
+        assert all(owner[t] == obj for t in texts)
+    # the rotation moves an object's views to other wordings
+    assert prior_eval.view_wordings(objects[0], 8, 0) != prior_eval.view_wordings(objects[0], 8, 1)
+
+
+def test_eval_prior_with_wordings_records_the_texts(tiny_prior, tmp_path):
+    out = tmp_path / "eval"
+    assert prior_main(["--prior", str(tiny_prior), "--out", str(out), "--prompts", "2", "--steps", "1",
+                       "--batch-size", "16", "--device", "cpu", "--no-progress", "--wordings"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["wordings"] and result["settings"]["wordings"]
+    first = result["per_prompt"][all_captions()[0]]
+    assert first["texts"] == prior_eval.view_wordings(all_objects()[0], 8, 0)
+    assert "another wording of the object" in (out / "metrics.md").read_text()

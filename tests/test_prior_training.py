@@ -94,3 +94,55 @@ def test_train_prior_script_reports_a_bad_init_from_in_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [f"train_prior: error: init_from={tmp_path}: no prior_config.json (not a prior folder)"]
     assert "Traceback" not in proc.stderr
+
+
+def test_caption_table_holds_every_wording_once_with_the_caption_first():
+    from att3d.world.prior_training import caption_table
+    from att3d.world.shapes import all_objects
+    from att3d.world.wordings import all_wordings, wordings_by_object
+
+    objects = all_objects()
+    texts, rows = caption_table(objects, "canonical")
+    assert texts == [o.caption for o in objects] and rows == [[i] for i in range(64)]
+    texts, rows = caption_table(objects, "wordings")
+    owner = wordings_by_object()
+    assert len(texts) == len(set(texts))
+    # every wording once; the captions that are not wordings ("a orange cube": the article rule) added
+    assert set(all_wordings()) <= set(texts) and len(texts) == 5760 + sum(o.caption not in owner for o in objects)
+    for i, obj in enumerate(objects):
+        assert texts[rows[i][0]] == obj.caption
+        assert all(owner[texts[r]] == obj for r in rows[i][1:])
+    assert sorted(r for rs in rows for r in rs) == list(range(len(texts)))
+    with pytest.raises(ValueError, match="captions must be one of"):
+        caption_table(objects, "paraphrases")
+
+
+def test_sample_rows_mixes_captions_and_wordings():
+    from att3d.world.prior_training import caption_table, sample_rows
+    from att3d.world.shapes import all_objects
+
+    _, rows = caption_table(all_objects(), "wordings")
+    idx = torch.arange(64).repeat(20)
+    always = sample_rows(idx, rows, 1.0, torch.Generator().manual_seed(0))
+    assert always.tolist() == [rows[i][0] for i in idx.tolist()]
+    some = sample_rows(idx, rows, 0.25, torch.Generator().manual_seed(0))
+    assert all(r in rows[i] for r, i in zip(some.tolist(), idx.tolist()))
+    share = sum(r == rows[i][0] for r, i in zip(some.tolist(), idx.tolist())) / len(idx)
+    assert 0.15 < share < 0.4  # 0.25 + 0.75 / ~90 expected
+    assert len(set(some.tolist())) > 600
+    assert torch.equal(some, sample_rows(idx, rows, 0.25, torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    sample_rows(idx, [[i] for i in range(64)], 0.25, gen)  # canonical: the random stream is untouched
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_the_prior_trains_on_wordings_and_records_it(tmp_path):
+    cfg = tiny(tmp_path / "w", 6, captions="wordings")
+    cfg.arch.text_max_length = 16
+    folder = train_prior(cfg, progress=False)
+    training = json.loads((folder / "prior_config.json").read_text())["training"]
+    assert training["captions"] == "wordings" and training["canonical_prob"] == 0.25
+    short = tiny(tmp_path / "s", 2, captions="wordings")  # 8 tokens cannot hold "a 3d model of a ..."
+    with pytest.raises(ValueError, match="tokens, more than text_max_length 8"):
+        train_prior(short, progress=False)

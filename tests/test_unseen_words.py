@@ -223,3 +223,27 @@ def test_cli_one_split_and_errors(ckpt, tmp_path, capsys):
     assert paraphrase_main(["--set", "unseen", "--write-table", str(written)]) == 0
     assert written.read_text() == UNSEEN_FILE.read_text()
     capsys.readouterr()
+
+
+def test_the_wordings_set_is_every_heldout_wording_by_template():
+    from att3d.world.wordings import TEMPLATES, heldout_wordings, train_wordings
+
+    table = pp.build_set("wordings")
+    assert [p.prompt for p in table] == heldout_wordings()  # 720, in the same order
+    assert Counter(p.kind for p in table) == {t: 60 for t in TEMPLATES}  # 8 objects x 3 colour words x 2.5 shapes
+    assert not {p.prompt for p in table} & set(train_wordings())
+    assert all(p.split == "heldout" and not p.subset for p in table)
+    assert len(pp.select(table, 24)) == 24 and {p.kind for p in pp.select(table, 24)} == set(TEMPLATES)
+
+
+def test_cli_scores_the_wordings_set(ckpt, tmp_path, capsys):
+    out = tmp_path / "wordings"
+    assert paraphrase_main(["--checkpoint", str(ckpt), "--set", "wordings", "--out", str(out), "--max-prompts", "2",
+                            "--kinds", "a {shape} that is {colour}", "--resolution", "16", "--no-canonical"]) == 0
+    data = json.loads((out / "paraphrase.json").read_text())
+    assert data["settings"]["set"] == "wordings" and data["settings"]["paraphrases"] == "generated (wordings)"
+    assert [r["kind"] for r in data["rows"]] == ["a {shape} that is {colour}"] * 2
+    assert "a {shape} that is {colour}" in capsys.readouterr().out
+    written = tmp_path / "wordings.txt"
+    assert paraphrase_main(["--set", "wordings", "--write-table", str(written)]) == 0
+    assert [p.prompt for p in pp.read_table(written)] == [p.prompt for p in pp.build_set("wordings")]

@@ -58,6 +58,9 @@ def prior_parser() -> CommandParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--prompts", type=int, default=None,
                         help="evaluate N evenly spaced captions of the 64 (default: all 64)")
+    parser.add_argument("--wordings", action="store_true",
+                        help="prompt each view with another of the object's wordings (WORLD.md's vocabulary) "
+                             "instead of its caption")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -105,13 +108,14 @@ def prior_main(argv: list[str]) -> int:
                                    batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
                                    eta=args.eta, restarts=args.restarts, restart_t=args.restart_t,
                                    timestep_spacing=args.spacing,
-                                   guidance_interval=tuple(args.guidance_interval))
+                                   guidance_interval=tuple(args.guidance_interval), wordings=args.wordings)
     result = {
         "settings": {"prior": str(prior_path), "steps": args.steps, "eta": args.eta,
                      "restarts": args.restarts, "restart_t": args.restart_t, "spacing": args.spacing,
                      "guidance_interval": list(args.guidance_interval),
                      "guidance_scale": args.guidance_scale,
-                     "batch_size": args.batch_size, "seed": args.seed, "device": device},
+                     "batch_size": args.batch_size, "seed": args.seed, "device": device,
+                     "wordings": args.wordings},
         **result,
         "elapsed_s": round(time.time() - t0, 2),
     }
@@ -188,20 +192,23 @@ def paraphrase_parser() -> CommandParser:
     ap = CommandParser("eval paraphrase")
     ap.add_argument("--checkpoint", default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
     ap.add_argument("--set", choices=tuple(SETS), default="paraphrases",
-                    help=f"paraphrases (default: {DEFAULT_TABLE}) or unseen: prompts with words outside the world's "
-                         f"vocabulary, in a dev and a final split ({UNSEEN_TABLE})")
+                    help=f"paraphrases (default: {DEFAULT_TABLE}); unseen: prompts with words outside the world's "
+                         f"vocabulary, in a dev and a final split ({UNSEEN_TABLE}); wordings: the 720 wordings of "
+                         "the 8 held-out objects (WORLD.md's vocabulary, generated; kind = template)")
     ap.add_argument("--split", choices=("dev", "final", "both"), default=None,
                     help="with --set unseen: dev (choose settings on it), final (the final figure: score it once) "
                          "or both, reported apart (default both)")
     ap.add_argument("--paraphrases", default=None,
                     help="the set's file instead of its default, prompt<TAB>caption<TAB>kind[<TAB>split] per line")
     ap.add_argument("--out", default=None,
-                    help="output folder (default: <checkpoint>/eval/paraphrase, with --set unseen .../eval/unseen)")
+                    help="output folder (default: <checkpoint>/eval/paraphrase; --set unseen, wordings: "
+                         ".../eval/unseen, .../eval/wordings)")
     ap.add_argument("--max-prompts", type=int, default=0,
                     help="score at most N paraphrases (with --set unseen: N per split), spread evenly over every "
                          "kind (default 0: all)")
     ap.add_argument("--kinds", nargs="+", default=None,
-                    help=f"only these kinds (paraphrases: {', '.join(KINDS)}; unseen: {', '.join(UNSEEN_KINDS)})")
+                    help=f"only these kinds (paraphrases: {', '.join(KINDS)}; unseen: {', '.join(UNSEEN_KINDS)}; "
+                         "wordings: the templates, e.g. 'a {shape} that is {colour}')")
     ap.add_argument("--no-canonical", action="store_true", help="do not score the canonical captions for comparison")
     ap.add_argument("--resolution", type=int, default=64, help="render resolution of the evaluation views")
     ap.add_argument("--threshold", type=float, default=None, help="density threshold of occupancy")
@@ -243,7 +250,8 @@ def paraphrase_main(argv: list[str] | None = None) -> int:
     from att3d.utils.paths import resolve_model_folder, resolve_path
 
     source = args.paraphrases or SETS[args.set]
-    table = read_table(resolve_path(source))
+    table = read_table(resolve_path(source)) if source else build_set(args.set)
+    source = source or f"generated ({args.set})"
     if args.set == "unseen":
         if not all(p.subset for p in table):
             raise ParaphraseError(f"{source} has no split column (prompt<TAB>caption<TAB>kind<TAB>dev|final)")
@@ -261,7 +269,7 @@ def paraphrase_main(argv: list[str] | None = None) -> int:
     model = load(ckpt, device=pick_device(args.device))
     result = evaluate_paraphrases(model, chosen, args.resolution, args.batch_size, args.threshold,
                                   canonical=not args.no_canonical)
-    out = Path(args.out) if args.out else ckpt / "eval" / ("unseen" if args.set == "unseen" else "paraphrase")
+    out = Path(args.out) if args.out else ckpt / "eval" / ("paraphrase" if args.set == "paraphrases" else args.set)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint": str(args.checkpoint), "set": args.set, "paraphrases": str(source),
                 "max_prompts": args.max_prompts, "kinds": args.kinds, "resolution": args.resolution,

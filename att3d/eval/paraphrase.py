@@ -145,8 +145,8 @@ UNSEEN_TEMPLATES: tuple[str, ...] = (
 )
 #: The unseen-word file (relative to the repository root).
 UNSEEN_TABLE = "configs/prompts/shapes64_unseen.txt"
-#: The prompt sets of ``att3d eval paraphrase --set``: name -> default file.
-SETS: dict[str, str] = {"paraphrases": DEFAULT_TABLE, "unseen": UNSEEN_TABLE}
+#: The prompt sets of ``att3d eval paraphrase --set``: name -> default file (None: generated in code, no file).
+SETS: dict[str, str | None] = {"paraphrases": DEFAULT_TABLE, "unseen": UNSEEN_TABLE, "wordings": None}
 #: The parts a ``several`` prompt makes unseen, by rotation.
 _SEVERAL: tuple[tuple[str, ...], ...] = (("colour", "shape"), ("colour", "template"), ("shape", "template"),
                                          ("colour", "shape", "template"))
@@ -296,10 +296,30 @@ def format_table(paraphrases: Sequence[Paraphrase]) -> str:
     return _TABLE_HEADER + "".join(f"{p.prompt}\t{p.caption}\t{p.kind}\n" for p in paraphrases)
 
 
+def build_heldout_wordings() -> list[Paraphrase]:
+    """The ``wordings`` set: every wording of WORLD.md's vocabulary of the 8 held-out objects (720 prompts), which
+    no amortized model trains on in any wording; kind = the wording's template (12 kinds, WORLD.md's order).
+    Objects in ``heldout_objects`` order, then template, colour word, shape word (as
+    :func:`att3d.world.wordings.object_wordings`)."""
+    from att3d.world.wordings import COLOUR_WORDS as WORDS_OF_COLOUR
+    from att3d.world.wordings import SHAPE_WORDS as WORDS_OF_SHAPE
+    from att3d.world.wordings import wording
+
+    out: list[Paraphrase] = []
+    for obj in heldout_objects():
+        for t in LISTED_TEMPLATES:
+            for c in WORDS_OF_COLOUR[obj.colour]:
+                for s in WORDS_OF_SHAPE[obj.shape]:
+                    out.append(Paraphrase(wording(t, c, s), obj, t))
+    return list({p.prompt: p for p in out}.values())
+
+
 def build_set(name: str) -> list[Paraphrase]:
-    """The generated table of a set of :data:`SETS` (``paraphrases`` or ``unseen``)."""
+    """The generated table of a set of :data:`SETS` (``paraphrases``, ``unseen`` or ``wordings``)."""
     if name not in SETS:
         raise ParaphraseError(f"unknown set {name!r} (expected one of {', '.join(SETS)})")
+    if name == "wordings":
+        return build_heldout_wordings()
     return build_unseen() if name == "unseen" else build_paraphrases()
 
 

@@ -140,7 +140,9 @@ def markdown_report(result: dict) -> str:
     lines = [
         "# Shapes prior evaluation",
         "",
-        f"Prior `{s['prior']}`; {result['n_prompts']} prompts x {result['n_views']} evaluation views at "
+        f"Prior `{s['prior']}`; {result['n_prompts']} prompts x {result['n_views']} evaluation views"
+        + (" (each view prompted with another wording of the object)" if result.get("wordings") else "")
+        + f" at "
         f"{result['resolution']} px; DDIM {s['steps']} steps (eta {s.get('eta', 0.0)}"
         + (f", {s['spacing']} spacing" if s.get("spacing") else "") + ")"
         + (f", {s['restarts']} restarts from t = {s['restart_t']} T" if s.get("restarts") else "")
@@ -167,13 +169,15 @@ def evaluate(prior, object_indices: list[int], steps: int = DEFAULT_STEPS,
              batch_size: int = 64, seed: int = 0, progress: bool = True, eta: float = DEFAULT_ETA,
              restarts: int = DEFAULT_RESTARTS, restart_t: float = DEFAULT_RESTART_T,
              timestep_spacing: str | None = DEFAULT_SPACING,
-             guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL
+             guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL, wordings: bool = False
              ) -> tuple[dict, torch.Tensor, dict[str, torch.Tensor]]:
     """Sample the prior for the chosen objects at the evaluation views and score the samples.
 
     Args:
         prior: a :class:`att3d.guidance.priors.ShapesPrior` (anything with ``resolution`` and ``sample``).
         object_indices: P indices into :func:`all_objects`.
+        wordings: prompt each view with one of the object's wordings (:func:`view_wordings`) instead of its
+            caption; the texts are recorded per prompt (``per_prompt[caption]["texts"]``).
 
     Returns:
         result (JSON-ready dict: ``mean``, ``per_prompt``, sizes), samples (P, V, H, W, 3) on the CPU,
@@ -184,7 +188,9 @@ def evaluate(prior, object_indices: list[int], steps: int = DEFAULT_STEPS,
     P, V, R = len(object_indices), N_VIEWS, int(prior.resolution)
     cams = OrbitCameras.evaluation(V)
     flat_cams = cams.index(torch.arange(V).repeat(P)).to(prior.device)
-    flat_prompts = [c for c in captions for _ in range(V)]
+    texts = [view_wordings(objects[i], V, p) if wordings else [objects[i].caption] * V
+             for p, i in enumerate(object_indices)]
+    flat_prompts = [t for row in texts for t in row]
     gen = torch.Generator().manual_seed(seed)
     images = prior.sample(flat_prompts, flat_cams, guidance_scale=guidance_scale, num_inference_steps=steps,
                           generator=gen, batch_size=batch_size, progress=progress, eta=eta,
@@ -203,6 +209,7 @@ def evaluate(prior, object_indices: list[int], steps: int = DEFAULT_STEPS,
             "colour_error": float(scores["colour_error"][p].mean()),
             "retrieval_accuracy": float(scores["retrieved"][p].float().mean()),
             "most_matched_as": objects[most].caption,
+            **({"texts": texts[p]} if wordings else {}),
             "per_view": {
                 "silhouette_iou": [round(float(x), 5) for x in scores["silhouette_iou"][p]],
                 "colour_error": [round(float(x), 5) for x in scores["colour_error"][p]],
@@ -214,6 +221,18 @@ def evaluate(prior, object_indices: list[int], steps: int = DEFAULT_STEPS,
         "colour_error": float(scores["colour_error"].mean()),
         "retrieval_accuracy": float(scores["retrieved"].float().mean()),
     }
-    result = {"n_prompts": P, "n_views": V, "resolution": R, "mean": mean, "per_prompt": per_prompt}
+    result = {"n_prompts": P, "n_views": V, "resolution": R, "wordings": bool(wordings), "mean": mean,
+              "per_prompt": per_prompt}
     return result, samples, gt
+
+
+def view_wordings(obj, views: int, rotation: int = 0) -> list[str]:
+    """``views`` wordings of ``obj`` other than its caption (WORLD.md's vocabulary), evenly spaced over
+    :func:`att3d.world.wordings.object_wordings` (template-major) and shifted by ``rotation`` so that different
+    objects get different templates at the same view."""
+    from att3d.world.wordings import object_wordings
+
+    pool = [w for w in object_wordings(obj) if w != obj.caption]
+    n = len(pool)
+    return [pool[(v * n // views + rotation) % n] for v in range(views)]
 

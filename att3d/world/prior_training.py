@@ -84,6 +84,11 @@ class PriorTrainingConfig:
     #: A prior folder whose UNet weights start the training (fine-tuning, e.g. converting an epsilon
     #: prior to v-prediction); ignored when resuming from a checkpoint.
     init_from: str | None = None
+    #: The text of each training image: ``canonical`` (the object's caption ``a {colour} {shape}``) or
+    #: ``wordings`` (WORLD.md's vocabulary: the caption with probability ``canonical_prob``, else one of the
+    #: object's wordings, uniformly; every object, held-out ones included, as a web-scale prior would know them).
+    captions: str = "canonical"
+    canonical_prob: float = 0.25
 
 
 def build_unet(arch: PriorArchitecture):
@@ -111,12 +116,60 @@ def build_scheduler(arch: PriorArchitecture):
                          prediction_type=arch.prediction_type, clip_sample=False, timestep_spacing="trailing")
 
 
+CAPTION_MODES = ("canonical", "wordings")
+
+
 def caption_embeddings(arch: PriorArchitecture, captions: list[str]):
     """MiniLM token embeddings of ``captions`` plus the empty prompt (last row)."""
     from att3d.registry import TEXT_ENCODERS
 
     enc = TEXT_ENCODERS.build(arch.text_encoder, max_length=arch.text_max_length)
+    longest = max((enc.token_count(c) for c in captions), default=0)
+    if longest > arch.text_max_length:
+        raise ValueError(f"a caption has {longest} tokens, more than text_max_length {arch.text_max_length}")
     return enc(list(captions) + [""])
+
+
+def caption_table(objects: list, mode: str) -> tuple[list[str], list[list[int]]]:
+    """The texts the prior trains on and, per object, the rows of its texts (row 0 of each list: its caption).
+
+    Args:
+        objects: the world's objects (N).
+        mode: ``canonical`` (one row per object: its caption) or ``wordings`` (the caption, then every wording of
+            the object that is not the caption, :func:`att3d.world.wordings.object_wordings`).
+
+    Returns:
+        ``(texts, rows)``: ``texts[rows[i][0]]`` is ``objects[i].caption``; the empty prompt is not included.
+    """
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"captions must be one of {CAPTION_MODES}, got {mode!r}")
+    texts = [o.caption for o in objects]
+    rows = [[i] for i in range(len(objects))]
+    if mode == "wordings":
+        from att3d.world.wordings import object_wordings
+
+        for i, obj in enumerate(objects):
+            for w in object_wordings(obj):
+                if w != obj.caption:
+                    rows[i].append(len(texts))
+                    texts.append(w)
+    return texts, rows
+
+
+def sample_rows(idx: torch.Tensor, rows: list[list[int]], canonical_prob: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """The text row of each training image of object ``idx`` (B,): its caption with probability
+    ``canonical_prob``, else one of its rows uniformly (the caption included). Draws nothing from ``gen`` when
+    every object has one row, so canonical training keeps its random stream."""
+    if all(len(r) == 1 for r in rows):
+        return torch.tensor([rows[i][0] for i in idx.tolist()], dtype=torch.long)
+    canon = torch.rand(idx.shape[0], generator=gen) < canonical_prob
+    pick = torch.rand(idx.shape[0], generator=gen)
+    out = []
+    for i, c, u in zip(idx.tolist(), canon.tolist(), pick.tolist()):
+        r = rows[i]
+        out.append(r[0] if c else r[min(int(u * len(r)), len(r) - 1)])
+    return torch.tensor(out, dtype=torch.long)
 
 
 def save_prior(folder: str | Path, unet, scheduler, arch: PriorArchitecture, card_extra: dict | None = None) -> None:
@@ -161,7 +214,8 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     ema = _EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     objects = all_objects()
-    emb = caption_embeddings(arch, [o.caption for o in objects]).to(device)
+    texts, rows = caption_table(objects, cfg.captions)
+    emb = caption_embeddings(arch, texts).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     history: list[dict] = []
@@ -212,7 +266,8 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
             x0 = render_objects([objects[i] for i in idx.tolist()], cams, arch.resolution)["rgb"]
         x0 = (x0.permute(0, 3, 1, 2) * 2 - 1).to(device)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
-        tidx = torch.where(drop, torch.full_like(idx, len(objects)), idx).to(device)
+        text = sample_rows(idx, rows, cfg.canonical_prob, gen)
+        tidx = torch.where(drop, torch.full_like(idx, len(texts)), text).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, arch.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
         xt = scheduler.add_noise(x0, noise, t)
@@ -252,6 +307,8 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     save_prior(export, final, scheduler, arch, {"training": {"steps": step, "batch_size": cfg.batch_size,
                                                               "lr": cfg.lr, "ema_decay": cfg.ema_decay,
                                                               "cond_drop": cfg.cond_drop,
+                                                              "captions": cfg.captions,
+                                                              "canonical_prob": cfg.canonical_prob,
                                                               "min_snr_gamma": cfg.min_snr_gamma,
                                                               "init_from": _init_record(cfg.init_from),
                                                               "history": history}})

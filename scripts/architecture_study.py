@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    command = "python scripts/architecture_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/architecture_study.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     (out / "README.md").write_text(markdown(results, command))
     plot(results, out / "study.png")
     print((out / "README.md").read_text())

@@ -47,7 +47,7 @@ def test_prompt_is_normalised():
     ("x" * (MAX_PROMPT_CHARS + 1), "too long"), ("a " * 5000, "too long"), ("y" * 10**6, "too long"),
     (42, "must be text"), (["a red cube"], "must be text"), (b"a red cube", "must be text"), ({"a": 1}, "must be text"),
     ("a red\x00cube", "control character"), ("a \x1b[31mred cube", "control character"),
-    ("a \ud800 cube", "control character"),
+    ("a \ud800 cube", "lone surrogate"),
 ])
 def test_bad_prompts_are_one_line_messages(value, words):
     with pytest.raises(DemoInputError) as e:
@@ -325,3 +325,12 @@ def test_command_port_in_use():
         s.listen()
         out = _att3d("demo", "--port", str(s.getsockname()[1]))
     assert out.returncode == 2 and "cannot listen on 127.0.0.1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_demo_normalises_prompts_as_the_cli_does():
+    from att3d.text.prompts import normalize_prompt
+
+    for raw in ("\ufeffa red  cube ", "a Cafe\u0301 cube", "a\u2028red\tcube"):
+        assert validate_prompt(raw) == normalize_prompt(raw)
+    with pytest.raises(DemoInputError, match="empty prompt"):
+        validate_prompt("\ufeff")

@@ -289,6 +289,33 @@ def test_dilate_grows_one_texel_per_step():
     assert (out[~m] == 0).all()
 
 
+def _dilate_reference(texture, filled, iterations):
+    """The dilation as grouped 3x3 convolutions (mean of the filled 8-neighbours per step)."""
+    C = texture.shape[-1]
+    tex, m = texture.permute(2, 0, 1)[None], filled[None, None].to(texture.dtype)
+    kernel = torch.ones(1, 1, 3, 3, dtype=texture.dtype)
+    for _ in range(iterations):
+        total = torch.nn.functional.conv2d(tex * m, kernel.expand(C, 1, 3, 3), padding=1, groups=C)
+        count = torch.nn.functional.conv2d(m, kernel, padding=1)
+        grow = (count > 0) & (m == 0)
+        tex = torch.where(grow, total / count.clamp(min=1), tex)
+        m = m + grow.to(m.dtype)
+    return tex[0].permute(1, 2, 0), m[0, 0] > 0
+
+
+def test_dilate_matches_the_convolution_reference():
+    gen = torch.Generator().manual_seed(0)
+    tex = torch.rand(40, 33, 3, generator=gen, dtype=torch.float64)
+    filled = torch.rand(40, 33, generator=gen) < 0.08
+    filled[0, :5] = True  # charts on the border: the zero padding counts nothing there
+    tex = torch.where(filled[..., None], tex, torch.zeros(()))
+    for it in (1, 3, 6):
+        out, m = dilate(tex, filled, it)
+        ref, ref_m = _dilate_reference(tex, filled, it)
+        assert torch.equal(m, ref_m)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
 def test_bake_texture_points_and_colours(textured_sphere):
     verts, faces, new_verts, new_faces, uvs, texture = textured_sphere
     assert texture.shape == (256, 256, 3)
@@ -385,3 +412,32 @@ def test_box_atlas_last_resort_single_triangle_charts(monkeypatch):
     assert new_faces.shape == faces.shape and torch.isfinite(uvs).all()
     assert vmap.shape[0] == 3 * faces.shape[0]  # every triangle is its own chart
     assert (uvs >= 0).all() and (uvs <= 1).all()
+
+
+def test_glb_textures_are_png_at_the_export_compress_level():
+    import io
+    import json
+    import struct
+
+    from PIL import Image
+
+    from att3d.mesh import export as mesh_export
+
+    rng = np.random.default_rng(0)
+    texture = (rng.random((32, 32, 3)) * 0.2 + np.linspace(0, 0.8, 32)[:, None, None]).astype(np.float32)
+    verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=np.float64)
+    mesh = mesh_export.to_trimesh(verts, np.array([[0, 1, 2]]), uvs=np.array([[0, 0], [1, 0], [0, 1.0]]),
+                                  texture=texture)
+    glb = mesh.export(file_type="glb")
+    (json_len,) = struct.unpack("<I", glb[12:16])
+    tree = json.loads(glb[20:20 + json_len])
+    view = tree["bufferViews"][tree["images"][0]["bufferView"]]
+    binary = glb[20 + json_len + 8:]
+    png = binary[view.get("byteOffset", 0):view.get("byteOffset", 0) + view["byteLength"]]
+    assert tree["images"][0]["mimeType"] == "image/png"
+    image = Image.open(io.BytesIO(png))
+    assert np.array_equal(np.asarray(image), mesh_export._to_uint8(texture))  # lossless
+    again = io.BytesIO()
+    Image.fromarray(mesh_export._to_uint8(texture)).save(again, format="png",
+                                                         compress_level=mesh_export.PNG_COMPRESS_LEVEL)
+    assert png == again.getvalue()

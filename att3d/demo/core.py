@@ -29,7 +29,6 @@ import re
 import shutil
 import threading
 import time
-import unicodedata
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -77,7 +76,7 @@ class DemoInputError(Att3dError):
 # ---------------------------------------------------------------------------------------------------------------
 
 def validate_prompt(value: Any, what: str = "prompt") -> str:
-    """The prompt to generate from ``value``, white space collapsed.
+    """The prompt to generate from ``value``, normalised as the CLI does (:func:`att3d.text.prompts.normalize_prompt`).
 
     Raises:
         DemoInputError: ``value`` is not a string, is empty (or only white space), holds control
@@ -89,14 +88,16 @@ def validate_prompt(value: Any, what: str = "prompt") -> str:
         raise DemoInputError(f"the {what} must be text, not {type(value).__name__}")
     if len(value) > 8 * MAX_PROMPT_CHARS:  # do not even normalise megabytes
         raise DemoInputError(f"{what} too long ({len(value)} characters; at most {MAX_PROMPT_CHARS})")
-    text = " ".join(value.split())
-    if not text:
-        raise DemoInputError(f"empty {what}: type what to make, e.g. 'a red cube'")
+    from att3d.text.prompts import PromptError, normalize_prompt
+
+    try:  # the CLI's normalisation (NFC, BOMs dropped, white space collapsed; control characters refused)
+        text = normalize_prompt(value)
+    except PromptError as e:
+        if str(e) == "empty prompt":
+            raise DemoInputError(f"empty {what}: type what to make, e.g. 'a red cube'") from None
+        raise DemoInputError(f"the {what} {e}" if str(e).startswith("holds") else f"the {what} is {e}") from None
     if len(text) > MAX_PROMPT_CHARS:
         raise DemoInputError(f"{what} too long ({len(text)} characters; at most {MAX_PROMPT_CHARS})")
-    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs")), None)  # NUL, ESC, lone surrogates
-    if bad is not None:
-        raise DemoInputError(f"the {what} holds a control character (U+{ord(bad):04X}); use plain text")
     return text
 
 

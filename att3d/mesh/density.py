@@ -7,10 +7,13 @@ Every grid here samples :func:`att3d.mesh.marching_cubes.grid_points`: ``R`` poi
 Coarse to fine: a surface crosses few of a grid's cubes (about 10% of a 96^3 grid for the shapes world's
 objects), and an iso-surface depends only on the samples at the corners of crossed cubes. The field is
 evaluated first on every ``step``-th sample; the coarse cells whose corners disagree about the occupancy,
-grown by ``margin`` cells, are evaluated at full resolution; the other samples are trilinear interpolations
-of their coarse cell's corners, which all lie on one side of the threshold, so their occupancy is the
-coarse cell's. Cubes inside refined cells are exact; a feature thinner than a coarse cell that no coarse
-sample sees (a floater smaller than ``step`` cells, in the margin's blind spot) is missed.
+grown by ``margin`` cells, are evaluated on the next finer lattice (every ``step / 2``-th sample, while the step
+is even), and so on down to every sample; the other samples are trilinear interpolations of the corners of their
+cell at the finest level evaluated there, which all lie on one side of the threshold, so their occupancy is that
+cell's. Cubes inside refined cells are exact; a feature thinner than a cell that no sample of its level sees (a
+floater smaller than the step, in the margin's blind spot) is missed. Halving the step (4, 2, 1) evaluates about
+60% of the samples that going from 4 to 1 at once does (a shell of 2 + 2 fine cells around the surface instead
+of 4 + 2 x 4).
 """
 
 from __future__ import annotations
@@ -120,50 +123,92 @@ def refine_mask(coarse_density: torch.Tensor, threshold: float, resolution: int,
     return mask
 
 
+def refinement_steps(step: int) -> list[int]:
+    """The sample steps of coarse-to-fine evaluation: ``step``, halved while it stays even, then 1.
+
+    >>> refinement_steps(4), refinement_steps(6), refinement_steps(5), refinement_steps(1)
+    ([4, 2, 1], [6, 3, 1], [5, 1], [1])
+    """
+    steps = [max(1, int(step))]
+    while steps[-1] > 1:
+        steps.append(steps[-1] // 2 if steps[-1] % 2 == 0 else 1)
+    return steps
+
+
+def _lattice(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``mask[:, idx][:, :, idx][:, :, :, idx]``: (B, R, R, R) -> (B, n, n, n)."""
+    return mask.index_select(1, idx).index_select(2, idx).index_select(3, idx)
+
+
+def _evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torch.Tensor, where: torch.Tensor,
+                 chunk: int) -> list[torch.Tensor | None]:
+    """The field's density at the grid points ``lin[i], lin[j], lin[k]`` of each prompt's ``where`` (B, n, n, n)
+    bool: per prompt, (count,) float or None (nothing to evaluate)."""
+    out: list[torch.Tensor | None] = []
+    for b in range(where.shape[0]):
+        i, j, k = where[b].nonzero(as_tuple=True)
+        if i.numel() == 0:
+            out.append(None)
+            continue
+        p = torch.stack([lin[i], lin[j], lin[k]], dim=-1)
+        cond_b = {key: v[b:b + 1] for key, v in cond.items()}
+        out.append(torch.cat([field.density(p[s:s + chunk][None], cond_b)[0].float()
+                              for s in range(0, p.shape[0], chunk)]))
+    return out
+
+
 @torch.no_grad()
 def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], resolution: int, threshold: float,
                          bound: float = 1.0, step: int = 4, margin: int = 1, chunk: int = 1 << 18
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The density grid of :func:`density_grid`, evaluated at full resolution only near the surface.
 
-    See the module docstring: samples of coarse cells that the ``threshold`` level set crosses (plus ``margin``
-    cells) are the field's; the others are trilinear in their coarse cell's corners (same occupancy).
+    See the module docstring: the field is evaluated on every ``step``-th sample, then on the finer lattices of
+    :func:`refinement_steps` (``step`` halved while even, then every sample) only inside the cells of the level
+    above that the ``threshold`` level set crosses (grown by ``margin`` cells of that level); every other sample is
+    trilinear in the corners of its cell at the finest level evaluated there (so its occupancy is that cell's).
 
     Args:
         field, cond, resolution, bound, chunk: as :func:`density_grid`.
         threshold: the iso value (inside: above).
-        step: fine cells per coarse cell (1: the dense grid).
-        margin: coarse cells refined around the crossed ones.
+        step: fine cells per cell of the first, coarsest lattice (1: the dense grid).
+        margin: cells (of each level) refined around the crossed ones.
 
     Returns:
-        density: (B, R, R, R) float; evaluated: (B, R, R, R) bool, the samples the field computed.
+        density: (B, R, R, R) float; evaluated: (B, R, R, R) bool, the samples that the field computed after the
+        first lattice (at any finer level).
     """
     B, device = batch_of(cond)
     R = int(resolution)
     if step <= 1 or R <= 2 * step:
         dense = density_grid(field, cond, R, bound, chunk=chunk)
         return dense, torch.ones_like(dense, dtype=torch.bool)
-    coarse = coarse_indices(R, step)
+    steps = refinement_steps(step)
     lin = torch.linspace(-bound, bound, R, device=device)  # the fine samples per axis
+    coarse = coarse_indices(R, steps[0])
     clin = lin[coarse.to(device)]
     gx, gy, gz = torch.meshgrid(clin, clin, clin, indexing="ij")
     cpts = torch.stack([gx, gy, gz], -1).reshape(1, -1, 3).expand(B, -1, -1)
     rc = coarse.shape[0]
-    cdens = field.density(cpts, cond).float().reshape(B, rc, rc, rc)
-    w = interpolation_matrix(R, coarse).to(device)
-    dense = torch.einsum("kc,nabc->nabk", w, cdens)  # separable: one axis at a time
-    dense = torch.einsum("jb,nabk->najk", w, dense)
-    dense = torch.einsum("ia,najk->nijk", w, dense).contiguous()
-    mask = refine_mask(cdens, threshold, R, coarse.to(device), margin)
-    for b in range(B):
-        where = mask[b].nonzero(as_tuple=True)
-        if where[0].numel() == 0:
-            continue
-        p = torch.stack([lin[where[0]], lin[where[1]], lin[where[2]]], dim=-1)  # = grid_points(R)[where]
-        cond_b = {k: v[b:b + 1] for k, v in cond.items()}
-        vals = torch.cat([field.density(p[s:s + chunk][None], cond_b)[0].float() for s in range(0, p.shape[0], chunk)])
-        dense[b][where] = vals
-    return dense, mask
+    cdens = field.density(cpts, cond).float().reshape(B, rc, rc, rc)  # the current lattice's values
+    evaluated = torch.zeros(B, R, R, R, dtype=torch.bool, device=device)
+    for s in steps[1:]:
+        mask = refine_mask(cdens, threshold, R, coarse.to(device), margin)  # fine samples of the crossed cells
+        nxt = coarse_indices(R, s)
+        nxt_d = nxt.to(device)
+        w = interpolation_matrix(R, coarse).index_select(0, nxt).to(device)  # current lattice -> next lattice
+        grid = torch.einsum("kc,nabc->nabk", w, cdens)  # separable: one axis at a time
+        grid = torch.einsum("jb,nabk->najk", w, grid)
+        grid = torch.einsum("ia,najk->nijk", w, grid).contiguous()
+        where = _lattice(mask, nxt_d)  # the next lattice's samples inside crossed cells
+        for b, vals in enumerate(_evaluate_at(field, cond, lin[nxt_d], where, chunk)):
+            if vals is not None:
+                grid[b][where[b]] = vals
+        fine_where = torch.zeros_like(evaluated)
+        fine_where[:, nxt_d[:, None, None], nxt_d[None, :, None], nxt_d[None, None, :]] = where
+        evaluated |= fine_where
+        cdens, coarse = grid, nxt
+    return cdens, evaluated
 
 
 def _shift_or(a: np.ndarray, out: np.ndarray) -> None:

@@ -32,6 +32,12 @@ def _to_uint8(colours: ArrayLike) -> np.ndarray:
     return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+#: zlib level of the PNG textures that GLB and OBJ exports write (Pillow's default is 6). Measured on the shipped
+#: model's 256^2 textures: level 1 encodes in about a fifth of the time (5-7 ms instead of 22-30 ms on the 2-core
+#: CPU) for a texture about 25% larger (39 KB instead of 31 KB, 1% of a 20k-face GLB).
+PNG_COMPRESS_LEVEL = 1
+
+
 def to_trimesh(verts: ArrayLike, faces: ArrayLike, vertex_colors: ArrayLike | None = None,
                uvs: ArrayLike | None = None, texture: ArrayLike | None = None,
                material: str = "pbr") -> trimesh.Trimesh:
@@ -58,6 +64,7 @@ def to_trimesh(verts: ArrayLike, faces: ArrayLike, vertex_colors: ArrayLike | No
         if uv.shape != (v.shape[0], 2):
             raise ValueError(f"uvs must be (V, 2) = ({v.shape[0]}, 2), got {uv.shape}")
         image = Image.fromarray(_to_uint8(texture))
+        image.encoderinfo = {"compress_level": PNG_COMPRESS_LEVEL}  # the defaults of image.save() (Pillow 12)
         if material == "pbr":
             mat = trimesh.visual.material.PBRMaterial(baseColorTexture=image, metallicFactor=0.0, roughnessFactor=1.0)
         elif material == "simple":

@@ -76,18 +76,24 @@ def dilate(texture: torch.Tensor, filled: torch.Tensor, iterations: int) -> tupl
         texture: (H, W, C) with the newly filled texels set; filled: (H, W) bool.
     """
     C = texture.shape[-1]
-    tex = texture.permute(2, 0, 1)[None]  # (1, C, H, W)
-    m = filled[None, None].to(texture.dtype)
-    kernel = torch.ones(1, 1, 3, 3, dtype=texture.dtype, device=texture.device)
+    tex = texture.permute(2, 0, 1)  # (C, H, W)
+    m = filled[None].to(texture.dtype)  # (1, H, W)
     for _ in range(iterations):
-        total = torch.nn.functional.conv2d(tex * m, kernel.expand(C, 1, 3, 3), padding=1, groups=C)
-        count = torch.nn.functional.conv2d(m, kernel, padding=1)
+        sums = _box3(torch.cat([tex * m, m]))  # (C + 1, H, W): 3x3 sums of the filled colours and their count
+        total, count = sums[:C], sums[C:]
         grow = (count > 0) & (m == 0)
         if not bool(grow.any()):
             break
         tex = torch.where(grow, total / count.clamp(min=1), tex)
         m = m + grow.to(m.dtype)
-    return tex[0].permute(1, 2, 0), m[0, 0] > 0
+    return tex.permute(1, 2, 0), m[0] > 0
+
+
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 box sums with zero padding, as shifted adds (separable): (C, H, W) -> (C, H, W)."""
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]  # (C, H, W + 2)
+    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
 
 
 def bake_texture(verts: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, colour_fn: ColourFn,

@@ -441,3 +441,16 @@ def test_glb_textures_are_png_at_the_export_compress_level():
     Image.fromarray(mesh_export._to_uint8(texture)).save(again, format="png",
                                                          compress_level=mesh_export.PNG_COMPRESS_LEVEL)
     assert png == again.getvalue()
+
+
+def test_taubin_sparse_path_matches_the_torch_path():
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    gen = torch.Generator().manual_seed(0)
+    verts = torch.tensor(sphere.vertices, dtype=torch.float32)
+    verts = torch.cat([verts + 0.02 * torch.randn(verts.shape, generator=gen), torch.zeros(1, 3)])  # + an isolated vertex
+    faces = torch.tensor(sphere.faces, dtype=torch.long)
+    fast = taubin_smooth(verts, faces, iterations=7)  # CPU, no gradient: scipy sparse products
+    exact = taubin_smooth(verts.clone().requires_grad_(True), faces, iterations=7)  # the torch (autograd) path
+    torch.testing.assert_close(fast, exact.detach(), rtol=0, atol=2e-6)
+    assert torch.equal(fast[-1], verts[-1])  # an isolated vertex stays put
+    assert not torch.allclose(fast, verts, atol=1e-3)

@@ -253,26 +253,29 @@ def taubin_smooth(verts: torch.Tensor, faces: torch.Tensor, iterations: int = 10
     Returns:
         (V, 3) smoothed positions (differentiable w.r.t. ``verts``).
     """
-    edges, deg = _adjacency(faces, verts.shape[0], verts.dtype)
     if verts.device.type == "cpu" and not (torch.is_grad_enabled() and verts.requires_grad) and iterations > 0:
-        return _taubin_sparse(verts, edges, deg, iterations, lam, mu)
+        return _taubin_sparse(verts, faces, iterations, lam, mu)
+    edges, deg = _adjacency(faces, verts.shape[0], verts.dtype)
     for _ in range(iterations):
         verts = _umbrella_step(_umbrella_step(verts, edges, deg, lam), edges, deg, mu)
     return verts
 
 
-def _taubin_sparse(verts: torch.Tensor, edges: torch.Tensor, deg: torch.Tensor, iterations: int, lam: float,
-                   mu: float) -> torch.Tensor:
-    """:func:`taubin_smooth`'s steps as scipy sparse products (CPU, no gradients; the same arithmetic)."""
+def _taubin_sparse(verts: torch.Tensor, faces: torch.Tensor, iterations: int, lam: float, mu: float) -> torch.Tensor:
+    """:func:`taubin_smooth`'s steps as scipy sparse products (CPU, no gradients; the same arithmetic): the
+    neighbour-mean operator is built from the faces directly (duplicate edges summed, then counted once)."""
     import numpy as np
     from scipy.sparse import csr_matrix
 
     V = verts.shape[0]
-    e = edges.numpy()
-    d = deg.double().numpy()
+    f = faces.numpy()
+    rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2], f[:, 1], f[:, 2], f[:, 0]])
+    cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0], f[:, 0], f[:, 1], f[:, 2]])
+    mean = csr_matrix((np.ones(rows.shape[0]), (rows, cols)), shape=(V, V))  # duplicates summed
+    mean.data[:] = 1.0  # each undirected edge once per direction
+    d = np.diff(mean.indptr).astype(np.float64)  # the vertex degrees
     # mean of the neighbours: row i holds 1 / deg(i) at its neighbours; isolated vertices keep their place
-    w = 1.0 / np.maximum(d, 1.0)
-    mean = csr_matrix((w[e[:, 0]], (e[:, 0], e[:, 1])), shape=(V, V))
+    mean.data *= np.repeat(1.0 / np.maximum(d, 1.0), np.diff(mean.indptr))
     isolated = (d == 0)[:, None]
     v = verts.detach().double().numpy()
     for _ in range(iterations):

@@ -130,7 +130,8 @@ def num(x: float | None, digits: int = 3) -> str:
 def markdown(results: dict[str, Any], command: str) -> str:
     rows = results["models"]
     lines = ["# Hypernetwork vs triplane generator (issue #16)", "",
-             f"Machine: {results['machine']}. Command:", "", "```bash", command, "```", "",
+             f"Machine: {results['machine']}; {results['threads']} torch thread(s). Command:", "", "```bash",
+             command, "```", "",
              "Canonical captions (64: the training objects and the 8 held-out ones apart), field and exported GLB; "
              "retrieval of the held-out objects in every wording (`eval paraphrase --set wordings`) and of the "
              "unseen-word dev split; parameters; latency and training step measured side by side here.", "",
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=10, help="timed training steps per architecture (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--notes", default=None, help="a Markdown file added to the README after the tables")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     command = "python scripts/architecture_study.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    (out / "README.md").write_text(markdown(results, command))
+    notes = Path(args.notes).read_text() if args.notes else ""
+    (out / "README.md").write_text(markdown(results, command) + ("\n" + notes if notes else ""))
     plot(results, out / "study.png")
     print((out / "README.md").read_text())
     return 0

@@ -447,7 +447,7 @@ def test_taubin_sparse_path_matches_the_torch_path():
     sphere = trimesh.creation.icosphere(subdivisions=3)
     gen = torch.Generator().manual_seed(0)
     verts = torch.tensor(sphere.vertices, dtype=torch.float32)
-    verts = torch.cat([verts + 0.02 * torch.randn(verts.shape, generator=gen), torch.zeros(1, 3)])  # + an isolated vertex
+    verts = torch.cat([verts + 0.02 * torch.randn(verts.shape, generator=gen), torch.zeros(1, 3)])  # + isolated vertex
     faces = torch.tensor(sphere.faces, dtype=torch.long)
     fast = taubin_smooth(verts, faces, iterations=7)  # CPU, no gradient: scipy sparse products
     exact = taubin_smooth(verts.clone().requires_grad_(True), faces, iterations=7)  # the torch (autograd) path

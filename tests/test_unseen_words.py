@@ -234,6 +234,11 @@ def test_the_wordings_set_is_every_heldout_wording_by_template():
     assert not {p.prompt for p in table} & set(train_wordings())
     assert all(p.split == "heldout" and not p.subset for p in table)
     assert len(pp.select(table, 24)) == 24 and {p.kind for p in pp.select(table, 24)} == set(TEMPLATES)
+    # --max-prompts of the wordings set: every held-out object in every template
+    some = pp.select_per_object(table, 96)
+    assert len(some) == 96 and Counter((p.obj, p.kind) for p in some) == {(o, t): 1 for o in heldout_objects()
+                                                                          for t in TEMPLATES}
+    assert len(pp.select_per_object(table, 200)) == 192 and pp.select_per_object(table, 0) == table
 
 
 def test_cli_scores_the_wordings_set(ckpt, tmp_path, capsys):

@@ -205,7 +205,7 @@ def paraphrase_parser() -> CommandParser:
                          ".../eval/unseen, .../eval/wordings)")
     ap.add_argument("--max-prompts", type=int, default=0,
                     help="score at most N paraphrases (with --set unseen: N per split), spread evenly over every "
-                         "kind (default 0: all)")
+                         "kind (with --set wordings: over every held-out object and template) (default 0: all)")
     ap.add_argument("--kinds", nargs="+", default=None,
                     help=f"only these kinds (paraphrases: {', '.join(KINDS)}; unseen: {', '.join(UNSEEN_KINDS)}; "
                          "wordings: the templates, e.g. 'a {shape} that is {colour}')")
@@ -232,6 +232,7 @@ def paraphrase_main(argv: list[str] | None = None) -> int:
         read_table,
         report,
         select,
+        select_per_object,
     )
 
     if args.split is not None and args.set != "unseen":
@@ -264,7 +265,7 @@ def paraphrase_main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ParaphraseError(f"no paraphrases of kind {', '.join(map(repr, unknown))} in {source}")
         table = [p for p in table if p.kind in set(args.kinds)]
-    chosen = select(table, args.max_prompts)
+    chosen = select_per_object(table, args.max_prompts) if args.set == "wordings" else select(table, args.max_prompts)
     ckpt = resolve_model_folder(args.checkpoint)
     model = load(ckpt, device=pick_device(args.device))
     result = evaluate_paraphrases(model, chosen, args.resolution, args.batch_size, args.threshold,

@@ -314,6 +314,22 @@ def build_heldout_wordings() -> list[Paraphrase]:
     return list({p.prompt: p for p in out}.values())
 
 
+def select_per_object(paraphrases: Sequence[Paraphrase], max_prompts: int) -> list[Paraphrase]:
+    """At most ``max_prompts`` paraphrases (0: all) spread evenly over every (object, kind) pair: each pair keeps
+    ``max_prompts // pairs`` of its prompts, evenly spaced, in order (the ``wordings`` set: every held-out object in
+    every template, whatever its number of shape words); with fewer prompts than pairs, one prompt of each of
+    ``max_prompts`` evenly spaced pairs."""
+    if max_prompts <= 0:
+        return list(paraphrases)
+    groups: dict[tuple[WorldObject, str], list[Paraphrase]] = {}
+    for p in paraphrases:
+        groups.setdefault((p.obj, p.kind), []).append(p)
+    chosen = evenly_spaced(list(groups.values()), max_prompts)  # fewer prompts than pairs: evenly spaced pairs
+    per = max(1, max_prompts // len(groups))
+    keep = {id(q) for g in chosen for q in evenly_spaced(g, per)}
+    return [p for p in paraphrases if id(p) in keep]
+
+
 def build_set(name: str) -> list[Paraphrase]:
     """The generated table of a set of :data:`SETS` (``paraphrases``, ``unseen`` or ``wordings``)."""
     if name not in SETS:

@@ -171,12 +171,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
               ("held-out retrieval, every wording",
                lambda r: (r.get("wordings") or {}).get("all", {}).get("retrieved")),
               ("s / prompt (generate)", lambda r: (r.get("generate") or {}).get("median_s"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
     colours = ["#4c72b0" if k.startswith("hypernetwork") else "#dd8452" for k in keys]
     for ax, (title, get) in zip(axes, panels):
         vals = [get(rows[k]) for k in keys]
         ax.bar(range(len(keys)), [v if v is not None else 0 for v in vals], color=colours)
-        ax.set_xticks(range(len(keys)), [k.replace("/", "\n") for k in keys], fontsize=8)
+        ax.set_xticks(range(len(keys)), [k.replace("hypernetwork", "hyper").replace(" (shipped)", "*")
+                                         for k in keys], fontsize=7, rotation=35, ha="right")
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(vals):
             if v is not None:

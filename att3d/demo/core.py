@@ -95,7 +95,7 @@ def validate_prompt(value: Any, what: str = "prompt") -> str:
     except PromptError as e:
         if str(e) == "empty prompt":
             raise DemoInputError(f"empty {what}: type what to make, e.g. 'a red cube'") from None
-        raise DemoInputError(f"the {what} {e}" if str(e).startswith("holds") else f"the {what} is {e}") from None
+        raise DemoInputError(f"{what}: {e}") from None
     if len(text) > MAX_PROMPT_CHARS:
         raise DemoInputError(f"{what} too long ({len(text)} characters; at most {MAX_PROMPT_CHARS})")
     return text

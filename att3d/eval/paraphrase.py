@@ -65,7 +65,7 @@ import torch
 from att3d.utils.errors import Att3dError
 from att3d.utils.files import read_utf8_text
 from att3d.world.shapes import COLOUR_NAMES, SHAPE_NAMES, WorldObject, all_objects, heldout_objects, parse_caption
-from att3d.world.wordings import COLOUR_WORDS, SHAPE_WORDS, apply_articles
+from att3d.world.wordings import COLOUR_WORDS, SHAPE_WORDS, apply_articles, object_wordings_by_template
 from att3d.world.wordings import TEMPLATES as LISTED_TEMPLATES
 
 #: Kinds of rewording, in report order.
@@ -301,17 +301,7 @@ def build_heldout_wordings() -> list[Paraphrase]:
     no amortized model trains on in any wording; kind = the wording's template (12 kinds, WORLD.md's order).
     Objects in ``heldout_objects`` order, then template, colour word, shape word (as
     :func:`att3d.world.wordings.object_wordings`)."""
-    from att3d.world.wordings import COLOUR_WORDS as WORDS_OF_COLOUR
-    from att3d.world.wordings import SHAPE_WORDS as WORDS_OF_SHAPE
-    from att3d.world.wordings import wording
-
-    out: list[Paraphrase] = []
-    for obj in heldout_objects():
-        for t in LISTED_TEMPLATES:
-            for c in WORDS_OF_COLOUR[obj.colour]:
-                for s in WORDS_OF_SHAPE[obj.shape]:
-                    out.append(Paraphrase(wording(t, c, s), obj, t))
-    return list({p.prompt: p for p in out}.values())
+    return [Paraphrase(w, obj, t) for obj in heldout_objects() for w, t in object_wordings_by_template(obj).items()]
 
 
 def select_per_object(paraphrases: Sequence[Paraphrase], max_prompts: int) -> list[Paraphrase]:

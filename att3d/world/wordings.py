@@ -69,10 +69,20 @@ def wording(template: str, colour_word: str, shape_word: str) -> str:
     return apply_articles(template.format(colour=colour_word, shape=shape_word))
 
 
+def object_wordings_by_template(obj: WorldObject) -> dict[str, str]:
+    """``{wording: its template}`` of one object (template-major, then colour word, then shape word), without
+    repeats (a wording two templates make keeps the first)."""
+    out: dict[str, str] = {}
+    for t in TEMPLATES:
+        for c in COLOUR_WORDS[obj.colour]:
+            for s in SHAPE_WORDS[obj.shape]:
+                out.setdefault(wording(t, c, s), t)
+    return out
+
+
 def object_wordings(obj: WorldObject) -> list[str]:
     """Every wording of one object (template-major, then colour word, then shape word), without repeats."""
-    out = [wording(t, c, s) for t in TEMPLATES for c in COLOUR_WORDS[obj.colour] for s in SHAPE_WORDS[obj.shape]]
-    return list(dict.fromkeys(out))
+    return list(object_wordings_by_template(obj))
 
 
 def wordings_by_object(objects: list[WorldObject] | None = None) -> dict[str, WorldObject]:

@@ -71,6 +71,17 @@ def test_bench_train_reports_throughput(tmp_path, capsys):
     assert row["rays_per_second"] == pytest.approx(64 * row["steps_per_second"])
     assert row["peak_memory_mb"] > 10
     assert "tiny random shapes prior" in out.read_text()
+    assert "Current tree only" not in out.read_text()
+
+
+def test_bench_train_says_that_it_has_no_baseline():
+    # `bench all --baseline REV` compares generate side by side, not train: the train section says so.
+    from att3d.cli.bench import build_parser
+
+    args = build_parser().parse_args(["all", "--steps", "1", "--warmup", "0", "--train-batch-size", "1",
+                                      "--train-resolution", "8", "--prior", "tiny", "--quiet", "--baseline", "HEAD"])
+    text = bench.bench_train(args, torch.device("cpu"))["markdown"]
+    assert "Current tree only: `--baseline HEAD` times the baseline for generate and scale" in text
 
 
 @pytest.mark.parametrize("args, message", [

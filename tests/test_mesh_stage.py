@@ -94,7 +94,7 @@ def test_density_sdf_mesh_matches_the_world_sphere():
     outward = (mesh.verts[mesh.faces].mean(1) * face_normals(mesh.verts, mesh.faces)).sum(-1)
     assert (outward > 0).all()  # triangles face away from the inside (higher density)
     cams = OrbitCameras.evaluation(8)
-    out = mh.render_surfaces(field, cond, [mesh] * 8, cams, 64, colour_offset=0.02)
+    out = mh.render_surfaces(field, cond, [mesh] * 8, cams, 64, colour_offset=0.02, antialias=False)
     truth = render_objects([WorldObject("sphere", "blue")] * 8, cams, 64)
     fg, gt = out["mask"] > 0, truth["mask"] > 0.5
     assert float((fg & gt).sum() / (fg | gt).sum()) > 0.97
@@ -103,6 +103,65 @@ def test_density_sdf_mesh_matches_the_world_sphere():
     # Every covered pixel's colour goes through the field: d(sum of rgb)/d colour = the number of covered pixels.
     out["rgb"].sum().backward()
     assert torch.allclose(field.colour.grad, fg.sum().float().expand(3))
+    # Antialiased (the default): only pixels next to the silhouette change, to a mix of the colour and the background.
+    aa = mh.render_surfaces(field, cond, [mesh] * 8, cams, 64, colour_offset=0.02)["rgb"].detach()
+    edge = fg ^ (torch.nn.functional.max_pool2d((~fg).float()[:, None], 3, 1, 1)[:, 0] == 0)  # fg next to bg
+    edge |= ~fg & (torch.nn.functional.max_pool2d(fg.float()[:, None], 3, 1, 1)[:, 0] > 0)  # bg next to fg
+    changed = (aa - out["rgb"].detach()).abs().amax(-1) > 1e-6
+    assert changed.any() and not (changed & ~edge).any()
+    colour = field.colour.detach()
+    # A changed pixel lies on the line between the sphere's colour and the background's (the same share in every
+    # channel); each of its up to 4 edge neighbours moves it by at most half a step.
+    share = (aa[changed] - 1.0) / (colour - 1.0)
+    assert torch.allclose(share, share[:, :1].expand_as(share), atol=1e-5)
+    assert ((share >= -1.0) & (share <= 2.0)).all() and ((share > 0) & (share < 1)).float().mean() > 0.9
+
+
+def test_silhouette_gradient_moves_the_surface_through_the_density():
+    # A sphere whose radius is the field's only parameter, rendered as a DMTet surface against white: the
+    # silhouette is the only thing that depends on the radius (the colour is constant), so the radius gets a
+    # gradient only through the antialiased edges, and fitting the rendered mask to a larger sphere's grows it.
+    class Ball(torch.nn.Module):
+        def __init__(self, radius: float):
+            super().__init__()
+            self.radius = torch.nn.Parameter(torch.tensor(radius))
+
+        def forward(self, points, cond):
+            d = 10.0 * torch.sigmoid((self.radius - points.norm(dim=-1)) * 40.0)  # 5 at the radius
+            return d, torch.zeros(*points.shape[:-1], 3).expand(*points.shape[:-1], 3)
+
+        def density(self, points, cond):
+            return self.forward(points, cond)[0]
+
+    R = 32
+    verts, tets = tet_grid(R)
+    boundary = torch.zeros(verts.shape[0], dtype=torch.bool)
+    boundary[mh.boundary_index(R, torch.device("cpu"))] = True
+    cams = OrbitCameras.evaluation(2)
+    cond = {"latent": torch.zeros(2, 1)}
+    target = mh.render_surfaces(Ball(0.55), cond, [mh.surface_from_sdf(verts, tets, s) for s in
+                                                  mh.grid_sdf(Ball(0.55), cond, R, 5.0)], cams, 48)["rgb"].detach()
+
+    def loss(ball: torch.nn.Module, antialias: bool) -> torch.Tensor:
+        sdf = mh.grid_sdf(ball, cond, R, 5.0)
+        meshes = [mh.differentiable_surface(ball, {"latent": cond["latent"][b:b + 1]}, verts, tets, sdf[b], 5.0,
+                                            boundary) for b in range(2)]
+        rgb = mh.render_surfaces(ball, cond, meshes, cams, 48, antialias=antialias)["rgb"]
+        return (rgb - target).square().sum()
+
+    hard = Ball(0.45)
+    value = loss(hard, antialias=False)
+    if value.requires_grad:
+        value.backward()
+    assert hard.radius.grad is None or float(hard.radius.grad.abs()) < 1e-6  # aliased: no silhouette gradient
+    ball = Ball(0.45)
+    opt = torch.optim.Adam(ball.parameters(), lr=0.01)
+    for _ in range(25):
+        opt.zero_grad()
+        value = loss(ball, antialias=True)
+        value.backward()
+        opt.step()
+    assert abs(float(ball.radius.detach()) - 0.55) < 0.02
 
 
 def test_colour_gradients_reach_the_amortized_field_through_the_rasterizer(tiny_model):
@@ -114,7 +173,7 @@ def test_colour_gradients_reach_the_amortized_field_through_the_rasterizer(tiny_
     meshes = [mh.surface_from_sdf(verts, tets, s) for s in sdf]
     assert all(not m.empty for m in meshes) and not meshes[0].verts.requires_grad
     cams = OrbitCameras.sample_training(2, torch.Generator().manual_seed(1))
-    out = mh.render_surfaces(model.field, cond, meshes, cams, 32, colour_offset=0.0)
+    out = mh.render_surfaces(model.field, cond, meshes, cams, 32, colour_offset=0.0, antialias=False)
     fg = out["mask"] > 0
     assert 0.05 < float(out["mask"].mean()) < 0.9 and out["points"].tolist() == fg.flatten(1).sum(1).tolist()
     # The pixel colours are the field's colour at the rasterized surface points.

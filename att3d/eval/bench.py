@@ -678,6 +678,9 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     note = (f"Amortized SDS training steps ({args.steps} timed after {args.warmup} warm-up): batch "
             f"{tcfg.batch_size} prompts at {tcfg.resolution}^2 ({rays_per_step} rays per step), "
             f"prior: {prior_kind}.")
+    if getattr(args, "baseline", None):
+        note += (f" Current tree only: `--baseline {args.baseline}` times the baseline for generate and scale, not "
+                 "for this benchmark (`bench scale --baseline` compares training steps side by side).")
     return {"settings": settings, "rows": rows, "markdown": note + "\n\n" + markdown(header, table)}
 
 

@@ -37,6 +37,7 @@ from att3d.mesh.marching_cubes import grid_points, marching_cubes, marching_cube
 from att3d.mesh.marching_tets import marching_tetrahedra, tet_grid
 from att3d.mesh.rasterize import (
     RasterOutput,
+    antialias,
     interpolate,
     rasterize,
     rasterize_screen,
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "GenerationError",
     "RasterOutput",
+    "antialias",
     "bake_texture",
     "box_atlas",
     "clean_mesh",

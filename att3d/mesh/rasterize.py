@@ -7,13 +7,17 @@
   float64, z-buffer by ``scatter_reduce(amin)``), in chunks of bounded memory.
 * :func:`interpolate`: vertex attributes at the pixels.
 * :func:`texture_sample`: bilinear texture lookup (``grid_sample``).
-* :func:`render_mesh`: the three together with the project's cameras.
+* :func:`antialias`: analytic antialiasing of occlusion edges (nvdiffrast's ``antialias``), which gives the
+  image a gradient w.r.t. where the silhouettes are.
+* :func:`render_mesh`: these together with the project's cameras.
 
 Gradients: visibility (which triangle covers a pixel) is discrete and carries none; the
 barycentrics are recomputed differentiably for the winning triangles, so :func:`interpolate`
 is differentiable w.r.t. the attributes *and* the vertex positions (through the barycentrics,
-interior of triangles only: no silhouette/antialiasing gradients), and :func:`texture_sample`
-w.r.t. the texture and the uvs.
+interior of triangles only), and :func:`texture_sample` w.r.t. the texture and the uvs. The
+silhouettes (a surface against the background, or against a farther surface) move only through
+:func:`antialias`, which blends the two pixels of every pair that an occlusion edge separates by where the
+edge crosses the line between their centres, a differentiable function of the edge's screen position.
 
 Conventions: pixel coordinates are ``x = column``, ``y = row`` (row 0 at the top), pixel
 centres at +0.5, exactly as :meth:`att3d.render.cameras.OrbitCameras.project`. Both windings
@@ -260,6 +264,91 @@ def interpolate(attr: torch.Tensor, rast: RasterOutput, faces: torch.Tensor) -> 
     return out_p.new_zeros(B, H, W, attr.shape[-1]).index_put(idx, out_p)
 
 
+def _edge_crossing(tri: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where the segment from ``a`` (inside the triangle) to ``b`` (outside) leaves the triangle.
+
+    Args:
+        tri: (N, 3, 2) screen triangles; a, b: (N, 2) points, ``a`` inside (or on) its triangle.
+
+    Returns:
+        (N,) ``t`` in [0, 1]: the exit point is ``a + t (b - a)``, the first of the edges whose side changes
+        (1 where none does); differentiable w.r.t. ``tri``.
+    """
+    p0, p1 = tri, tri.roll(-1, dims=1)  # edge k from corner k to corner k + 1: (N, 3, 2)
+    d = p1 - p0
+
+    def side(q: torch.Tensor) -> torch.Tensor:  # (N, 3): the edge function of q for every edge
+        r = q[:, None, :] - p0
+        return d[..., 0] * r[..., 1] - d[..., 1] * r[..., 0]
+
+    ea, eb = side(a), side(b)
+    crosses = (ea * eb < 0) | ((ea == 0) & (eb != 0))
+    denom = torch.where(crosses, ea - eb, torch.ones_like(ea))
+    t = torch.where(crosses, ea / denom, torch.ones_like(ea))
+    return t.clamp(0.0, 1.0).min(dim=-1).values
+
+
+def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, depth: torch.Tensor,
+              faces: torch.Tensor, depth_gap: float = 0.05) -> torch.Tensor:
+    """Analytic antialiasing of occlusion edges (nvdiffrast's ``antialias``): silhouette gradients.
+
+    For every pair of horizontally or vertically adjacent pixels ``(o, n)`` separated by an occlusion edge (``o``
+    covered by a face ``f``, ``n`` by the background or by a surface more than ``depth_gap`` farther), the point
+    ``t`` in [0, 1] where the segment from ``o``'s centre to ``n``'s leaves ``f`` is found (:func:`_edge_crossing`,
+    a function of ``f``'s screen corners). The pixel that the edge leaves short of the midpoint takes a share of
+    the other's colour: ``n += (t - 1/2) (c_o - c_n)`` when ``f`` reaches past the midpoint (``t > 1/2``), else
+    ``o += (1/2 - t) (c_n - c_o)``. The image changes little (only edge pixels, by at most half the step), but
+    its derivative w.r.t. the corners of the edge is the colour step times the edge's motion across the pixel
+    line, so a loss on the image moves silhouettes. Pixels on a shared edge of a continuous surface (no depth
+    gap) are left alone.
+
+    Args:
+        colour: (B, H, W, C) the rendered image (e.g. :func:`interpolate` + background), differentiable.
+        face_id: (B, H, W) long, the rasterizer's visible faces (-1: background).
+        xy: (B, V, 2) the vertices' pixel coordinates (x = column, y = row, centres at +0.5), differentiable.
+        depth: (B, H, W) the rasterizer's depth map (no gradient needed).
+        faces: (F, 3) long.
+        depth_gap: the depth difference (world units) above which two surfaces' pixels are an occlusion edge.
+
+    Returns:
+        (B, H, W, C) the antialiased image, differentiable w.r.t. ``colour`` and ``xy``.
+    """
+    B, H, W = face_id.shape
+    out = colour
+    delta = torch.zeros_like(colour)
+    depth = depth.detach()
+    for dim in (2, 1):  # horizontal pairs (o, o + 1 column), then vertical ones (o, o + 1 row)
+        n_a = W if dim == 2 else H
+        fa, fb = face_id.narrow(dim, 0, n_a - 1), face_id.narrow(dim, 1, n_a - 1)
+        za, zb = depth.narrow(dim, 0, n_a - 1), depth.narrow(dim, 1, n_a - 1)
+        a_front = (fa >= 0) & ((fb < 0) | (zb - za > depth_gap))  # the edge belongs to a's face
+        b_front = (fb >= 0) & ((fa < 0) | (za - zb > depth_gap))
+        for front, sign in ((a_front, 1), (b_front, -1)):
+            bi, r, c = front.nonzero(as_tuple=True)
+            if bi.numel() == 0:
+                continue
+            ro, co = r, c  # the front pixel o
+            rn, cn = (r, c + 1) if dim == 2 else (r + 1, c)  # its neighbour n
+            if sign < 0:
+                ro, co, rn, cn = rn, cn, ro, co
+            f = faces[face_id[bi, ro, co]]  # (P, 3)
+            tri = xy[bi[:, None], f]  # (P, 3, 2)
+            po = torch.stack([co, ro], -1).to(xy.dtype) + 0.5
+            pn = torch.stack([cn, rn], -1).to(xy.dtype) + 0.5
+            t = _edge_crossing(tri, po, pn)[:, None].to(colour.dtype)  # (P, 1)
+            c_o, c_n = colour[bi, ro, co], colour[bi, rn, cn]
+            past = t > 0.5
+            # f reaches past the midpoint: n takes (t - 1/2) of o's colour; else o takes (1/2 - t) of n's
+            share_n = torch.where(past, t - 0.5, torch.zeros_like(t)) * (c_o - c_n)
+            share_o = torch.where(past, torch.zeros_like(t), 0.5 - t) * (c_n - c_o)
+            delta = delta.index_put((bi, rn, cn), share_n, accumulate=True)
+            delta = delta.index_put((bi, ro, co), share_o, accumulate=True)
+    return out + delta
+
+
+_antialias = antialias  # for render_mesh, whose argument of that name shadows it
+
+
 def texture_sample(texture: torch.Tensor, uv: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Sample a texture at uv coordinates.
 
@@ -293,7 +382,8 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: OrbitCameras,
                 colours: torch.Tensor | None = None, uvs: torch.Tensor | None = None,
                 texture: torch.Tensor | None = None,
                 background: tuple[float, float, float] | torch.Tensor | None = (1.0, 1.0, 1.0),
-                lambert: bool = False, cull_backfaces: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                lambert: bool = False, cull_backfaces: bool = False, antialias: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render a coloured or textured mesh with the project's cameras.
 
     Args:
@@ -308,11 +398,16 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: OrbitCameras,
         lambert: apply :func:`att3d.render.shading.lambert` (the shapes world's light, ``shared/WORLD.md``:
             ``albedo (0.35 + 0.65 max(0, n.l))``) with smooth vertex normals.
         cull_backfaces: skip faces wound clockwise seen from the camera.
+        antialias: antialias the occlusion edges (:func:`antialias`), which gives ``rgb`` silhouette
+            gradients w.r.t. ``verts``.
 
     Returns:
-        rgb: (B, H, W, 3); mask: (B, H, W) float foreground (1 covered, 0 background).
+        rgb: (B, H, W, 3); mask: (B, H, W) float foreground (1 covered, 0 background, before antialiasing).
     """
-    rast = rasterize(verts, faces, resolution, cameras, cull_backfaces=cull_backfaces)
+    H, W = _size(resolution)
+    world = verts if verts.dim() == 3 else verts[None].expand(len(cameras), -1, -1)
+    xy, depth = cameras.project(world, H)
+    rast = rasterize_screen(xy, depth, faces, (H, W), cull_backfaces=cull_backfaces)
     B = rast.face_id.shape[0]
     mask = rast.mask[..., None].to(verts.dtype)
     if texture is not None:
@@ -335,4 +430,6 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: OrbitCameras,
         albedo = shade(albedo, n)
     bg = _background(background, B, verts)[:, None, None, :]
     rgb = albedo * mask + bg * (1.0 - mask)
+    if antialias:
+        rgb = _antialias(rgb, rast.face_id, xy, rast.depth, faces)
     return rgb, mask.squeeze(-1)

@@ -10,8 +10,10 @@ are outside, so every surface closes.
     field + cond --grid_sdf--> (B, R^3) sdf --surface_from_sdf / differentiable_surface--> SurfaceMesh
     SurfaceMesh + cameras --render_surfaces--> rgb (B, H, W, 3), coloured by the field's colour
 
-The rasterizer has no silhouette (antialiasing) gradients, so geometry moves through the interior of the
-rendered surface only (the colour lookup position and the barycentrics).
+Geometry moves through the interior of the rendered surface (the colour lookup position and the barycentrics)
+and, with ``antialias`` (the default), through its silhouettes: :func:`att3d.mesh.rasterize.antialias` blends
+the pixels on either side of every occlusion edge by where the edge crosses between them, so the image's
+gradient moves the edge's vertices, hence the density at the tet grid's vertices that place them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from att3d.mesh.cleanup import vertex_normals
 from att3d.mesh.density import density_grid
 from att3d.mesh.marching_tets import marching_tetrahedra
-from att3d.mesh.rasterize import interpolate, rasterize
+from att3d.mesh.rasterize import RasterOutput, interpolate, rasterize_screen
+from att3d.mesh.rasterize import antialias as antialias_edges
 from att3d.render.cameras import OrbitCameras
 from att3d.render.shading import lambert
 
@@ -148,7 +151,8 @@ def differentiable_surface(field: torch.nn.Module, cond: dict[str, torch.Tensor]
 def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshes: list[SurfaceMesh],
                     cameras: OrbitCameras, resolution: int,
                     background: tuple[float, float, float] | torch.Tensor = (1.0, 1.0, 1.0),
-                    colour_offset: float = 0.0, shading: str = "none") -> dict[str, torch.Tensor]:
+                    colour_offset: float = 0.0, shading: str = "none", antialias: bool = True
+                    ) -> dict[str, torch.Tensor]:
     """Render B prompts' meshes, each from its own camera, coloured by the (amortized) colour field.
 
     Each pixel's colour is ``field(p - colour_offset * n, cond_b)``'s rgb at the visible surface point
@@ -168,6 +172,8 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         background: (3,) or (B, 3) colour behind the meshes.
         colour_offset: distance inside the surface at which the colour is read.
         shading: ``"none"`` or ``"lambert"`` (see above).
+        antialias: antialias the occlusion edges (:func:`att3d.mesh.rasterize.antialias`): the image then has
+            silhouette gradients w.r.t. the mesh vertices; False: the hard, aliased coverage (no such gradient).
 
     Returns:
         ``rgb`` (B, H, W, 3) differentiable w.r.t. the field, ``cond`` and the mesh vertices;
@@ -182,11 +188,15 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
     device, dtype = some.device, torch.float32
     H = W = int(resolution)
     rows_b, rows_r, rows_c, points, lit = [], [], [], [], []
+    edges: list[tuple[int, RasterOutput, torch.Tensor, torch.Tensor]] = []  # (b, rast, xy, faces) to antialias
     for b, mesh in enumerate(meshes):
         if mesh.empty:
             points.append(torch.zeros(0, 3, device=device, dtype=dtype))
             continue
-        rast = rasterize(mesh.verts, mesh.faces, H, cameras.index([b]))
+        xy, zv = cameras.index([b]).project(mesh.verts[None], H)
+        rast = rasterize_screen(xy, zv, mesh.faces, H)
+        if antialias:
+            edges.append((b, rast, xy, mesh.faces))
         fg = rast.mask[0]
         r, c = fg.nonzero(as_tuple=True)
         p = interpolate(mesh.verts, rast, mesh.faces)[0][r, c]  # (P, 3)
@@ -217,4 +227,9 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         mask[bi, ri, ci] = True
         surface = torch.zeros(B, H, W, 3, dtype=dtype, device=device).index_put((bi, ri, ci), colours)
         image = torch.where(mask[..., None], surface, image)
+    if edges:
+        rows = list(image.unbind(0))
+        for b, rast, xy, faces in edges:
+            rows[b] = antialias_edges(rows[b][None], rast.face_id, xy.to(dtype), rast.depth, faces)[0]
+        image = torch.stack(rows)
     return {"rgb": image, "mask": mask.to(dtype), "points": counts}

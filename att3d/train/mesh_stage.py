@@ -22,11 +22,12 @@ is a plain model folder that ``att3d.load`` / ``att3d generate`` read (the stage
   ``anchor_weight * mean((log1p d - log1p d0)^2)`` over ``anchor_points`` points per prompt per step (half near
   the starting surface, half uniform in the box; ``d0`` the starting model's density), so that generation still
   extracts the same shapes.
-* geometry (``stage.geometry=true``): the mesh is re-extracted every step from the current density, and the
-  SDS gradient also reaches the density through the mesh vertices (marching tetrahedra is differentiable in
-  ``sdf``; the rasterizer's barycentrics in the vertex positions). DMTet's per-vertex deformations are *not*
-  used: a plain model folder has nowhere to keep them and generation would ignore them. The anchor (if its
-  weight is > 0) then acts as a regulariser towards the start.
+* geometry (``stage.geometry=true``): the mesh is re-extracted every step from the current density, and the SDS
+  gradient also reaches the density through the mesh vertices (marching tetrahedra is differentiable in ``sdf``; the
+  rasterizer's barycentrics in the vertex positions, and its antialiased occlusion edges,
+  :func:`att3d.mesh.rasterize.antialias`, in where the silhouettes are: ``stage.antialias``, on by default). DMTet's
+  per-vertex deformations are *not* used: a plain model folder has nowhere to keep them and generation would ignore
+  them. The anchor (if its weight is > 0) then acts as a regulariser towards the start.
 
 **Resolution.** The mesh is rendered at ``trainer.resolution`` (64 in ``configs/stage/mesh.yaml``, twice the
 NeRF stage's 32); the prior's ``encode_images`` resizes every render to the prior's own resolution with
@@ -100,7 +101,7 @@ class MeshSDS(Objective):
 
     def __init__(self, tet_resolution: int = 64, geometry: bool = False, anchor_weight: float = 1.0,
                  anchor_points: int = 2048, anchor_band: float = 2.0, colour_offset: float | None = None,
-                 min_resolution: int = 8, shading: str = "none"):
+                 min_resolution: int = 8, shading: str = "none", antialias: bool = True):
         if not isinstance(tet_resolution, int) or isinstance(tet_resolution, bool) or tet_resolution < 4:
             raise MeshStageError(f"stage.tet_resolution must be an integer >= 4, got {tet_resolution!r}")
         if not isinstance(geometry, bool):
@@ -114,9 +115,12 @@ class MeshSDS(Objective):
             raise MeshStageError(f"stage.anchor_band must be >= 0, got {anchor_band!r}")
         if colour_offset is not None and not (isinstance(colour_offset, (int, float)) and colour_offset >= 0):
             raise MeshStageError(f"stage.colour_offset must be >= 0 (or null), got {colour_offset!r}")
+        if not isinstance(antialias, bool):
+            raise MeshStageError(f"stage.antialias must be true or false, got {antialias!r}")
         if shading not in SHADINGS:
             raise MeshStageError(f"stage.shading must be one of {', '.join(SHADINGS)}, got {shading!r}")
         self.shading = shading
+        self.antialias = antialias
         self.tet_resolution = int(tet_resolution)
         self.geometry = geometry
         self.anchor_weight = float(anchor_weight)
@@ -131,7 +135,7 @@ class MeshSDS(Objective):
         """The stage's arguments (recorded in the output folder)."""
         return {"tet_resolution": self.tet_resolution, "geometry": self.geometry, "anchor_weight": self.anchor_weight,
                 "anchor_points": self.anchor_points, "anchor_band": self.anchor_band,
-                "colour_offset": self.colour_offset, "shading": self.shading}
+                "colour_offset": self.colour_offset, "shading": self.shading, "antialias": self.antialias}
 
     # -- set-up --------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -227,7 +231,8 @@ class MeshSDS(Objective):
         cond = trainer.model.mapping(batch.emb)
         meshes = self.meshes(idx, cond)
         out = render_surfaces(trainer.model.field, cond, meshes, batch.cameras, trainer.cfg.resolution,
-                              background=trainer.background, colour_offset=self.offset, shading=self.shading)
+                              background=trainer.background, colour_offset=self.offset, shading=self.shading,
+                              antialias=self.antialias)
         anchor = torch.zeros((), device=trainer.device)
         if self.anchor_weight > 0:
             anchor = self.anchor_loss(idx, cond)

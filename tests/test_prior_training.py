@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -78,6 +79,49 @@ def test_init_from_rejects_a_different_network(tmp_path):
         train_prior(wider, progress=False)
     with pytest.raises(ValueError, match="not a prior folder"):
         train_prior(tiny(tmp_path / "x", 2, init_from=str(tmp_path)), progress=False)
+
+
+def test_camera_features_append_exact_azimuth_harmonics():
+    from att3d.render.cameras import OrbitCameras, camera_feature_dim, camera_features
+
+    cams = OrbitCameras.sample_training(16, torch.Generator().manual_seed(0))
+    vec = cams.as_vector().double()
+    assert torch.equal(camera_features(vec, 1), vec)
+    f = camera_features(vec, 4)
+    assert f.shape == (16, camera_feature_dim(4)) == (16, 10) and torch.equal(f[:, :4], vec)
+    phi = cams.phi.double()
+    for k, col in ((2, 4), (3, 6), (4, 8)):
+        assert torch.allclose(f[:, col], torch.sin(k * phi), atol=1e-12)
+        assert torch.allclose(f[:, col + 1], torch.cos(k * phi), atol=1e-12)
+    # a cube's views 90 degrees apart look the same: their 4th harmonics agree, their first ones do not
+    quarter = OrbitCameras(phi=cams.phi + math.pi / 2, theta=cams.theta, radius=cams.radius)
+    g = camera_features(quarter.as_vector().double(), 4)
+    assert torch.allclose(g[:, 8:], f[:, 8:], atol=1e-9) and not torch.allclose(g[:, :2], f[:, :2], atol=1e-3)
+    with pytest.raises(ValueError, match="harmonics"):
+        camera_features(vec, 0)
+
+
+def test_init_from_adds_camera_harmonics_without_changing_the_network(tmp_path):
+    from att3d.guidance.priors.shapes import ShapesPrior
+    from att3d.render.cameras import OrbitCameras
+
+    source = train_prior(tiny(tmp_path / "plain", 3), progress=False)
+    cfg = tiny(tmp_path / "harm", 0, init_from=str(source))
+    cfg.arch.camera_harmonics = 4
+    harm = train_prior(cfg, progress=False)  # zero steps: the source's network with zero weights on the harmonics
+    a, b = ShapesPrior.from_pretrained(source), ShapesPrior.from_pretrained(harm)
+    assert b.unet.class_embedding.linear_1.in_features == 10 and b.arch["camera_harmonics"] == 4
+    cams = OrbitCameras.sample_training(4, torch.Generator().manual_seed(1))
+    x, t = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.full((4,), 300)
+    tokens, mask = a._embed_text(["a red cube"] * 4)
+    assert torch.allclose(a._denoise(x, t, tokens, mask, cams), b._denoise(x, t, tokens, mask, cams), atol=1e-5)
+    # trained, the harmonics' weights move; going back to fewer harmonics than the folder's is refused
+    cfg = tiny(tmp_path / "harm5", 5, init_from=str(source))
+    cfg.arch.camera_harmonics = 4
+    tuned = load_tensors(train_prior(cfg, progress=False) / "unet" / "diffusion_pytorch_model.safetensors")
+    assert tuned["class_embedding.linear_1.weight"][:, 4:].abs().sum() > 0
+    with pytest.raises(ValueError, match="camera_harmonics"):
+        train_prior(tiny(tmp_path / "back", 1, init_from=str(harm)), progress=False)
 
 
 def test_train_prior_script_reports_a_bad_init_from_in_one_line(tmp_path):

@@ -27,6 +27,39 @@ TRAIN_ELEVATION_DEG = (-10.0, 45.0)
 EVAL_ELEVATION_DEG = 20.0
 
 
+def camera_features(vector: torch.Tensor, harmonics: int = 1) -> torch.Tensor:
+    """A view-conditioned prior's camera input from the camera 4-vector, with azimuth harmonics.
+
+    The 4-vector ``(sin phi, cos phi, sin theta, cos theta)`` (:meth:`OrbitCameras.as_vector`) is kept as the
+    first 4 columns; ``harmonics = K > 1`` appends ``sin k phi, cos k phi`` for ``k = 2..K``, computed from the
+    4-vector by the angle-addition formulas (exact, no ``atan2``). A shape with a k-fold symmetry about the vertical
+    axis (a cube or a pyramid: 4) looks the same at ``phi`` and ``phi + 2 pi / k``, so what tells its views apart
+    is ``k phi``: with the harmonics the network reads it off its input instead of having to build a k-times
+    faster oscillation out of ``sin phi, cos phi`` itself.
+
+    Args:
+        vector: (B, 4) camera 4-vectors; harmonics: K >= 1 (1: the 4-vector unchanged).
+
+    Returns:
+        (B, 4 + 2 (K - 1)).
+    """
+    if harmonics < 1:
+        raise ValueError(f"harmonics must be >= 1, got {harmonics}")
+    if vector.shape[-1] != 4:
+        raise ValueError(f"camera vectors are (B, 4), got {tuple(vector.shape)}")
+    s1, c1 = vector[..., 0], vector[..., 1]
+    cols, s, c = [vector], s1, c1
+    for _ in range(2, int(harmonics) + 1):
+        s, c = s * c1 + c * s1, c * c1 - s * s1
+        cols.append(torch.stack([s, c], dim=-1))
+    return torch.cat(cols, dim=-1)
+
+
+def camera_feature_dim(harmonics: int = 1) -> int:
+    """The width of :func:`camera_features`: ``4 + 2 (harmonics - 1)``."""
+    return 4 + 2 * (int(harmonics) - 1)
+
+
 def orbit_eye(phi: torch.Tensor, theta: torch.Tensor, radius: torch.Tensor | float = DEFAULT_RADIUS) -> torch.Tensor:
     """Eye positions of orbit cameras.
 

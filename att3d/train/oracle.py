@@ -96,13 +96,14 @@ class NerfOracle(NerfSDS):
 class MeshOracle(MeshSDS):
     """The mesh stage supervised by ground-truth renders: its meshes, rasterized and coloured (and shaded, with
     ``shading=lambert``) as :class:`~att3d.train.mesh_stage.MeshSDS` does, against the truth. The defaults are the
-    mesh stage's (texture mode, density anchored). In geometry mode without an anchor the surface grows without
-    bound (the rasterizer has no coverage gradient to pull it back; measured in the model card of
-    ``assets/att3d-shapes64``).
+    mesh stage's (texture mode, density anchored, antialiased renders). In geometry mode the antialiased
+    occlusion edges pull the silhouettes towards the truth's; without them (``antialias=false``) and without an
+    anchor the surface grows without bound (nothing pulls back a surface that covers too much; measured in the
+    model card of ``assets/att3d-shapes64``).
 
     Args:
-        mask_weight: weight of the coverage-vs-silhouette term (the rasterizer's coverage has no gradient: it
-            only scores).
+        mask_weight: weight of the coverage-vs-silhouette term (the hard coverage has no gradient: it only scores;
+            the silhouettes move through the antialiased colours).
         **kw: :class:`~att3d.train.mesh_stage.MeshSDS`'s arguments.
     """
 
@@ -110,10 +111,11 @@ class MeshOracle(MeshSDS):
 
     def __init__(self, mask_weight: float = 0.0, tet_resolution: int = 64, geometry: bool = False,
                  anchor_weight: float = 1.0, anchor_points: int = 2048, anchor_band: float = 2.0,
-                 colour_offset: float | None = None, min_resolution: int = 8, shading: str = "none"):
+                 colour_offset: float | None = None, min_resolution: int = 8, shading: str = "none",
+                 antialias: bool = True):
         super().__init__(tet_resolution=tet_resolution, geometry=geometry, anchor_weight=anchor_weight,
                          anchor_points=anchor_points, anchor_band=anchor_band, colour_offset=colour_offset,
-                         min_resolution=min_resolution, shading=shading)
+                         min_resolution=min_resolution, shading=shading, antialias=antialias)
         if not (isinstance(mask_weight, (int, float)) and mask_weight >= 0):
             raise OracleError(f"stage.mask_weight must be >= 0, got {mask_weight!r}")
         self.mask_weight = float(mask_weight)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from att3d.render.cameras import OrbitCameras
+from att3d.render.cameras import OrbitCameras, camera_feature_dim, camera_features
 from att3d.utils.checkpoint import (
     load_json,
     load_state,
@@ -50,6 +50,8 @@ class PriorArchitecture:
     text_max_length: int = 16
     cross_attention_dim: int = 384
     camera_dim: int = 4
+    #: Azimuth harmonics of the camera input (:func:`att3d.render.cameras.camera_features`; 1: the 4-vector only).
+    camera_harmonics: int = 1
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"  # or "v_prediction" (bounded clean-image estimate at high noise)
@@ -103,7 +105,7 @@ def build_unet(arch: PriorArchitecture):
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
         cross_attention_dim=arch.cross_attention_dim, attention_head_dim=arch.attention_head_dim,
         norm_num_groups=arch.norm_num_groups, class_embed_type="projection",
-        projection_class_embeddings_input_dim=arch.camera_dim,
+        projection_class_embeddings_input_dim=camera_feature_dim(arch.camera_harmonics),  # the 4-vector (+ harmonics)
     )
 
 
@@ -273,7 +275,8 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
         xt = scheduler.add_noise(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        pred = unet(xt, t, encoder_hidden_states=emb.tokens[tidx], class_labels=cams.as_vector().to(device),
+        cam = camera_features(cams.as_vector(), arch.camera_harmonics).to(device)
+        pred = unet(xt, t, encoder_hidden_states=emb.tokens[tidx], class_labels=cam,
                     encoder_attention_mask=emb.mask[tidx].float()).sample
         target = scheduler.get_velocity(x0, noise, t) if arch.prediction_type == "v_prediction" else noise
         per = (pred - target).pow(2).mean(dim=(1, 2, 3))
@@ -319,7 +322,8 @@ def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchite
     """Load the UNet weights of the prior folder ``folder`` into ``unet`` (built for ``arch``).
 
     The network must match (resolution, blocks, text and camera sizes); the prediction type may differ, which
-    is how an epsilon prior is fine-tuned into a v-prediction one.
+    is how an epsilon prior is fine-tuned into a v-prediction one, and ``camera_harmonics`` may grow: the camera
+    projection's columns of the new harmonics start at zero, so the fine-tuning starts from the same network.
 
     Raises:
         ValueError: the folder is not a prior, or its network does not match ``arch``.
@@ -330,14 +334,20 @@ def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchite
         raise ValueError(f"init_from={folder}: no prior_config.json (not a prior folder)")
     theirs = asdict(PriorArchitecture.from_dict(load_json(config)["arch"]))
     mine = asdict(PriorArchitecture.from_dict(asdict(arch)))  # the same normalisation (tuples) on both sides
-    mismatched = [k for k, v in mine.items() if k != "prediction_type" and theirs.get(k) != v]
+    mismatched = [k for k, v in mine.items() if k not in ("prediction_type", "camera_harmonics") and theirs.get(k) != v]
+    if theirs.get("camera_harmonics", 1) > mine["camera_harmonics"]:
+        mismatched.append("camera_harmonics (fewer than the folder's)")
     if mismatched:
         raise ValueError(f"init_from={folder}: architecture differs in {', '.join(sorted(mismatched))}")
     weights = sorted((folder / "unet").glob("*.safetensors"))
     if not weights:
         raise ValueError(f"init_from={folder}: no unet/*.safetensors")
-    state = load_tensors(weights[0])
-    unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    state = {k: v.to(torch.float32) for k, v in load_tensors(weights[0]).items()}
+    key = "class_embedding.linear_1.weight"  # (D, camera inputs): new harmonics' columns start at zero
+    own = unet.state_dict()[key]
+    if key in state and state[key].shape[1] < own.shape[1]:
+        state[key] = torch.cat([state[key], own.new_zeros(own.shape[0], own.shape[1] - state[key].shape[1])], 1)
+    unet.load_state_dict(state)
 
 
 def _init_record(folder: str | None) -> dict | None:

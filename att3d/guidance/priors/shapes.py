@@ -10,7 +10,8 @@ It is the model trained by :mod:`att3d.world.prior_training` and saved by
 Conditioning is exactly the training one: images in [-1, 1] of shape (B, 3, R, R), the
 caption's token embeddings from the ``arch.text_encoder`` (MiniLM) with their attention
 mask, and the camera 4-vector ``(sin phi, cos phi, sin theta, cos theta)`` through the
-UNet's projection class embedding. The unconditional branch is the empty prompt ``""``
+UNet's projection class embedding (with ``arch.camera_harmonics`` > 1, followed by its azimuth harmonics,
+:func:`att3d.render.cameras.camera_features`). The unconditional branch is the empty prompt ``""``
 (captions were dropped to ``""`` in training).
 """
 
@@ -23,7 +24,7 @@ import torch
 
 from att3d.guidance.priors.base import DiffusionPrior, as_dtype
 from att3d.registry import PRIORS, TEXT_ENCODERS
-from att3d.render.cameras import OrbitCameras
+from att3d.render.cameras import OrbitCameras, camera_features
 from att3d.utils.checkpoint import load_json
 
 #: Environment variable naming the default shapes prior folder.
@@ -90,7 +91,7 @@ class ShapesPrior(DiffusionPrior):
                  cameras: OrbitCameras | None) -> torch.Tensor:
         if cameras is None:
             raise ValueError("the shapes prior is view-conditioned: cameras are required")
-        cam = cameras.as_vector().to(x_t.device, x_t.dtype)
+        cam = camera_features(cameras.as_vector(), int(self.arch.get("camera_harmonics", 1))).to(x_t.device, x_t.dtype)
         return self.unet(x_t, t, encoder_hidden_states=tokens, class_labels=cam,
                          encoder_attention_mask=None if mask is None else mask.to(x_t.dtype)).sample
 

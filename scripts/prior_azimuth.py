@@ -55,8 +55,8 @@ def azimuth_errors(prior, shapes: tuple[str, ...] = SHAPES, deltas_deg: list[flo
         for shape in shapes:
             curve = [0.0] * len(deltas_deg)
             for colour in colours:
-                images = prior.encode_images(
-                    render_objects([WorldObject(shape, colour)] * views, cams, prior.resolution)["rgb"].permute(0, 3, 1, 2))
+                rgb = render_objects([WorldObject(shape, colour)] * views, cams, prior.resolution)["rgb"]
+                images = prior.encode_images(rgb.permute(0, 3, 1, 2))
                 cond = prior.encode_prompts([caption(colour, shape)] * views)
                 for t in timesteps:
                     tt = torch.full((views,), int(t), dtype=torch.long)
@@ -92,14 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from att3d.guidance.priors.shapes import ShapesPrior
+    from att3d.utils.errors import Att3dError
+    from att3d.world.shapes import COLOURS
 
     deltas = [-45 + 7.5 * i for i in range(13)]
     results = {}
-    for folder in a.prior:
-        prior = ShapesPrior.from_pretrained(folder)
-        curves = azimuth_errors(prior, deltas_deg=deltas, views=a.views, timesteps=tuple(a.t), colours=tuple(a.colours))
-        results[folder] = {"harmonics": int(prior.arch.get("camera_harmonics", 1)), "curves": curves,
-                           "summary": summary(curves, deltas)}
+    try:
+        bad = [c for c in a.colours if c not in COLOURS]
+        if bad:
+            raise Att3dError(f"--colours must be among {', '.join(COLOURS)}, got {bad[0]!r}")
+        if a.views < 1:
+            raise Att3dError("--views must be >= 1")
+        for folder in a.prior:
+            prior = ShapesPrior.from_pretrained(folder)
+            if not all(0 <= t < prior.num_train_timesteps for t in a.t):
+                raise Att3dError(f"--t values must lie in [0, {prior.num_train_timesteps})")
+            curves = azimuth_errors(prior, deltas_deg=deltas, views=a.views, timesteps=tuple(a.t),
+                                    colours=tuple(a.colours))
+            results[folder] = {"harmonics": int(prior.arch.get("camera_harmonics", 1)), "curves": curves,
+                               "summary": summary(curves, deltas)}
+    except (Att3dError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "azimuth.json").write_text(json.dumps({"deltas_deg": deltas, "views": a.views, "t": a.t,

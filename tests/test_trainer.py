@@ -237,3 +237,29 @@ def test_pruning_keeps_later_complete_checkpoints_and_removes_leftovers(prior_di
     assert resumed.restore() == ckpt / "step-0000002" and resumed.step == 2
     resumed.fit()
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step-0000004", "step-0000008"]
+
+
+def test_mapping_lr_scale_gives_the_mapping_its_own_rate(prior_dir, prompts_file, tmp_path):
+    plain = make_trainer(prior_dir, prompts_file, tmp_path / "plain", trainer__max_steps=2)
+    assert len(plain.optimizer.param_groups) == 1
+    scaled = make_trainer(prior_dir, prompts_file, tmp_path / "scaled", trainer__max_steps=2,
+                          trainer__mapping_lr_scale=0.25, trainer__warmup_steps=0)
+    field_group, mapping_group = scaled.optimizer.param_groups
+    mapping = {id(p) for p in scaled.model.mapping.parameters()}
+    assert {id(p) for p in mapping_group["params"]} == mapping and not mapping & {id(p) for p in field_group["params"]}
+    assert mapping_group["lr"] == pytest.approx(0.25 * field_group["lr"])
+    before = weights(scaled)
+    scaled.train_step()
+    after = weights(scaled)
+    assert not torch.equal(before["field.mlp.0.weight"], after["field.mlp.0.weight"])
+    # resume keeps the two groups and their rates
+    folder = scaled.save_checkpoint()
+    again = make_trainer(prior_dir, prompts_file, tmp_path / "scaled", resume=False, trainer__max_steps=2,
+                         trainer__mapping_lr_scale=0.25, trainer__warmup_steps=0)
+    again.load_checkpoint(folder)
+    assert [g["lr"] for g in again.optimizer.param_groups] == [g["lr"] for g in scaled.optimizer.param_groups]
+    from att3d.train.trainer import trainer_config_from_dict
+    from att3d.utils.errors import Att3dError
+
+    with pytest.raises(Att3dError, match="trainer.mapping_lr_scale must be greater than 0"):
+        trainer_config_from_dict({"mapping_lr_scale": 0})

@@ -68,8 +68,16 @@ class Objective:
         """Called once by the trainer after it built the model, prompts and embeddings (before any resume)."""
 
     def param_groups(self, trainer: Trainer) -> list[dict[str, Any]]:
-        """The optimiser's parameter groups (each with its base ``lr``): by default every model parameter."""
-        return [{"params": [p for p in trainer.model.parameters() if p.requires_grad], "lr": trainer.cfg.lr}]
+        """The optimiser's parameter groups (each with its base ``lr``): by default every model parameter at
+        ``trainer.lr``; with ``trainer.mapping_lr_scale`` != 1 the mapping network's parameters form a second group
+        at ``mapping_lr_scale * lr`` (the first group, whose rate is logged, holds the rest)."""
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        lr, scale = trainer.cfg.lr, trainer.cfg.mapping_lr_scale
+        if scale == 1.0:
+            return [{"params": params, "lr": lr}]
+        mapping = {id(p) for p in trainer.model.mapping.parameters()}
+        return [{"params": [p for p in params if id(p) not in mapping], "lr": lr},
+                {"params": [p for p in params if id(p) in mapping], "lr": lr * scale}]
 
     def step(self, trainer: Trainer, batch: Batch) -> StepResult:
         """The forward pass of one step for this rank's rows of ``batch``."""

@@ -146,6 +146,7 @@ class TrainerConfig:
     resolution: int = 32
     lr: float = 1e-3
     lr_final: float = 1.0  # < 1: cosine decay of the learning rate to lr_final * lr at the last step
+    mapping_lr_scale: float = 1.0  # the mapping network's learning rate is mapping_lr_scale * lr (the field's: lr)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -934,7 +935,8 @@ def _coerce(what: str, annotation: str, value: Any) -> Any:
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "max_steps": (0, None, False, False), "batch_size": (1, None, False, False),
     "views_per_prompt": (1, None, False, False), "resolution": (1, 8192, False, False),
-    "lr": (0, None, True, False), "lr_final": (0, None, False, False), "weight_decay": (0, None, False, False),
+    "lr": (0, None, True, False), "lr_final": (0, None, False, False), "mapping_lr_scale": (0, None, True, False),
+    "weight_decay": (0, None, False, False),
     "warmup_steps": (0, None, False, False), "grad_clip": (0, None, False, False),
     "opacity_reg": (0, None, False, False), "entropy_reg": (0, None, False, False),
     "radius": (0, None, True, False), "fov_deg": (0, 180, True, True), "checkpoint_every": (1, None, False, False),

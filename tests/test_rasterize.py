@@ -303,6 +303,22 @@ def test_antialias_leaves_shared_edges_and_interiors_alone():
     assert not ((out2 > 0) & (out2 < 1))[0, 5, 5].any()  # the far square's interior is not
 
 
+def test_render_mesh_antialias_moves_a_white_sphere_through_its_silhouette():
+    # A white mesh on black: only the silhouette depends on the vertex positions, so the vertices get a gradient
+    # only with antialiasing, and it grows the sphere towards a larger target's image.
+    vol = sdf_sphere(grid_points(24)).neg()
+    verts, faces = marching_cubes(vol, 0.0)
+    cams = OrbitCameras.evaluation(2)
+    target, _ = render_mesh(verts * 1.2, faces, cams, 32, background=None, antialias=True)
+    scale = torch.tensor(1.0, requires_grad=True)
+    rgb, _ = render_mesh(verts * scale, faces, cams, 32, background=None)
+    assert not rgb.requires_grad
+    rgb, mask = render_mesh(verts * scale, faces, cams, 32, background=None, antialias=True)
+    (rgb - target).square().sum().backward()
+    assert scale.grad < 0  # growing the sphere lowers the loss
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}  # the mask is the hard coverage
+
+
 def test_world_vertex_gradient_through_cameras():
     verts, faces = marching_cubes(sdf_sphere(grid_points(16)), 0.0)
     verts = verts.clone().requires_grad_()

@@ -314,7 +314,6 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
         (B, H, W, C) the antialiased image, differentiable w.r.t. ``colour`` and ``xy``.
     """
     B, H, W = face_id.shape
-    out = colour
     delta = torch.zeros_like(colour)
     depth = depth.detach()
     for dim in (2, 1):  # horizontal pairs (o, o + 1 column), then vertical ones (o, o + 1 row)
@@ -343,7 +342,7 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
             share_o = torch.where(past, torch.zeros_like(t), 0.5 - t) * (c_n - c_o)
             delta = delta.index_put((bi, rn, cn), share_n, accumulate=True)
             delta = delta.index_put((bi, ro, co), share_o, accumulate=True)
-    return out + delta
+    return colour + delta
 
 
 _antialias = antialias  # for render_mesh, whose argument of that name shadows it
@@ -405,6 +404,8 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: OrbitCameras,
         rgb: (B, H, W, 3); mask: (B, H, W) float foreground (1 covered, 0 background, before antialiasing).
     """
     H, W = _size(resolution)
+    if H != W:
+        raise ValueError("OrbitCameras render square images")
     world = verts if verts.dim() == 3 else verts[None].expand(len(cameras), -1, -1)
     xy, depth = cameras.project(world, H)
     rast = rasterize_screen(xy, depth, faces, (H, W), cull_backfaces=cull_backfaces)

@@ -204,6 +204,22 @@ def rasterize_screen(xy: torch.Tensor, depth: torch.Tensor | None, faces: torch.
     return RasterOutput(face_id=face_id, bary=bary, depth=depth_map)
 
 
+def project_vertices(verts: torch.Tensor, cameras: OrbitCameras, resolution: int | tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """World vertices seen by B cameras: pixel coordinates (B, V, 2) and view depths (B, V).
+
+    Args:
+        verts: (V, 3) shared by all cameras or (B, V, 3) one mesh per camera; resolution: H = W (the cameras are
+            square).
+    """
+    H, W = _size(resolution)
+    if H != W:
+        raise ValueError("OrbitCameras render square images")
+    if verts.dim() == 2:
+        verts = verts[None].expand(len(cameras), -1, -1)
+    return cameras.project(verts, H)
+
+
 def rasterize(verts: torch.Tensor, faces: torch.Tensor, resolution: int | tuple[int, int],
               cameras: OrbitCameras | None = None, cull_backfaces: bool = False,
               near: float = 1e-4) -> RasterOutput:
@@ -224,11 +240,7 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, resolution: int | tuple[
     """
     if cameras is not None:
         H, W = _size(resolution)
-        if H != W:
-            raise ValueError("OrbitCameras render square images")
-        if verts.dim() == 2:
-            verts = verts[None].expand(len(cameras), -1, -1)
-        xy, depth = cameras.project(verts, H)
+        xy, depth = project_vertices(verts, cameras, resolution)
     else:
         if verts.dim() != 3 or verts.shape[-1] != 4:
             raise ValueError(f"without cameras verts must be clip coordinates (B, V, 4), got {tuple(verts.shape)}")
@@ -403,12 +415,8 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: OrbitCameras,
     Returns:
         rgb: (B, H, W, 3); mask: (B, H, W) float foreground (1 covered, 0 background, before antialiasing).
     """
-    H, W = _size(resolution)
-    if H != W:
-        raise ValueError("OrbitCameras render square images")
-    world = verts if verts.dim() == 3 else verts[None].expand(len(cameras), -1, -1)
-    xy, depth = cameras.project(world, H)
-    rast = rasterize_screen(xy, depth, faces, (H, W), cull_backfaces=cull_backfaces)
+    xy, depth = project_vertices(verts, cameras, resolution)
+    rast = rasterize_screen(xy, depth, faces, resolution, cull_backfaces=cull_backfaces)
     B = rast.face_id.shape[0]
     mask = rast.mask[..., None].to(verts.dtype)
     if texture is not None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from att3d.mesh.cleanup import vertex_normals
 from att3d.mesh.density import density_grid
 from att3d.mesh.marching_tets import marching_tetrahedra
-from att3d.mesh.rasterize import RasterOutput, interpolate, rasterize_screen
+from att3d.mesh.rasterize import RasterOutput, interpolate, project_vertices, rasterize_screen
 from att3d.mesh.rasterize import antialias as antialias_edges
 from att3d.render.cameras import OrbitCameras
 from att3d.render.shading import lambert
@@ -193,7 +193,7 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         if mesh.empty:
             points.append(torch.zeros(0, 3, device=device, dtype=dtype))
             continue
-        xy, zv = cameras.index([b]).project(mesh.verts[None], H)
+        xy, zv = project_vertices(mesh.verts, cameras.index([b]), H)
         rast = rasterize_screen(xy, zv, mesh.faces, H)
         if antialias:
             edges.append((b, rast, xy, mesh.faces))

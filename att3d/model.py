@@ -236,22 +236,32 @@ class AmortizedModel(torch.nn.Module):
         return generate_meshes(self, prompts, **kw)
 
     # -- files -------------------------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
         """Write ``model_config.json`` and ``model.safetensors`` as the folder ``folder``, atomically: the files go
         to a temporary folder that then replaces ``folder`` as a whole (:func:`~att3d.utils.checkpoint.atomic_folder`),
         so ``folder`` is never half-written; a refused write is a one-line
-        :class:`~att3d.utils.checkpoint.WriteError`."""
+        :class:`~att3d.utils.checkpoint.WriteError`. ``dtype`` (e.g. ``torch.float16``, as the shipped models are
+        stored): the floating-point weights are written in that precision; :meth:`from_pretrained` converts them
+        back to the model's (float32)."""
         folder = Path(folder)
         with atomic_folder(folder) as tmp:
-            self.write_files(tmp, extra)
+            self.write_files(tmp, extra, dtype=dtype)
         return folder
 
-    def write_files(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    def write_files(self, folder: str | os.PathLike, extra: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> None:
         """Write ``model_config.json`` and ``model.safetensors`` into the existing ``folder`` (each file atomically;
         :meth:`save_pretrained` makes the folder atomic). ``extra`` is the record of how the model was made; the
-        one a loaded model came with (``config["extra"]``) is not written again."""
+        one a loaded model came with (``config["extra"]``) is not written again. ``dtype``: the precision of the
+        floating-point weights in the file (None: the model's own)."""
         folder = Path(folder)
-        save_tensors(folder / WEIGHTS_NAME, self.state_dict())
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_tensors(folder / WEIGHTS_NAME, state)
         config = {k: v for k, v in self.config.items() if k != "extra"}
         save_json(folder / CONFIG_NAME, {"att3d_model": 1, **config, **({"extra": extra} if extra else {})})
 

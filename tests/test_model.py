@@ -51,6 +51,29 @@ def test_save_and_load_round_trip(model, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6)
 
 
+def test_fp16_folder_holds_half_weights_and_loads_into_float32(model, tmp_path):
+    from att3d.utils.checkpoint import load_tensors
+
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    stored = load_tensors(tmp_path / "half" / "model.safetensors")
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    size = {k: (tmp_path / k / "model.safetensors").stat().st_size for k in ("full", "half")}
+    assert size["half"] < 0.6 * size["full"]
+    back = att3d.load(tmp_path / "half")
+    own = model.state_dict()
+    for k, v in back.state_dict().items():  # float32 again, equal to the model's weights rounded to fp16
+        assert v.dtype == own[k].dtype
+        torch.testing.assert_close(v, own[k].half().to(own[k].dtype), rtol=0, atol=0)
+    prompts = ["a red cube", "a pink sphere"]
+    with torch.no_grad():
+        a, b = model.eval().conditioning(prompts), back.conditioning(prompts)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="floating-point"):
+        model.save_pretrained(tmp_path / "bad", dtype=torch.int8)
+
+
 def test_checkpoint_from_another_architecture_is_a_one_line_error(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
     other = AmortizedModel(tiny_config(max_resolution=12), text_encoder=model.text_encoder)

@@ -87,6 +87,9 @@ def test_sampling_matches_a_hand_computed_case():
     # concat keeps the planes apart (B, N, 3C); sum adds them (B, N, C)
     assert combine_planes(out, "concat").tolist() == [[[xy, xz, yz]]]
     torch.testing.assert_close(combine_planes(out, "sum"), torch.tensor([[[xy + xz + yz]]]))
+    # product multiplies them (K-planes); concat_product is the three planes, then their product
+    torch.testing.assert_close(combine_planes(out, "product"), torch.tensor([[[xy * xz * yz]]]))
+    torch.testing.assert_close(combine_planes(out, "concat_product"), torch.tensor([[[xy, xz, yz, xy * xz * yz]]]))
 
 
 def test_sampling_hits_vertices_matches_the_reference_and_clamps_outside():
@@ -132,8 +135,10 @@ def test_field_contract_shapes_and_initial_density():
     assert ((rgb - 0.5).abs() < 0.05).all()
     with pytest.raises(ValueError, match="cond\\['planes'\\] must be"):
         field(pts, {"planes": torch.zeros(2, 3, 4, 6, 6), "latent": cond["latent"]})
+    assert TriplaneField(channels=4, combine="concat_product", latent_dim=0).features_at(
+        torch.zeros(1, 5, 3), {"planes": torch.zeros(1, 3, 4, 32, 32)}).shape == (1, 5, 16 + 3)
     with pytest.raises(ValueError, match="combine"):
-        TriplaneField(combine="product")
+        TriplaneField(combine="max")
 
 
 # -- the generator --------------------------------------------------------------------------------------------

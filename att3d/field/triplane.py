@@ -15,7 +15,11 @@ Conventions (shared by every function here):
   the box faces, as in :mod:`att3d.field.encoding`; outside the box the features are clamped to the border
   (the density is zero there anyway).
 - Sampling is bilinear (:func:`torch.nn.functional.grid_sample`); the three planes' features are combined by
-  ``concat`` (B, N, 3C; the default) or ``sum`` (B, N, C; EG3D-style aggregation).
+  ``concat`` (B, N, 3C; the default), ``sum`` (B, N, C; EG3D-style aggregation), ``product`` (B, N, C; the
+  Hadamard product of K-planes, Fridovich-Keil et al. 2023) or ``concat_product`` (B, N, 4C: the three planes and
+  their product). A sum or concatenation can only add the planes' evidence, so a small decoder MLP makes
+  intersections of extrusions (a cube) easily but not shapes whose cross-section depends on the height (a cone,
+  a pyramid, a torus's tube); the product gives it the interaction of the three planes directly.
 
 Output conventions are the grid field's (:class:`att3d.field.grid_field.GridField`): density
 ``act(raw + bump(x) + density_bias)`` with the same Magic3D-style centre bump and ``softplus`` (or ``exp``)
@@ -40,7 +44,7 @@ from att3d.registry import FIELDS
 
 #: The two world axes (0 = x, 1 = y, 2 = z) spanned by each plane, in storage order ``[c, i_a, i_b]``.
 PLANE_AXES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
-COMBINE_MODES = ("concat", "sum")
+COMBINE_MODES = ("concat", "sum", "product", "concat_product")
 
 
 def plane_coords(points: torch.Tensor) -> torch.Tensor:
@@ -114,11 +118,16 @@ def triplane_sample_reference(planes: torch.Tensor, points: torch.Tensor) -> tor
 
 
 def combine_planes(feats: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, N, 3, C) per-plane features -> (B, N, 3C) (``concat``) or (B, N, C) (``sum``)."""
+    """(B, N, 3, C) per-plane features -> (B, N, 3C) (``concat``), (B, N, C) (``sum``, ``product``) or
+    (B, N, 4C) (``concat_product``: the three planes' features, then their product)."""
     if mode == "concat":
         return feats.flatten(-2)
     if mode == "sum":
         return feats.sum(dim=-2)
+    if mode == "product":
+        return feats.prod(dim=-2)
+    if mode == "concat_product":
+        return torch.cat([feats.flatten(-2), feats.prod(dim=-2)], dim=-1)
     raise ValueError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
 
 
@@ -134,7 +143,8 @@ class TriplaneField(nn.Module):
     Args:
         channels: C, features per plane.
         resolution: R, vertices per plane axis.
-        combine: ``concat`` (MLP input 3C) or ``sum`` (C) of the three planes' features.
+        combine: ``concat`` (MLP input 3C), ``sum`` (C), ``product`` (C) or ``concat_product`` (4C) of the three
+            planes' features (see the module's conventions).
         hidden_dim, num_hidden_layers: the shared MLP (SiLU).
         include_position: also feed the (normalised) point to the MLP.
         feature_scale: fixed multiplier of the sampled plane features.
@@ -175,7 +185,7 @@ class TriplaneField(nn.Module):
         self.blob_radius = float(blob_radius)
         self.bound = float(bound)
 
-        feat_dim = self.channels * (3 if combine == "concat" else 1)
+        feat_dim = self.channels * {"concat": 3, "sum": 1, "product": 1, "concat_product": 4}[combine]
         in_dim = feat_dim + (3 if self.include_position else 0) + self.latent_dim
         self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
 

@@ -265,14 +265,14 @@ def test_mapping_lr_scale_gives_the_mapping_its_own_rate(prior_dir, prompts_file
         trainer_config_from_dict({"mapping_lr_scale": 0})
 
 
-def test_polish_experiment_is_shapes64_with_the_refinement_schedule_from_a_trained_model():
+def test_polish_experiment_is_shapes64_on_the_low_noise_steps_from_a_trained_model():
     """experiment=shapes64_polish: the shapes64 recipe (prompts, batch, lr) from a trained model's weights, with
-    guidance 2 on the low-noise half of the timesteps and the learning rate decaying to 10%."""
+    score distillation on t <= 0.5 T only, at guidance 2, and the learning rate decaying to 10%."""
     base, polish = compose(["experiment=shapes64"]), compose(["experiment=shapes64_polish"])
     assert polish["init_from"] == "assets/att3d-shapes64" and base["init_from"] is None
     assert polish["prompts"] == base["prompts"] and polish["trainer"]["batch_size"] == base["trainer"]["batch_size"]
     g = polish["guidance"]
-    assert (g["guidance_scale"], g["guidance_scale_low"], g["low_t"]) == (5.0, 2.0, 0.5)
-    assert base["guidance"]["guidance_scale_low"] is None
+    assert (g["guidance_scale"], g["guidance_scale_low"], list(g["t_range"])) == (2.0, None, [0.02, 0.5])
+    assert (base["guidance"]["guidance_scale"], list(base["guidance"]["t_range"])) == (5.0, [0.02, 0.98])
     assert polish["trainer"]["lr_final"] == 0.1 and polish["trainer"]["max_steps"] == 1000
     assert compose(["experiment=shapes64_polish", "init_from=runs/x/model"])["init_from"] == "runs/x/model"

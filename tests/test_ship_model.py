@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 import att3d
 from att3d.model import AmortizedModel
 from att3d.utils.checkpoint import load_tensors
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ship_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests._tiny import load_script, tiny_config
 
 
 def tiny_model() -> AmortizedModel:
     torch.manual_seed(0)
-    return AmortizedModel({
-        "text_encoder": {"name": "minilm", "max_length": 8},
-        "mapping": {"name": "hypernetwork", "hidden_dim": 8},
-        "field": {"name": "grid", "num_levels": 2, "base_resolution": 4, "max_resolution": 8, "hidden_dim": 8,
-                  "latent_dim": 4},
-        "renderer": {"name": "volume", "num_samples": 16, "backend": "torch"},
-    })
+    return AmortizedModel(tiny_config())
 
 
 def test_ship_writes_half_weights_and_keeps_the_folder_s_other_files(tmp_path, capsys):
-    ship = load_script()
+    ship = load_script("ship_model")
     tiny_model().save_pretrained(tmp_path / "run" / "model", extra={"steps": 7, "stage": "nerf"})
     dest = tmp_path / "asset"
     dest.mkdir()

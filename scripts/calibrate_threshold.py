@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import att3d
+    from att3d.mesh.extract import extraction_threshold
     from att3d.text.prompts import resolve_prompts
     from att3d.utils.errors import Att3dError
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     best = max(scores, key=scores.get)
-    current = float(model.config.get("extraction", {}).get("threshold", 5.0))
+    current = extraction_threshold(model)
     lines = ["| threshold | silhouette IoU, mesh vs the field's own renders |", "|---:|---:|"]
     lines += [f"| {t:g}{' (model)' if t == current else ''}{' **best**' if t == best else ''} | {s:.4f} |"
               for t, s in scores.items()]

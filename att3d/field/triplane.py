@@ -44,7 +44,9 @@ from att3d.registry import FIELDS
 
 #: The two world axes (0 = x, 1 = y, 2 = z) spanned by each plane, in storage order ``[c, i_a, i_b]``.
 PLANE_AXES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
-COMBINE_MODES = ("concat", "sum", "product", "concat_product")
+#: Each way of combining the three planes' features, and the MLP input it gives, in multiples of C.
+COMBINE_WIDTHS: dict[str, int] = {"concat": 3, "sum": 1, "product": 1, "concat_product": 4}
+COMBINE_MODES = tuple(COMBINE_WIDTHS)
 
 
 def plane_coords(points: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,7 @@ class TriplaneField(nn.Module):
         self.blob_radius = float(blob_radius)
         self.bound = float(bound)
 
-        feat_dim = self.channels * {"concat": 3, "sum": 1, "product": 1, "concat_product": 4}[combine]
+        feat_dim = self.channels * COMBINE_WIDTHS[combine]
         in_dim = feat_dim + (3 if self.include_position else 0) + self.latent_dim
         self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
 
@@ -267,5 +269,5 @@ class TriplaneField(nn.Module):
                 f"bound={self.bound}")
 
 
-__all__ = ["COMBINE_MODES", "PLANE_AXES", "TriplaneField", "combine_planes", "density_bump", "plane_coords",
-           "triplane_sample", "triplane_sample_reference"]
+__all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "PLANE_AXES", "TriplaneField", "combine_planes", "density_bump",
+           "plane_coords", "triplane_sample", "triplane_sample_reference"]

@@ -238,13 +238,12 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, resolution: int | tuple[
     Returns:
         :class:`RasterOutput` with (B, H, W) maps.
     """
+    H, W = _size(resolution)
     if cameras is not None:
-        H, W = _size(resolution)
         xy, depth = project_vertices(verts, cameras, resolution)
     else:
         if verts.dim() != 3 or verts.shape[-1] != 4:
             raise ValueError(f"without cameras verts must be clip coordinates (B, V, 4), got {tuple(verts.shape)}")
-        H, W = _size(resolution)
         depth = verts[..., 3]
         ndc = verts[..., :2] / depth[..., None]
         xy = torch.stack([(ndc[..., 0] + 1.0) * 0.5 * W, (1.0 - ndc[..., 1]) * 0.5 * H], dim=-1)

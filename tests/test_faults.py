@@ -320,16 +320,17 @@ def test_bad_input_is_a_one_line_error_through_the_cli(setup, checkpointed_run, 
     mismatch = tmp_path / "mismatch"
     shutil.copytree(checkpointed_run, mismatch)
     saved_config = (mismatch / "config.yaml").read_text()
-    run = tmp_path / "run"
+    # one run folder per case: the processes run at once, and a run folder is locked by whichever gets there first
+    runs = {name: tmp_path / f"run-{i}" for i, name in enumerate(["key", "missing", "latin1", "empty"])}
     cases = {
-        "unknown config key": (overrides(setup, run, trainer__no_such_option=1),
+        "unknown config key": (overrides(setup, runs["key"], trainer__no_such_option=1),
                                "Could not override 'trainer.no_such_option': Key 'no_such_option' not in "
                                "'TrainerConfigSchema' (to append to your config use +trainer.no_such_option=1)"),
-        "missing prompt file": (overrides(setup, run, prompts__train=tmp_path / "nope.txt"),
+        "missing prompt file": (overrides(setup, runs["missing"], prompts__train=tmp_path / "nope.txt"),
                                 f"prompt file not found: {tmp_path / 'nope.txt'}"),
-        "non-UTF-8 prompt file": (overrides(setup, run, prompts__train=tmp_path / "latin1.txt"),
+        "non-UTF-8 prompt file": (overrides(setup, runs["latin1"], prompts__train=tmp_path / "latin1.txt"),
                                   f"prompt file {tmp_path / 'latin1.txt'} is not UTF-8 text (byte 19)"),
-        "empty prompt": (overrides(setup, run, prompts__train="['a red cube','   ']"), "empty prompt"),
+        "empty prompt": (overrides(setup, runs["empty"], prompts__train="['a red cube','   ']"), "empty prompt"),
         "checkpoint of another architecture": (
             [f"resume={mismatch}", "field.max_resolution=16"],
             f"checkpoint {mismatch}/checkpoints/step-0000002/model.safetensors is from another architecture: "),
@@ -345,7 +346,7 @@ def test_bad_input_is_a_one_line_error_through_the_cli(setup, checkpointed_run, 
         assert len(lines) == 1 and lines[0].startswith(f"att3d: error: {cases[name][1]}"), f"{name}: {err[-3000:]}"
     # the failed resume left the run's config alone (a plain resume still works), and no run was started
     assert (mismatch / "config.yaml").read_text() == saved_config
-    assert not (run / "config.yaml").exists()
+    assert not any((run / "config.yaml").exists() for run in runs.values())
 
 
 def test_more_bad_input_is_a_one_line_error(setup, checkpointed_run, tmp_path, capfd):

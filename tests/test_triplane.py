@@ -141,6 +141,34 @@ def test_field_contract_shapes_and_initial_density():
         TriplaneField(combine="max")
 
 
+def test_latent_mode_colour_shifts_the_colour_only():
+    """``latent_mode="colour"``: the code shifts the colour logits by ``Linear(latent)``; the density is the
+    planes' alone (the code is not an MLP input)."""
+    torch.manual_seed(0)
+    field = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3, latent_mode="colour")
+    assert field.conditioning_shapes() == {"planes": (3, 4, 8, 8), "latent": (3,)}
+    assert field.mlp[0].in_features == 12 + 3 and field.colour_shift.in_features == 3
+    with torch.no_grad():
+        field.mlp[-1].weight.normal_()
+        field.colour_shift.weight.normal_()
+    planes = torch.randn(2, 3, 4, 8, 8) * 0.5
+    a = {"planes": planes, "latent": torch.randn(2, 3)}
+    b = {"planes": planes, "latent": torch.randn(2, 3)}
+    p = torch.rand(2, 20, 3) * 2 - 1
+    (da, ca), (db, cb) = field(p, a), field(p, b)
+    torch.testing.assert_close(da, db)  # the code does not reach the density
+    assert (ca - cb).abs().max() > 1e-2  # it does reach the colour
+    # raw = MLP(planes, position) + [0, Linear(latent)], hand-computed
+    shift = a["latent"] @ field.colour_shift.weight.T + field.colour_shift.bias
+    expected = field.mlp(field.features_at(p, a)) + torch.cat([torch.zeros(2, 1), shift], dim=1)[:, None, :]
+    torch.testing.assert_close(field.raw(p, a), expected)
+    # a fresh field's colour is still grey (the shift starts at a tenth of its default scale, zero bias)
+    fresh = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3, latent_mode="colour")
+    assert ((fresh(p, a)[1] - 0.5).abs() < 0.05).all()
+    with pytest.raises(ValueError, match="latent_mode"):
+        TriplaneField(latent_mode="density")
+
+
 # -- the generator --------------------------------------------------------------------------------------------
 
 
@@ -184,6 +212,28 @@ def test_generator_reads_real_tokens_only_and_items_are_independent():
     assert (m(other)["planes"] - out["planes"]).abs().max() > 1e-4
     one = m(emb.index(slice(2, 3)))
     assert all(torch.allclose(one[k][0], out[k][2], atol=1e-5) for k in out)
+
+
+def test_code_from_text_reads_the_pooled_embedding_in_one_linear_layer():
+    torch.manual_seed(0)
+    kw = dict(width=16, min_width=8, context_dim=8, heads=2, min_head_dim=4)
+    shapes = {"planes": (3, 4, 8, 8), "latent": (3,)}
+    plain = TriplaneGenerator(5, 12, shapes, **kw).eval()
+    texted = TriplaneGenerator(5, 12, shapes, code_from_text=True, **kw).eval()
+    assert plain.vector_head[1].in_features == 48 and texted.vector_head[1].in_features == 48 + 12
+    emb = _emb(3)
+    # with the feature columns zeroed, the code is a linear function of the layer-normed pooled embedding alone
+    with torch.no_grad():
+        texted.vector_head[1].weight[:, :48] = 0
+    code = texted(emb)["latent"]
+    pooled = torch.nn.functional.layer_norm(emb.pooled, (12,))
+    expected = pooled @ texted.vector_head[1].weight[:, 48:].T + texted.vector_head[1].bias
+    assert torch.allclose(code, expected, atol=1e-5)
+    # and the pooled embedding changes the code directly (the planes' generator is the same module either way)
+    nudge = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
+    other = TextEmbedding(emb.tokens, emb.mask, emb.pooled + nudge)
+    assert (texted(other)["latent"] - code).abs().max() > 1e-3
+    assert plain(emb)["planes"].shape == texted(emb)["planes"].shape == (3, 3, 4, 8, 8)
 
 
 def test_default_size_and_initial_state():

@@ -47,6 +47,8 @@ PLANE_AXES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
 #: Each way of combining the three planes' features, and the MLP input it gives, in multiples of C.
 COMBINE_WIDTHS: dict[str, int] = {"concat": 3, "sum": 1, "product": 1, "concat_product": 4}
 COMBINE_MODES = tuple(COMBINE_WIDTHS)
+#: How the per-prompt code enters the decoder (see :class:`TriplaneField`).
+LATENT_MODES = ("input", "colour")
 
 
 def plane_coords(points: torch.Tensor) -> torch.Tensor:
@@ -150,8 +152,12 @@ class TriplaneField(nn.Module):
         hidden_dim, num_hidden_layers: the shared MLP (SiLU).
         include_position: also feed the (normalised) point to the MLP.
         feature_scale: fixed multiplier of the sampled plane features.
-        latent_dim: also take a per-prompt code ``cond["latent"]`` (B, latent_dim), concatenated to the MLP input
-            (as the grid field's; 0: none).
+        latent_dim: also take a per-prompt code ``cond["latent"]`` (B, latent_dim) (0: none).
+        latent_mode: how the code enters: ``input``, concatenated to the MLP input (as the grid field's: it
+            conditions density and colour), or ``colour``, a per-prompt shift of the colour logits only
+            (``Linear(latent) -> 3``), so that the density is the planes' alone. With the ground truth as teacher
+            the code as an input is a shortcut that blurs the shapes (a DeepSDF-like blob from the code and the
+            position: the torus's hole fills), while without any code the colour suffers; ``colour`` keeps both.
         density_activation: ``softplus`` or ``exp`` (trunc_exp).
         density_bias: constant added before the activation (negative: empty space far from the bump).
         blob_density, blob_radius: the initial density bump at the centre.
@@ -165,12 +171,15 @@ class TriplaneField(nn.Module):
 
     def __init__(self, channels: int = 8, resolution: int = 32, combine: str = "concat", hidden_dim: int = 16,
                  num_hidden_layers: int = 2, include_position: bool = True, feature_scale: float = 1.0,
-                 latent_dim: int = 16, density_activation: str = "softplus", density_bias: float = -4.0,
-                 blob_density: float = 10.0, blob_radius: float = 0.4, bound: float = 1.0):
+                 latent_dim: int = 16, latent_mode: str = "input", density_activation: str = "softplus",
+                 density_bias: float = -4.0, blob_density: float = 10.0, blob_radius: float = 0.4,
+                 bound: float = 1.0):
         super().__init__()
         if density_activation not in DENSITY_ACTIVATIONS:
             raise ValueError(
                 f"density_activation must be one of {sorted(DENSITY_ACTIVATIONS)}, got {density_activation!r}")
+        if latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
         if channels < 1 or resolution < 2:
@@ -181,6 +190,7 @@ class TriplaneField(nn.Module):
         self.include_position = bool(include_position)
         self.feature_scale = float(feature_scale)
         self.latent_dim = int(latent_dim)
+        self.latent_mode = latent_mode
         self.density_activation = density_activation
         self.density_bias = float(density_bias)
         self.blob_density = float(blob_density)
@@ -188,8 +198,15 @@ class TriplaneField(nn.Module):
         self.bound = float(bound)
 
         feat_dim = self.channels * COMBINE_WIDTHS[combine]
-        in_dim = feat_dim + (3 if self.include_position else 0) + self.latent_dim
+        latent_in = self.latent_dim if latent_mode == "input" else 0
+        in_dim = feat_dim + (3 if self.include_position else 0) + latent_in
         self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
+        self.colour_shift = None
+        if latent_mode == "colour" and self.latent_dim:
+            self.colour_shift = nn.Linear(self.latent_dim, 3)  # at a tenth of its default scale, as the MLP's head
+            with torch.no_grad():
+                self.colour_shift.weight.mul_(0.1)
+                self.colour_shift.bias.zero_()
 
     # -- contract ---------------------------------------------------------------------------
 
@@ -203,7 +220,8 @@ class TriplaneField(nn.Module):
         return density_bump(points, self.blob_density, self.blob_radius)
 
     def features_at(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """MLP input ``[plane features, x, latent]``. points: (B, N, 3) world -> (B, N, in_dim).
+        """MLP input ``[plane features, x, latent]`` (no latent with ``latent_mode="colour"``).
+        points: (B, N, 3) world -> (B, N, in_dim).
 
         (:meth:`forward` applies the MLP's first layer to the three parts separately, the latent once per
         prompt, which gives the same ``mlp(features_at(points, cond))`` without building this tensor.)
@@ -211,7 +229,7 @@ class TriplaneField(nn.Module):
         B, N, _ = points.shape
         feats, x, latent = self._parts(points, cond)
         parts = [feats, x] if x is not None else [feats]
-        if latent is not None:
+        if latent is not None and self.latent_mode == "input":
             parts.append(latent[:, None, :].expand(B, N, self.latent_dim))
         return torch.cat(parts, dim=-1)
 
@@ -232,8 +250,9 @@ class TriplaneField(nn.Module):
     def raw(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """The MLP's output before the activations: (B, N, 3) points -> (B, N, 4) (density, r, g, b).
 
-        Equal to ``mlp(features_at(points, cond))``; the first layer is applied part by part (the latent's
-        share once per prompt), about a third faster on a CPU.
+        Equal to ``mlp(features_at(points, cond))`` (plus the code's colour shift with ``latent_mode="colour"``);
+        the first layer is applied part by part (the latent's share once per prompt), about a third faster on a
+        CPU.
         """
         feats, x, latent = self._parts(points, cond)
         first = self.mlp[0]
@@ -243,9 +262,13 @@ class TriplaneField(nn.Module):
             h = h + F.linear(x, first.weight[:, nf:nf + 3])
             nf += 3
         bias = first.bias
-        if latent is not None:
+        if latent is not None and self.colour_shift is None:
             bias = F.linear(latent, first.weight[:, nf:], bias)[:, None, :]  # (B|1, 1, hidden)
-        return self.mlp[1:](h + bias)
+        raw = self.mlp[1:](h + bias)
+        if latent is not None and self.colour_shift is not None:
+            shift = self.colour_shift(latent)[:, None, :]  # (B|1, 1, 3)
+            raw = torch.cat([raw[..., :1], raw[..., 1:] + shift], dim=-1)
+        return raw
 
     def forward(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Density and colour.
@@ -265,9 +288,9 @@ class TriplaneField(nn.Module):
         return self.forward(points, cond)[0]
 
     def extra_repr(self) -> str:
-        return (f"planes=3x{self.channels}x{self.resolution}^2, combine={self.combine}, latent_dim={self.latent_dim}, "
-                f"bound={self.bound}")
+        return (f"planes=3x{self.channels}x{self.resolution}^2, combine={self.combine}, latent_dim={self.latent_dim} "
+                f"({self.latent_mode}), bound={self.bound}")
 
 
-__all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "PLANE_AXES", "TriplaneField", "combine_planes", "density_bump",
-           "plane_coords", "triplane_sample", "triplane_sample_reference"]
+__all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "LATENT_MODES", "PLANE_AXES", "TriplaneField", "combine_planes",
+           "density_bump", "plane_coords", "triplane_sample", "triplane_sample_reference"]

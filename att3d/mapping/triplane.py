@@ -138,6 +138,9 @@ class TriplaneGenerator(nn.Module):
         use_tokens: attend to the token embeddings (True, LATTE3D) or to the pooled embedding alone (False).
         layer_norm: LayerNorm (no affine) of the tokens and the pooled embedding.
         output_scale: multiplier of every output (small values: small initial planes and codes).
+        code_from_text: the per-prompt vector head also reads the (layer-normed) pooled text embedding, beside
+            the level-0 features, so a global property such as the colour reaches the field's code in one
+            linear layer, as in the hypernetwork (False: the features alone).
 
     Shapes: ``forward(emb)`` with ``emb.tokens (B, text_len, text_dim)``, ``emb.mask (B, text_len)`` and
     ``emb.pooled (B, text_dim)`` gives ``{name: (B, *shape)}`` for every entry of ``out_shapes``.
@@ -146,11 +149,12 @@ class TriplaneGenerator(nn.Module):
     def __init__(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]], width: int = 64,
                  min_width: int = 16, seed_resolution: int = 4, blocks_per_level: int = 1, heads: int = 4,
                  min_head_dim: int = 16, context_dim: int = 64, use_tokens: bool = True, layer_norm: bool = True,
-                 output_scale: float = 1.0):
+                 output_scale: float = 1.0, code_from_text: bool = False):
         super().__init__()
         self.text_len, self.text_dim = int(text_len), int(text_dim)
         self.out_shapes = {k: tuple(int(d) for d in v) for k, v in out_shapes.items()}
         self.use_tokens = bool(use_tokens)
+        self.code_from_text = bool(code_from_text)
         self.output_scale = float(output_scale)
         self.plane_keys = [k for k, s in self.out_shapes.items() if is_plane_shape(s)]
         self.vector_shapes = {k: s for k, s in self.out_shapes.items() if k not in self.plane_keys}
@@ -188,8 +192,10 @@ class TriplaneGenerator(nn.Module):
             self.head = None
         self.vector_dim = total_size(self.vector_shapes)
         if self.vector_dim:
+            # [0] normalises the features only (the pooled embedding has its own norm); [1] reads both
             self.vector_head = nn.Sequential(nn.LayerNorm(3 * w0, elementwise_affine=False),
-                                             nn.Linear(3 * w0, self.vector_dim))
+                                             nn.Linear(3 * w0 + (text_dim if self.code_from_text else 0),
+                                                       self.vector_dim))
         else:
             self.vector_head = None
 
@@ -215,8 +221,8 @@ class TriplaneGenerator(nn.Module):
         return emb.pooled
 
     def features(self, emb: TextEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder features: the last level's (B, 3, W_K, r 2^K, r 2^K) and the level-0 ones averaged over
-        space (B, 3, W_0)."""
+        """Decoder features: the last level's (B, 3, W_K, r 2^K, r 2^K) and the vector head's input (B, 3 W_0
+        [+ text_dim]): the level-0 ones averaged over space, layer-normed [and the normed pooled embedding]."""
         pooled = self.text_norm(self.pooled(emb))
         B = pooled.shape[0]
         context, mask = self.text_context(emb)
@@ -231,8 +237,10 @@ class TriplaneGenerator(nn.Module):
             x = x + self.plane_embed[k].repeat(B, 1).reshape(B * 3, w, 1, 1)
             for conv, attn in blocks:
                 x = attn(conv(x), context, mask)
-            if k == 0:
-                summary = x.mean(dim=(2, 3)).reshape(B, 3, w)
+            if k == 0 and self.vector_head is not None:
+                summary = self.vector_head[0](x.mean(dim=(2, 3)).reshape(B, 3 * w))
+                if self.code_from_text:
+                    summary = torch.cat([summary, pooled], dim=-1)
             if k < len(self.ups):
                 x = self.ups[k](F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return x.reshape(B, 3, *x.shape[1:]), summary
@@ -250,7 +258,7 @@ class TriplaneGenerator(nn.Module):
             for key, part in zip(self.plane_keys, x.split(self.plane_channels, dim=2)):
                 out[key] = part
         if self.vector_head is not None:
-            flat = self.vector_head(summary.reshape(B, -1)) * self.output_scale
+            flat = self.vector_head[1](summary) * self.output_scale
             out.update(split_outputs(flat, self.vector_shapes))
         return {k: out[k] for k in self.out_shapes}
 

@@ -33,10 +33,12 @@ MAPPING_BUILD_ARGS = ("text_len", "text_dim", "out_shapes")
 TINY_FIELDS: dict[str, list[dict[str, Any]]] = {
     "grid": [{"resolutions": [4, 8], "hidden_dim": 8, "latent_dim": 3},
              {"generated": False, "resolutions": [4, 8], "hidden_dim": 8, "text_dim": 5},
-             {"resolutions": [4, 12], "hashmap_size": 512, "hidden_dim": 8, "density_activation": "exp"}],
+             {"resolutions": [4, 12], "hashmap_size": 512, "hidden_dim": 8, "density_activation": "exp"},
+             {"resolutions": [4, 8], "hidden_dim": 8, "latent_dim": 3, "latent_mode": "colour"}],
     "triplane": [{"channels": 3, "resolution": 6, "hidden_dim": 8, "latent_dim": 3},
                  {"channels": 2, "resolution": 5, "combine": "sum", "hidden_dim": 8, "latent_dim": 0,
-                  "density_activation": "exp"}],
+                  "density_activation": "exp"},
+                 {"channels": 3, "resolution": 6, "hidden_dim": 8, "latent_dim": 3, "latent_mode": "colour"}],
 }
 TINY_MAPPINGS: dict[str, dict[str, Any]] = {
     "hypernetwork": {"hidden_dim": 8}, "concat": {"hidden_dim": 8},

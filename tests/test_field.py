@@ -197,3 +197,35 @@ def test_level_gain_scales_features():
     with torch.no_grad():
         field.level_gain.mul_(2.0)
     assert torch.allclose(field.features_at(pts, cond), 2 * f1)
+
+
+@pytest.mark.parametrize("name, kwargs", [("grid", {"resolutions": [4, 8]}),
+                                          ("triplane", {"channels": 4, "resolution": 8})])
+def test_latent_mode_colour_shifts_the_colour_only(name, kwargs):
+    """``latent_mode="colour"``: the code shifts the colour logits by ``Linear(latent)``; the density is the
+    grid's / planes' alone (the code is not an MLP input)."""
+    torch.manual_seed(0)
+    field = FIELDS.build(name, hidden_dim=8, latent_dim=3, latent_mode="colour", **kwargs)
+    plain = FIELDS.build(name, hidden_dim=8, latent_dim=3, **kwargs)
+    assert field.conditioning_shapes() == plain.conditioning_shapes()  # the same code from the mapping
+    assert field.mlp[0].in_features == plain.mlp[0].in_features - 3 and field.colour_shift.in_features == 3
+    with torch.no_grad():
+        field.mlp[-1].weight.normal_()
+        field.colour_shift.weight.normal_()
+    shapes = field.conditioning_shapes()
+    g = torch.Generator().manual_seed(1)
+    a = {k: torch.randn(2, *s, generator=g) * 0.5 for k, s in shapes.items()}
+    b = {**a, "latent": torch.randn(2, 3, generator=g)}
+    p = torch.rand(2, 20, 3, generator=g) * 2 - 1
+    (da, ca), (db, cb) = field(p, a), field(p, b)
+    torch.testing.assert_close(da, db)  # the code does not reach the density
+    assert (ca - cb).abs().max() > 1e-2  # it does reach the colour
+    # colour = sigmoid(MLP(features, position) + Linear(latent)), hand-computed
+    shift = a["latent"] @ field.colour_shift.weight.T + field.colour_shift.bias
+    expected = torch.sigmoid(field.mlp(field.features_at(p, a))[..., 1:] + shift[:, None, :])
+    torch.testing.assert_close(ca, expected)
+    # a fresh field's colour is still grey (the shift starts at a tenth of its default scale, zero bias)
+    fresh = FIELDS.build(name, hidden_dim=8, latent_dim=3, latent_mode="colour", **kwargs)
+    assert ((fresh(p, a)[1] - 0.5).abs() < 0.05).all()
+    with pytest.raises(ValueError, match="latent_mode"):
+        FIELDS.build(name, latent_mode="density", **kwargs)

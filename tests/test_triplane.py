@@ -141,34 +141,6 @@ def test_field_contract_shapes_and_initial_density():
         TriplaneField(combine="max")
 
 
-def test_latent_mode_colour_shifts_the_colour_only():
-    """``latent_mode="colour"``: the code shifts the colour logits by ``Linear(latent)``; the density is the
-    planes' alone (the code is not an MLP input)."""
-    torch.manual_seed(0)
-    field = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3, latent_mode="colour")
-    assert field.conditioning_shapes() == {"planes": (3, 4, 8, 8), "latent": (3,)}
-    assert field.mlp[0].in_features == 12 + 3 and field.colour_shift.in_features == 3
-    with torch.no_grad():
-        field.mlp[-1].weight.normal_()
-        field.colour_shift.weight.normal_()
-    planes = torch.randn(2, 3, 4, 8, 8) * 0.5
-    a = {"planes": planes, "latent": torch.randn(2, 3)}
-    b = {"planes": planes, "latent": torch.randn(2, 3)}
-    p = torch.rand(2, 20, 3) * 2 - 1
-    (da, ca), (db, cb) = field(p, a), field(p, b)
-    torch.testing.assert_close(da, db)  # the code does not reach the density
-    assert (ca - cb).abs().max() > 1e-2  # it does reach the colour
-    # raw = MLP(planes, position) + [0, Linear(latent)], hand-computed
-    shift = a["latent"] @ field.colour_shift.weight.T + field.colour_shift.bias
-    expected = field.mlp(field.features_at(p, a)) + torch.cat([torch.zeros(2, 1), shift], dim=1)[:, None, :]
-    torch.testing.assert_close(field.raw(p, a), expected)
-    # a fresh field's colour is still grey (the shift starts at a tenth of its default scale, zero bias)
-    fresh = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3, latent_mode="colour")
-    assert ((fresh(p, a)[1] - 0.5).abs() < 0.05).all()
-    with pytest.raises(ValueError, match="latent_mode"):
-        TriplaneField(latent_mode="density")
-
-
 # -- the generator --------------------------------------------------------------------------------------------
 
 

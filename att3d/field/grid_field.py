@@ -76,6 +76,9 @@ class GridField(nn.Module):
             concatenated to the MLP input (equivalently: a generated bias of the MLP's first layer). It lets the
             mapping network set prompt-wide properties such as colour without writing them into every cell
             (0: no code). Ignored when ``generated`` is False.
+        latent_mode: how the code enters (see :data:`LATENT_MODES`): ``input`` (concatenated to the MLP input, as
+            above: it conditions density and colour) or ``colour`` (a per-prompt shift of the colour logits only,
+            :func:`colour_shift_layer`: the density is the grid's alone).
 
     Shapes: ``conditioning_shapes()`` is ``{"grid": (P_grid,), "latent": (latent_dim,)}`` (generated; no
     ``latent`` with ``latent_dim=0``) or ``{"text": (text_dim,)}`` (shared); ``forward(points (B, N, 3), cond)``
@@ -87,8 +90,10 @@ class GridField(nn.Module):
                  hashmap_size: int = 2**15, hidden_dim: int = 16, num_hidden_layers: int = 2, text_dim: int = 32,
                  include_position: bool = True, level_gain: bool = True, feature_scale: float = 1.0,
                  grid_init_std: float = 0.01, density_activation: str = "softplus", density_bias: float = -4.0,
-                 blob_density: float = 10.0, blob_radius: float = 0.4, bound: float = 1.0, latent_dim: int = 16):
+                 blob_density: float = 10.0, blob_radius: float = 0.4, bound: float = 1.0, latent_dim: int = 16,
+                 latent_mode: str = "input"):
         super().__init__()
+        check_latent_mode(latent_mode)
         if density_activation not in DENSITY_ACTIVATIONS:
             raise ValueError(
                 f"density_activation must be one of {sorted(DENSITY_ACTIVATIONS)}, got {density_activation!r}")
@@ -101,6 +106,7 @@ class GridField(nn.Module):
         self.generated = bool(generated)
         self.text_dim = 0 if self.generated else int(text_dim)
         self.latent_dim = int(latent_dim) if self.generated else 0
+        self.latent_mode = latent_mode
         self.include_position = bool(include_position)
         self.density_activation = density_activation
         self.density_bias = float(density_bias)
@@ -119,8 +125,10 @@ class GridField(nn.Module):
         else:
             self.register_parameter("grid", None)
 
-        in_dim = n_levels * self.features + (3 if self.include_position else 0) + self.text_dim + self.latent_dim
+        latent_in = self.latent_dim if latent_mode == "input" else 0
+        in_dim = n_levels * self.features + (3 if self.include_position else 0) + self.text_dim + latent_in
         self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
+        self.colour_shift = colour_shift_layer(self.latent_dim) if latent_mode == "colour" else None
 
     # -- contract ---------------------------------------------------------------------------
 
@@ -149,7 +157,7 @@ class GridField(nn.Module):
         parts = [feats * gain]
         if self.include_position:
             parts.append(x)
-        if self.latent_dim:
+        if self.latent_dim and self.colour_shift is None:
             parts.append(cond["latent"][:, None, :].to(feats.dtype).expand(B, N, self.latent_dim))
         if not self.generated:
             text = cond["text"]
@@ -169,6 +177,8 @@ class GridField(nn.Module):
             density: (B, N) >= 0 (zero outside the box); rgb: (B, N, 3) in [0, 1].
         """
         raw = self.mlp(self.features_at(points, cond))  # (B, N, 4)
+        if self.colour_shift is not None:
+            raw = shift_colour(raw, self.colour_shift, cond["latent"])
         return decode_raw(raw, points, self.bump(points), self.density_bias, self.density_activation, self.bound)
 
     def density(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -179,6 +189,37 @@ class GridField(nn.Module):
         kinds = ", ".join(f"{k}{r}" for k, r, _ in self.layout)
         return (f"generated={self.generated}, levels=[{kinds}], features={self.features}, grid_size={self.grid_size}, "
                 f"text_dim={self.text_dim}, bound={self.bound}")
+
+
+#: How a field's per-prompt code enters its decoder: ``input`` (an MLP input: density and colour) or ``colour``
+#: (a per-prompt shift of the colour logits only). With the ground truth as teacher, the code as an input is a
+#: shortcut for the triplane field: a DeepSDF-like blob from the code and the position fills the torus's hole and
+#: rounds the shapes; with no code at all the colour is not carried; ``colour`` keeps the shapes and the colours.
+LATENT_MODES = ("input", "colour")
+
+
+def check_latent_mode(latent_mode: str) -> None:
+    """Raise ValueError unless ``latent_mode`` is one of :data:`LATENT_MODES`."""
+    if latent_mode not in LATENT_MODES:
+        raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+
+
+def colour_shift_layer(latent_dim: int) -> nn.Linear | None:
+    """``Linear(latent_dim -> 3)``, the per-prompt colour-logit shift of ``latent_mode="colour"``, at a tenth of
+    its default scale with a zero bias (a fresh field stays grey); None when ``latent_dim`` is 0."""
+    if not latent_dim:
+        return None
+    layer = nn.Linear(int(latent_dim), 3)
+    with torch.no_grad():
+        layer.weight.mul_(0.1)
+        layer.bias.zero_()
+    return layer
+
+
+def shift_colour(raw: torch.Tensor, layer: nn.Linear, latent: torch.Tensor) -> torch.Tensor:
+    """Add ``layer(latent)`` to the colour logits. raw: (B, N, 4); latent: (B|1, latent_dim) -> (B, N, 4)."""
+    shift = layer(latent.to(raw.dtype))[:, None, :]  # (B|1, 1, 3)
+    return torch.cat([raw[..., :1], raw[..., 1:] + shift], dim=-1)
 
 
 def decoder_mlp(in_dim: int, hidden_dim: int, num_hidden_layers: int) -> nn.Sequential:
@@ -216,4 +257,5 @@ def decode_raw(raw: torch.Tensor, points: torch.Tensor, bump: torch.Tensor, dens
     return density, torch.sigmoid(raw[..., 1:])
 
 
-__all__ = ["DENSITY_ACTIVATIONS", "GridField", "decode_raw", "decoder_mlp", "trunc_exp"]
+__all__ = ["DENSITY_ACTIVATIONS", "LATENT_MODES", "GridField", "check_latent_mode", "colour_shift_layer",
+           "shift_colour", "decode_raw", "decoder_mlp", "trunc_exp"]

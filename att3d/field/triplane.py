@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from att3d.field import encoding
-from att3d.field.grid_field import DENSITY_ACTIVATIONS, decode_raw, decoder_mlp
+from att3d.field.grid_field import (
+    DENSITY_ACTIVATIONS,
+    check_latent_mode,
+    colour_shift_layer,
+    decode_raw,
+    decoder_mlp,
+    shift_colour,
+)
 from att3d.registry import FIELDS
 
 #: The two world axes (0 = x, 1 = y, 2 = z) spanned by each plane, in storage order ``[c, i_a, i_b]``.
@@ -47,8 +54,6 @@ PLANE_AXES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
 #: Each way of combining the three planes' features, and the MLP input it gives, in multiples of C.
 COMBINE_WIDTHS: dict[str, int] = {"concat": 3, "sum": 1, "product": 1, "concat_product": 4}
 COMBINE_MODES = tuple(COMBINE_WIDTHS)
-#: How the per-prompt code enters the decoder (see :class:`TriplaneField`).
-LATENT_MODES = ("input", "colour")
 
 
 def plane_coords(points: torch.Tensor) -> torch.Tensor:
@@ -178,8 +183,7 @@ class TriplaneField(nn.Module):
         if density_activation not in DENSITY_ACTIVATIONS:
             raise ValueError(
                 f"density_activation must be one of {sorted(DENSITY_ACTIVATIONS)}, got {density_activation!r}")
-        if latent_mode not in LATENT_MODES:
-            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+        check_latent_mode(latent_mode)
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
         if channels < 1 or resolution < 2:
@@ -201,12 +205,7 @@ class TriplaneField(nn.Module):
         latent_in = self.latent_dim if latent_mode == "input" else 0
         in_dim = feat_dim + (3 if self.include_position else 0) + latent_in
         self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
-        self.colour_shift = None
-        if latent_mode == "colour" and self.latent_dim:
-            self.colour_shift = nn.Linear(self.latent_dim, 3)  # at a tenth of its default scale, as the MLP's head
-            with torch.no_grad():
-                self.colour_shift.weight.mul_(0.1)
-                self.colour_shift.bias.zero_()
+        self.colour_shift = colour_shift_layer(self.latent_dim) if latent_mode == "colour" else None
 
     # -- contract ---------------------------------------------------------------------------
 
@@ -266,8 +265,7 @@ class TriplaneField(nn.Module):
             bias = F.linear(latent, first.weight[:, nf:], bias)[:, None, :]  # (B|1, 1, hidden)
         raw = self.mlp[1:](h + bias)
         if latent is not None and self.colour_shift is not None:
-            shift = self.colour_shift(latent)[:, None, :]  # (B|1, 1, 3)
-            raw = torch.cat([raw[..., :1], raw[..., 1:] + shift], dim=-1)
+            raw = shift_colour(raw, self.colour_shift, latent)
         return raw
 
     def forward(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,5 +290,5 @@ class TriplaneField(nn.Module):
                 f"({self.latent_mode}), bound={self.bound}")
 
 
-__all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "LATENT_MODES", "PLANE_AXES", "TriplaneField", "combine_planes",
+__all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "PLANE_AXES", "TriplaneField", "combine_planes",
            "density_bump", "plane_coords", "triplane_sample", "triplane_sample_reference"]

@@ -41,35 +41,6 @@ WEIGHTS_NAME = "model.safetensors"
 PARTS = ("text_encoder", "mapping", "field", "renderer")
 #: Other top-level keys of ``model_config.json``: the format version, the extraction settings, the training record.
 OTHER_KEYS = ("att3d_model", "extraction", "extra")
-#: The format version :meth:`AmortizedModel.save_pretrained` writes (``model_config.json``'s ``att3d_model``).
-FORMAT_VERSION = 2
-#: Defaults that changed after a format version: ``{version: {(part, component name): {argument: the default
-#: before}}}``. A folder of that version or older that lacks the argument was saved before it existed and is read
-#: with the old default, so that it builds the model it was trained as (a folder records every argument it knew).
-LEGACY_DEFAULTS: dict[int, dict[tuple[str, str], dict[str, Any]]] = {
-    1: {("field", "grid"): {"latent_mode": "input"}, ("field", "triplane"): {"latent_mode": "input"}},
-}
-
-
-def migrate_model_config(raw: Any) -> Any:
-    """A copy of a ``model_config.json`` mapping with the arguments an older format version did not record set to
-    their defaults of that version (:data:`LEGACY_DEFAULTS`); anything that is not such a mapping is returned as
-    it is (the schema check reports it)."""
-    if not isinstance(raw, dict):
-        return raw
-    version = raw.get("att3d_model", 1)
-    if not isinstance(version, int) or isinstance(version, bool):
-        return raw
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for old, table in LEGACY_DEFAULTS.items():
-        if version > old:
-            continue
-        for (part, name), args in table.items():
-            section = out.get(part)
-            if isinstance(section, dict) and section.get("name") == name:
-                for key, value in args.items():
-                    section.setdefault(key, value)
-    return out
 _REGISTRIES = {"text_encoder": TEXT_ENCODERS, "mapping": MAPPINGS, "field": FIELDS, "renderer": RENDERERS}
 
 
@@ -171,7 +142,7 @@ def read_model_config(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         raise CheckpointError(f"{folder} is a file, not an att3d model folder")
     if not path.is_file():
         raise CheckpointError(f"{folder} is not an att3d model folder (no {CONFIG_NAME})")
-    raw = migrate_model_config(load_json(path))
+    raw = load_json(path)
     try:
         cfg = check_model_config(raw, str(path))
     except ModelConfigError as e:
@@ -292,8 +263,7 @@ class AmortizedModel(torch.nn.Module):
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_tensors(folder / WEIGHTS_NAME, state)
         config = {k: v for k, v in self.config.items() if k != "extra"}
-        save_json(folder / CONFIG_NAME,
-                  {"att3d_model": FORMAT_VERSION, **config, **({"extra": extra} if extra else {})})
+        save_json(folder / CONFIG_NAME, {"att3d_model": 1, **config, **({"extra": extra} if extra else {})})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",

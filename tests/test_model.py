@@ -178,35 +178,3 @@ def test_saving_is_atomic_and_replaces_the_folder(model, tmp_path, monkeypatch):
         model.save_pretrained(folder)
     assert (folder / "model.safetensors").read_bytes() == before  # the old folder, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
-
-
-def test_a_folder_of_an_older_format_builds_the_model_it_was_trained_as(model, tmp_path):
-    """A format-1 folder has no ``latent_mode`` (the argument came later): it loads with that version's default
-    (``input``), whatever today's default is; a folder saved today records the argument and the new version."""
-    import json
-
-    from att3d.model import FORMAT_VERSION, migrate_model_config
-
-    folder = _folder(model, tmp_path)
-    saved = json.loads((folder / "model_config.json").read_text())
-    assert saved["att3d_model"] == FORMAT_VERSION == 2 and saved["field"]["latent_mode"] == "input"
-
-    def as_format_1(c):
-        c = {**c, "att3d_model": 1}
-        c["field"] = {k: v for k, v in c["field"].items() if k != "latent_mode"}
-        return c
-
-    _edit_config(folder, as_format_1)
-    old = json.loads((folder / "model_config.json").read_text())
-    assert migrate_model_config(old)["field"]["latent_mode"] == "input"
-    assert "latent_mode" not in old["field"]  # a copy: the caller's mapping is left alone
-    # the same migration with the colour mode as today's default: the old folder still builds an input-mode field
-    colour = AmortizedModel({**tiny_config(), "field": {**tiny_config()["field"], "latent_mode": "colour"}})
-    assert colour.field.colour_shift is not None
-    loaded = att3d.load(folder)
-    assert loaded.field.latent_mode == "input" and loaded.field.colour_shift is None
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    # a format-2 folder without the argument is not migrated (it was saved knowing it): today's default
-    _edit_config(folder, lambda c: {**c, "att3d_model": 2})
-    assert "latent_mode" not in migrate_model_config(json.loads((folder / "model_config.json").read_text()))["field"]

@@ -171,7 +171,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
               ("held-out retrieval, every wording",
                lambda r: (r.get("wordings") or {}).get("all", {}).get("retrieved")),
               ("s / prompt (generate)", lambda r: (r.get("generate") or {}).get("median_s"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
+    panels = [(t, get) for t, get in panels if any(get(rows[k]) is not None for k in keys)]  # no empty panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    axes = axes[0]
     colours = ["#4c72b0" if k.startswith("hypernetwork") else "#dd8452" for k in keys]
     for ax, (title, get) in zip(axes, panels):
         vals = [get(rows[k]) for k in keys]

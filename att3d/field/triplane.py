@@ -158,11 +158,9 @@ class TriplaneField(nn.Module):
         include_position: also feed the (normalised) point to the MLP.
         feature_scale: fixed multiplier of the sampled plane features.
         latent_dim: also take a per-prompt code ``cond["latent"]`` (B, latent_dim) (0: none).
-        latent_mode: how the code enters: ``input``, concatenated to the MLP input (as the grid field's: it
-            conditions density and colour), or ``colour``, a per-prompt shift of the colour logits only
-            (``Linear(latent) -> 3``), so that the density is the planes' alone. With the ground truth as teacher
-            the code as an input is a shortcut that blurs the shapes (a DeepSDF-like blob from the code and the
-            position: the torus's hole fills), while without any code the colour suffers; ``colour`` keeps both.
+        latent_mode: how the code enters, as for the grid field (:data:`att3d.field.grid_field.LATENT_MODES`):
+            ``input`` (an MLP input: density and colour) or ``colour`` (a per-prompt shift of the colour logits
+            only: the density is the planes' alone).
         density_activation: ``softplus`` or ``exp`` (trunc_exp).
         density_bias: constant added before the activation (negative: empty space far from the bump).
         blob_density, blob_radius: the initial density bump at the centre.
@@ -228,7 +226,7 @@ class TriplaneField(nn.Module):
         B, N, _ = points.shape
         feats, x, latent = self._parts(points, cond)
         parts = [feats, x] if x is not None else [feats]
-        if latent is not None and self.latent_mode == "input":
+        if latent is not None and self.colour_shift is None:
             parts.append(latent[:, None, :].expand(B, N, self.latent_dim))
         return torch.cat(parts, dim=-1)
 

@@ -140,6 +140,8 @@ def prior_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def model_parser() -> CommandParser:
+    from att3d.mesh.extract import SURFACES
+
     ap = CommandParser("eval model")
     ap.add_argument("--checkpoint", required=True, help="model folder (att3d train's run_dir/model or a shipped one)")
     ap.add_argument("--prompts", default="shapes64", help="prompt set name or file (shapes-world captions)")
@@ -153,6 +155,9 @@ def model_parser() -> CommandParser:
                     help="with --meshes: the surface exported (auto: the mesh stage's if the model has one)")
     ap.add_argument("--faces", type=int, default=20_000, help="with --meshes: the face budget (0: no limit)")
     ap.add_argument("--no-solid", action="store_true", help="with --meshes: do not fill hidden cavities")
+    ap.add_argument("--surface", choices=SURFACES, default="opacity",
+                    help="with --meshes: the exported surface (opacity: trimmed to what the field's renders show; "
+                         "density: the iso-surface at the threshold alone)")
     return ap
 
 
@@ -175,7 +180,8 @@ def model_main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--faces must be >= 0 (0: no limit), got {args.faces}")
     res = evaluate(model, prompts, heldout, args.resolution, threshold=args.threshold,
                    mesh_dir=out / "meshes" if args.meshes else None,
-                   mesh_kw={"head": args.head, "max_faces": args.faces, "solid": not args.no_solid})
+                   mesh_kw={"head": args.head, "max_faces": args.faces, "solid": not args.no_solid,
+                            "surface": args.surface})
     write_report(res, prompts, out)
     print(markdown_table(res["summary"]), end="")
     print(f"wrote {out}/metrics.json, metrics.md, renders.png")

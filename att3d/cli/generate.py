@@ -26,7 +26,7 @@ from typing import Any
 
 from att3d.cli._args import CommandParser, UsageError, add_max_memory
 from att3d.infer.generate import FORMATS
-from att3d.mesh.extract import DEFAULT_MAX_FACES, HEADS, UV_METHODS, GenerationError
+from att3d.mesh.extract import DEFAULT_MAX_FACES, HEADS, SURFACES, UV_METHODS, GenerationError
 from att3d.utils.paths import DEFAULT_MODEL
 
 #: Widest prompt column of the printed table (longer prompts are cut there; manifest.jsonl has them whole).
@@ -53,6 +53,9 @@ def build_parser() -> CommandParser:
     p.add_argument("--faces", type=int, default=DEFAULT_MAX_FACES,
                    help=f"face budget (quadric decimation before texturing; 0: no limit; default: {DEFAULT_MAX_FACES})")
     p.add_argument("--no-solid", action="store_true", help="keep hidden inner cavities (default: filled, one solid)")
+    p.add_argument("--surface", default="opacity", choices=SURFACES,
+                   help="opacity: the density's solid trimmed to what the field's renders show (default); "
+                        "density: the iso-surface at --threshold alone")
     p.add_argument("--no-turntable", action="store_true", help="do not render turntable videos")
     p.add_argument("--frames", type=int, default=48, help="turntable frames (default: 48)")
     p.add_argument("--turntable-resolution", type=int, default=256, help="turntable size in pixels (default: 256)")
@@ -75,7 +78,7 @@ def mesh_options(args: Any) -> dict[str, Any]:
         raise UsageError(f"--faces must be >= 0 (0: no limit), got {args.faces}")
     return {"grid_resolution": args.resolution, "threshold": args.threshold, "texture_size": args.texture_size,
             "smooth_iterations": args.smooth, "uv_method": args.uv, "head": args.head, "max_faces": args.faces,
-            "solid": not args.no_solid}
+            "solid": not args.no_solid, "surface": args.surface}
 
 
 def memory_estimate(args: Any, options: dict[str, Any], batch: int):

@@ -4,8 +4,9 @@ Per batch of B prompts' field conditioning (no per-prompt optimisation)::
 
     field    density on a grid              -> (B, R, R, R) over the field's box [-bound, bound]^3, computed
              at full resolution only near the surface (:func:`att3d.mesh.density.surface_density_grid`)
-    extraction  solid fill, marching cubes at the extraction threshold (density above it is inside;
-             scikit-image's Lewiner table), drop floaters, Taubin smoothing, the face budget
+    extraction  solid fill, trimmed to the visual hull of the field's own silhouettes
+             (:mod:`att3d.mesh.visibility`), marching cubes at the extraction threshold (density above it is
+             inside; scikit-image's Lewiner table), drop floaters, Taubin smoothing, the face budget
     texture  UV atlas (box projection, :mod:`att3d.mesh.atlas`; or xatlas) + texture baked from
              the field's colour, plus per-vertex colours
     export   trimesh
@@ -36,6 +37,7 @@ import torch
 import trimesh
 
 from att3d.mesh.density import batch_of, density_grid, fill_interior, surface_density_grid
+from att3d.mesh.visibility import OPACITY_DEPTH, line_optical_depth
 from att3d.utils.errors import Att3dError
 from att3d.utils.timing import StageTimer, maybe_timed
 
@@ -152,7 +154,8 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
                              colour_offset: float | None = None, uv_method: str = "box", texture_padding: int = 4,
                              head: str = "auto", max_faces: int = DEFAULT_MAX_FACES, tet_resolution: int | None = None,
                              solid: bool = True, close_radius: float = 0.1, coarse_step: int = 4,
-                             iso_method: str = "lewiner", colour_normals: str = "mesh", workers: int | None = None,
+                             iso_method: str = "lewiner", colour_normals: str = "mesh", surface: str = "opacity",
+                             workers: int | None = None,
                              timer: StageTimer | None = None, progress: bool = False) -> list[trimesh.Trimesh]:
     """Textured meshes of B prompts' fields.
 
@@ -184,6 +187,11 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             (:func:`att3d.mesh.density.surface_density_grid`: every ``coarse_step``-th sample first); 1: everywhere.
         iso_method: the ``nerf`` head's iso-surface (:data:`att3d.mesh.marching_cubes.METHODS`): ``lewiner``
             (scikit-image, a third of the triangles) or ``tets`` (the torch marching tetrahedra).
+        surface: which surface is extracted (:data:`SURFACES`): ``opacity`` (default), the density's solid
+            trimmed to the visual hull of the field's own silhouettes along 49 lines
+            (:func:`att3d.mesh.visibility.line_optical_depth`: where every line through a point is at least half
+            opaque), so that the mesh covers what the volume renders show and not the soft fringe of density
+            outside them; ``density``, the density's solid alone (the iso-surface at the threshold).
         colour_normals: the inward direction along which colour is read ``colour_offset`` inside: ``mesh`` (the
             extracted surface's vertex normals, interpolated over faces) or ``field`` (the density's gradient by
             autograd at every texel: slower, :func:`surface_colour_fn`).
@@ -217,6 +225,8 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
         raise GenerationError(f"coarse step must be an integer >= 1, got {coarse_step!r}")
     if iso_method not in METHODS:
         raise GenerationError(f"unknown iso-surface method {iso_method!r}; choose one of {', '.join(METHODS)}")
+    if surface not in SURFACES:
+        raise GenerationError(f"unknown surface {surface!r}; choose one of {', '.join(SURFACES)}")
     if colour_normals not in COLOUR_NORMALS:
         raise GenerationError(f"unknown colour normals {colour_normals!r}; choose one of {', '.join(COLOUR_NORMALS)}")
     head, model_tets = mesh_head(model, head)
@@ -241,7 +251,7 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
         with maybe_timed(timer, "field"):
             density = _close_box(density_grid(field, cond, R, bound, progress=progress))
     job = _MeshJob(field=field, head=head, threshold=thr, bound=bound, R=R, shading=colour_shading(model),
-                   solid=solid, close_voxels=int(round(close_radius * (R - 1) / (2.0 * bound))),
+                   surface=surface, solid=solid, close_voxels=int(round(close_radius * (R - 1) / (2.0 * bound))),
                    min_component_fraction=min_component_fraction, smooth_iterations=smooth_iterations,
                    max_faces=max_faces, iso_method=iso_method, texture_size=texture_size,
                    texture_padding=texture_padding, uv_method=uv_method, offset=offset,
@@ -272,6 +282,9 @@ def _close_box(density: torch.Tensor) -> torch.Tensor:
     return density
 
 
+#: Surfaces (:func:`meshes_from_conditioning`'s ``surface``): the density's solid trimmed to what the volume
+#: renders show (:mod:`att3d.mesh.visibility`; the default), or the density's solid alone.
+SURFACES = ("opacity", "density")
 #: Directions of the colour offset (:func:`meshes_from_conditioning`'s ``colour_normals``).
 COLOUR_NORMALS = ("mesh", "field")
 
@@ -326,29 +339,40 @@ class _MeshJob:
 
         thr, timer = self.threshold, self.timer
         meta: dict[str, Any] = {"threshold": thr, "grid_resolution": self.R, "head": self.head,
-                                "shading": self.shading}
+                                "shading": self.shading, "surface": self.surface}
         with maybe_timed(timer, "extraction"):
             peak = float(vol.max())
+            level, vol_in = thr, vol
             if self.solid and peak > thr:
                 vol = fill_interior(vol, thr, close_voxels=self.close_voxels)
+            if self.surface == "opacity" and peak > thr:
+                # inside: above the threshold and inside every silhouette, both scaled to 1 at their level
+                hull = line_optical_depth(vol_in, 2.0 * self.bound / (self.R - 1)) / OPACITY_DEPTH
+                vol = torch.minimum(vol / thr, hull)
+                level = 1.0
+            found = float(vol.max()) > level
             verts = faces = None
-            if peak > thr:
+            if found:
                 if self.tets is None:
                     iso = marching_cubes_lewiner if self.iso_method == "lewiner" else marching_cubes
-                    verts, faces = iso(vol, thr, self.bound, inside="above")
+                    verts, faces = iso(vol, level, self.bound, inside="above")
                     verts, faces = clean_mesh(verts, faces, self.min_component_fraction,
                                               smooth_iterations=self.smooth_iterations,
                                               weld_tolerance=None if self.iso_method == "lewiner" else 1e-6)
                 else:  # the grid is indexed [x, y, z] like tet_grid's vertices
-                    verts, faces = marching_tetrahedra(self.tet_verts, self.tets, thr - vol.reshape(-1))
+                    verts, faces = marching_tetrahedra(self.tet_verts, self.tets, level - vol.reshape(-1))
                     verts, faces = clean_mesh(verts, faces, self.min_component_fraction)
             if faces is not None and faces.shape[0]:
                 meta["faces_before"] = int(faces.shape[0])
                 if self.max_faces and faces.shape[0] > self.max_faces:
                     verts, faces = decimate(verts, faces, self.max_faces)
         if verts is None or faces is None or faces.shape[0] == 0:
-            reason = (f"no surface: the density never exceeds the extraction threshold {thr:g} "
-                      f"(max {peak:.3g}); try a lower --threshold")
+            if peak > thr:
+                reason = ("no surface: the field's renders are nowhere half opaque along every line "
+                          f"(max density {peak:.3g}); try --surface density")
+            else:
+                reason = (f"no surface: the density never exceeds the extraction threshold {thr:g} "
+                          f"(max {peak:.3g}); try a lower --threshold")
             return empty_mesh(reason, **meta)
         with maybe_timed(timer, "texture"):
             normals = vertex_normals(verts, faces)

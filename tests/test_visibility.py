@@ -1,0 +1,188 @@
+"""Line optical depth (att3d.mesh.visibility) and the ``opacity`` surface of the extraction that uses it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from att3d.mesh import visibility
+from att3d.mesh.extract import GenerationError, meshes_from_conditioning
+from att3d.mesh.visibility import (
+    LINES_13,
+    LINES_49,
+    OPACITY_DEPTH,
+    directional_optical_depth,
+    line_optical_depth,
+    primitive_lines,
+)
+from att3d.world.metrics import MASK_THRESHOLD, mesh_occupancy, volume_iou
+from att3d.world.render import voxel_centres
+from tests.test_generate import Duck
+
+
+def test_line_sets_and_the_opacity_level():
+    assert len(LINES_13) == 13 and len(LINES_49) == 49 and primitive_lines(1) == LINES_13
+    assert set(LINES_13) <= set(LINES_49)
+    for lines in (LINES_13, LINES_49):  # one step per line: never both d and -d, all primitive
+        assert not any(tuple(-c for c in d) in lines for d in lines)
+        assert all(math.gcd(*map(abs, d)) == 1 for d in lines)
+    assert math.isclose(1.0 - math.exp(-OPACITY_DEPTH), MASK_THRESHOLD)
+
+
+def test_directional_depth_hand_computed():
+    h = 0.1
+    dens = torch.ones(5, 4, 3)
+    # along +x: entering half a step before sample 0, tau_i = (i + 1/2) h
+    tau = directional_optical_depth(dens, (1, 0, 0), h)
+    assert torch.allclose(tau[:, 2, 1], (torch.arange(5) + 0.5) * h)
+    # along -y: from the far face
+    tau = directional_optical_depth(dens, (0, -1, 0), h)
+    assert torch.allclose(tau[3, :, 0], (torch.tensor([3, 2, 1, 0]) + 0.5) * h)
+    # a face diagonal: steps of h sqrt 2, and the ray through (i, j) entered at (i - min(i, j), j - min(i, j))
+    tau = directional_optical_depth(dens, (1, 1, 0), h)
+    i, j = torch.meshgrid(torch.arange(5), torch.arange(4), indexing="ij")
+    assert torch.allclose(tau[..., 0], (torch.minimum(i, j) + 0.5) * h * math.sqrt(2))
+    # a knight's step (2, 1, 0): the ray through (i, j) came from (i - 2n, j - n)
+    tau = directional_optical_depth(dens, (2, 1, 0), h)
+    assert torch.allclose(tau[..., 1], (torch.minimum(i // 2, j) + 0.5) * h * math.sqrt(5))
+    # the trapezoid between two samples of different density
+    dens = torch.zeros(3, 1, 1)
+    dens[1] = 4.0
+    tau = directional_optical_depth(dens, (1, 0, 0), h).flatten()
+    assert torch.allclose(tau, torch.tensor([0.0, 2.0 * h, 4.0 * h]))
+
+
+@pytest.mark.parametrize("bad", [(0, 0, 0), (2, 2, 0), (2, 0, 0), (1, 3)])
+def test_bad_directions_are_refused(bad):
+    with pytest.raises(ValueError):
+        directional_optical_depth(torch.ones(3, 3, 3), bad, 0.1)
+    with pytest.raises(ValueError):
+        line_optical_depth(torch.ones(3, 3, 3), 0.1, (bad,))
+
+
+def _brute_line_depth(dens: np.ndarray, lines, h: float) -> np.ndarray:
+    """Walk every line in full from every sample (slow, obvious)."""
+    R0, R1, R2 = dens.shape
+    out = np.full(dens.shape, np.inf)
+    for i in range(R0):
+        for j in range(R1):
+            for k in range(R2):
+                for d in lines:
+                    samples = []
+                    for sign in (-1, 1):
+                        n = 1 if sign == 1 else 0
+                        while True:
+                            p = (i + sign * n * d[0], j + sign * n * d[1], k + sign * n * d[2])
+                            if not all(0 <= p[a] < dens.shape[a] for a in range(3)):
+                                break
+                            samples.append((sign * n, dens[p]))
+                            n += 1
+                    vals = [v for _, v in sorted(samples)]
+                    L = h * math.sqrt(sum(c * c for c in d))
+                    depth = 0.5 * L * (vals[0] + vals[-1]) + sum(0.5 * L * (a + b) for a, b in zip(vals, vals[1:]))
+                    out[i, j, k] = min(out[i, j, k], depth)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_line_depth_matches_walking_every_line(monkeypatch, backend):
+    if backend == "torch":
+        monkeypatch.setenv(visibility.ENV, "torch")
+    g = torch.Generator().manual_seed(0)
+    dens = torch.rand(5, 6, 4, generator=g) * 3.0
+    for lines in (LINES_13, LINES_49[:20]):
+        got = line_optical_depth(dens, 0.2, lines)
+        want = _brute_line_depth(dens.numpy().astype(np.float64), lines, 0.2)
+        assert np.allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_and_torch_line_depths_agree(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    lin = torch.linspace(-1, 1, 24)
+    x, y, z = torch.meshgrid(lin, lin, lin, indexing="ij")
+    dens = torch.where(x**2 + y**2 + z**2 < 0.5, 20.0, 0.0) * torch.rand(24, 24, 24, generator=g)
+    compiled = line_optical_depth(dens, 2 / 23)
+    monkeypatch.setenv(visibility.ENV, "torch")
+    swept = line_optical_depth(dens, 2 / 23)
+    assert torch.allclose(compiled, swept, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_space_is_cropped_away_and_an_empty_grid_sees_nothing():
+    dens = torch.zeros(10, 10, 10)
+    assert torch.equal(line_optical_depth(dens, 0.1), dens)
+    dens[4:6, 4:6, 4:6] = 50.0
+    dens[0, 0, 0] = 1e-6  # far below EMPTY_DENSITY: not part of the crop
+    depth = line_optical_depth(dens, 0.1)
+    assert float(depth[5, 5, 5]) > OPACITY_DEPTH and float(depth[0, 0, 0]) == 0.0
+    assert float(depth[1, 5, 5]) == 0.0  # on an axis line through the cube, but outside the cube's box
+
+
+def test_the_hull_of_a_ball_and_a_torus_with_its_hole():
+    R = 48
+    h = 2 / (R - 1)
+    lin = torch.linspace(-1, 1, R)
+    x, y, z = torch.meshgrid(lin, lin, lin, indexing="ij")
+    ball = (x**2 + y**2 + z**2).sqrt() < 0.6
+    hull = line_optical_depth(torch.where(ball, 100.0, 0.0), h) > OPACITY_DEPTH
+    assert float(volume_iou(hull, ball)) > 0.9 and bool(hull[R // 2, R // 2, R // 2])
+    # a torus in the xz-plane: the line along y through the centre sees through the hole
+    torus = ((x**2 + z**2).sqrt() - 0.5) ** 2 + y**2 < 0.2**2
+    depth = line_optical_depth(torch.where(torus, 100.0, 0.0), h)
+    c = R // 2
+    assert float(depth[c, c, c]) < OPACITY_DEPTH
+    ring = ((x**2 + z**2).sqrt() - 0.5).abs() < 0.1
+    assert bool((depth[ring & (y.abs() < 0.05)] > OPACITY_DEPTH).all())
+
+
+def _truth_iou(mesh, scale: float = 1.0) -> float:
+    pts = voxel_centres(32)
+    x, z = pts[..., 0], pts[..., 2]
+    truth = (torch.sqrt((torch.sqrt(x**2 + z**2) - 0.45 * scale) ** 2 + pts[..., 1] ** 2) < 0.2 * scale).numpy()
+    occ = mesh_occupancy(torch.as_tensor(mesh.vertices, dtype=torch.float32), torch.as_tensor(mesh.faces), 32)
+    return float(volume_iou(occ, torch.from_numpy(truth)))
+
+
+class FringedTorus(torch.nn.Module):
+    """The test torus (major 0.45, minor 0.2, in the xz-plane) as score distillation leaves it: opaque (density 50)
+    inside, with a faint fringe 0.08 thick outside it (density 1.5: above the threshold 1, but a line through it
+    gathers less than ln 2, so no render shows it)."""
+
+    bound = 1.0
+
+    def forward(self, points, cond):
+        s = cond["scale"].to(points.dtype)[:, None]
+        x, y, z = points.unbind(-1)
+        sdf = torch.sqrt((torch.sqrt(x**2 + z**2) - 0.45 * s) ** 2 + y**2) - 0.2 * s
+        dens = torch.where(sdf < 0, 50.0, torch.where(sdf < 0.08, 1.5, 0.0))
+        return dens, torch.full_like(points, 0.5)
+
+    def density(self, points, cond):
+        return self.forward(points, cond)[0]
+
+
+class FringedDuck:
+    def __init__(self):
+        self.field = FringedTorus()
+        self.config = {"extraction": {"threshold": 1.0}}
+
+
+def test_the_opacity_surface_trims_the_fringe_that_no_render_shows():
+    cond = {"scale": torch.tensor([1.0])}
+    duck = FringedDuck()
+    fat = meshes_from_conditioning(duck, cond, grid_resolution=64, texture_size=0, surface="density")[0]
+    trimmed = meshes_from_conditioning(duck, cond, grid_resolution=64, texture_size=0)[0]  # the default
+    assert trimmed.metadata["att3d"]["surface"] == "opacity" and fat.metadata["att3d"]["surface"] == "density"
+    assert _truth_iou(trimmed) > _truth_iou(fat) + 0.05 and _truth_iou(trimmed) > 0.8
+    assert trimmed.is_watertight
+    # on a field without a fringe the two surfaces agree
+    plain = meshes_from_conditioning(Duck(), cond, grid_resolution=64, texture_size=0)[0]
+    iso = meshes_from_conditioning(Duck(), cond, grid_resolution=64, texture_size=0, surface="density")[0]
+    assert abs(_truth_iou(plain) - _truth_iou(iso)) < 0.03
+
+
+def test_unknown_surface_is_a_generation_error():
+    with pytest.raises(GenerationError, match="unknown surface"):
+        meshes_from_conditioning(Duck(), {"scale": torch.tensor([1.0])}, grid_resolution=16, surface="iso")

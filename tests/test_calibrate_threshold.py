@@ -23,8 +23,13 @@ def test_mesh_that_covers_the_rendered_object_scores_high_and_an_empty_one_zero(
     (tmp_path / "prompts.txt").write_text("a red cube\n")
     assert calibrate.main(["--checkpoint", str(tmp_path / "m"), "--prompts", str(tmp_path / "prompts.txt"),
                            "--thresholds", "2", "1e6", "--resolution", "16", "--out", str(tmp_path / "out")]) == 0
-    assert "**best**" in (tmp_path / "out" / "threshold.md").read_text()
+    assert "**best**" in (tmp_path / "out" / "threshold_opacity.md").read_text()
+    assert calibrate.main(["--checkpoint", str(tmp_path / "m"), "--prompts", str(tmp_path / "prompts.txt"),
+                           "--thresholds", "2", "--resolution", "16", "--surface", "density",
+                           "--out", str(tmp_path / "out")]) == 0
+    assert "surface `density`" in (tmp_path / "out" / "threshold_density.md").read_text()
     assert calibrate.main(["--checkpoint", str(tmp_path / "m"), "--thresholds", "0"]) == 2
     assert calibrate.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert calibrate.main(["--checkpoint", str(tmp_path / "m"), "--surface", "iso"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2
+    assert len(errors) == 3

@@ -11,8 +11,9 @@ model's **training** prompts (never the ground truth, never the held-out prompts
         --out docs/results/threshold
 
 ``--surface`` is the extraction's (default ``opacity``, :mod:`att3d.mesh.visibility`; ``density``: the iso-surface
-alone). Writes ``threshold_SURFACE.json`` and ``threshold_SURFACE.md``. Setting the chosen value is a separate, explicit step
-(``extraction.threshold`` in the model folder's ``model_config.json``, or ``--threshold`` of ``att3d generate``).
+alone). Writes ``threshold_SURFACE.json`` and ``threshold_SURFACE.md``. Setting the chosen value is a separate,
+explicit step (``extraction.threshold`` in the model folder's ``model_config.json``, or ``--threshold`` of
+``att3d generate``).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"threshold_{args.surface}.json").write_text(json.dumps(
-            {"checkpoint": args.checkpoint, "prompts": args.prompts, "surface": args.surface, "scores": {str(t): s for t, s in scores.items()},
+            {"checkpoint": args.checkpoint, "prompts": args.prompts, "surface": args.surface,
+             "scores": {str(t): s for t, s in scores.items()},
              "best": best, "model_threshold": current}, indent=2))
         (args.out / f"threshold_{args.surface}.md").write_text(text)
     return 0

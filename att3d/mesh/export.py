@@ -94,10 +94,50 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
 
 
+#: glTF ``bufferView.target`` values: vertex attributes and triangle indices.
+ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER = 34962, 34963
+
+
+def set_buffer_view_targets(glb: bytes) -> bytes:
+    """A GLB whose mesh buffer views say what they hold: ``target`` ARRAY_BUFFER on the buffer views of vertex
+    attributes and ELEMENT_ARRAY_BUFFER on those of indices (trimesh leaves them unset; the Khronos validator
+    hints at each, and some loaders upload such views to the GPU only with it). Buffer views that anything else
+    reads too (an image, another kind of accessor) are left as they are. The binary chunk is not touched."""
+    import json
+    import struct
+
+    magic, version, _ = struct.unpack_from("<4sII", glb, 0)
+    json_len, json_type = struct.unpack_from("<I4s", glb, 12)
+    if magic != b"glTF" or version != 2 or json_type != b"JSON":
+        raise ValueError("not a glTF 2.0 binary with a JSON chunk first")
+    doc = json.loads(glb[20:20 + json_len])
+    wanted: dict[int, set[int]] = {}
+    for mesh in doc.get("meshes", []):
+        for prim in mesh.get("primitives", []):
+            for acc in prim.get("attributes", {}).values():
+                wanted.setdefault(acc, set()).add(ARRAY_BUFFER)
+            if "indices" in prim:
+                wanted.setdefault(prim["indices"], set()).add(ELEMENT_ARRAY_BUFFER)
+    accessors, views = doc.get("accessors", []), doc.get("bufferViews", [])
+    per_view: dict[int, set[int]] = {}
+    for i, acc in enumerate(accessors):
+        if "bufferView" in acc:  # an accessor no primitive reads gets the marker 0: its view is left alone
+            per_view.setdefault(acc["bufferView"], set()).update(wanted.get(i, {0}))
+    shared = {img["bufferView"] for img in doc.get("images", []) if "bufferView" in img}
+    for v, targets in per_view.items():
+        if len(targets) == 1 and 0 not in targets and v not in shared and "target" not in views[v]:
+            views[v]["target"] = next(iter(targets))
+    text = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 4)
+    rest = glb[20 + json_len:]
+    return struct.pack("<4sII", b"glTF", 2, 12 + 8 + len(text) + len(rest)) + struct.pack("<I4s", len(text),
+                                                                                         b"JSON") + text + rest
+
+
 @EXPORTERS.register("glb")
 def export_glb(mesh: trimesh.Trimesh, path: Path) -> list[Path]:
-    """Binary glTF: vertex colours or the texture with its PBR material."""
-    _atomic_write(path, mesh.export(file_type="glb"))
+    """Binary glTF: vertex colours or the texture with its PBR material; buffer views with their targets."""
+    _atomic_write(path, set_buffer_view_targets(mesh.export(file_type="glb")))
     return [path]
 
 

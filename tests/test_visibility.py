@@ -186,3 +186,27 @@ def test_the_opacity_surface_trims_the_fringe_that_no_render_shows():
 def test_unknown_surface_is_a_generation_error():
     with pytest.raises(GenerationError, match="unknown surface"):
         meshes_from_conditioning(Duck(), {"scale": torch.tensor([1.0])}, grid_resolution=16, surface="iso")
+
+
+class FaintBall(torch.nn.Module):
+    """Density 1.5 in a ball of radius 0.1: above the threshold 1, but no line through it gathers ln 2."""
+
+    bound = 1.0
+
+    def forward(self, points, cond):
+        dens = torch.where(points.norm(dim=-1) < 0.1, 1.5, 0.0)
+        return dens, torch.full_like(points, 0.5)
+
+    def density(self, points, cond):
+        return self.forward(points, cond)[0]
+
+
+def test_a_field_no_render_shows_gives_an_empty_mesh_that_says_why():
+    duck = FringedDuck()
+    duck.field = FaintBall()
+    cond = {"scale": torch.tensor([1.0])}
+    (empty,) = meshes_from_conditioning(duck, cond, grid_resolution=48, texture_size=0)
+    meta = empty.metadata["att3d"]
+    assert len(empty.faces) == 0 and meta["empty"] and "half opaque" in meta["reason"]
+    (iso,) = meshes_from_conditioning(duck, cond, grid_resolution=48, texture_size=0, surface="density")
+    assert len(iso.faces) > 0

@@ -367,7 +367,7 @@ class _MeshJob:
                 if self.max_faces and faces.shape[0] > self.max_faces:
                     verts, faces = decimate(verts, faces, self.max_faces)
         if verts is None or faces is None or faces.shape[0] == 0:
-            if peak > thr:
+            if self.surface == "opacity" and peak > thr:
                 reason = ("no surface: the field's renders are nowhere half opaque along every line "
                           f"(max density {peak:.3g}); try --surface density")
             else:

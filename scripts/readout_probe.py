@@ -9,7 +9,9 @@ regression with L2 weight decay, L-BFGS) are trained on the 5,040 training wordi
 Inputs (each standardised per feature on the training wordings):
 
 - ``pooled``: the encoder's pooled embedding (mean over the real tokens, L2-normalised), D values;
-- ``tokens``: the token matrix (L x D, padding zeroed), flattened, what the hypernetwork reads.
+- ``tokens``: the token matrix (L x D, padding zeroed), flattened, what the hypernetwork reads;
+- ``layer K``: the mean over the real tokens of the encoder's hidden state after layer K (0: the input word
+  embeddings), D values: whether an earlier layer keeps more of a word's meaning than the last one (session 13).
 
 A linear read-out is what the hypernetwork's first layer is, so the probe bounds from above what that layer can
 recover of unseen words from what the training wordings teach it (the 3D model adds its own errors). Weight decay
@@ -38,6 +40,23 @@ def embed(encoder, prompts: list[str], batch_size: int = 256) -> dict[str, torch
     tokens = torch.cat([o.tokens for o in outs])
     mask = torch.cat([o.mask for o in outs]).to(tokens.dtype)
     return {"pooled": torch.cat([o.pooled for o in outs]), "tokens": (tokens * mask[..., None]).flatten(1)}
+
+
+@torch.no_grad()
+def layer_means(encoder, prompts: list[str], batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """``layer K`` -> (N, D): each hidden state of the encoder (K = 0 the embeddings) averaged over the real tokens."""
+    per_layer: list[list[torch.Tensor]] = []
+    for i in range(0, len(prompts), batch_size):
+        batch = encoder.tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
+                                  max_length=encoder.max_length, return_tensors="pt").to(encoder.device)
+        out = encoder.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=True)
+        mask = batch["attention_mask"][..., None].float()
+        means = [(h * mask).sum(1) / mask.sum(1) for h in out.hidden_states]
+        per_layer = per_layer or [[] for _ in means]
+        for k, m in enumerate(means):
+            per_layer[k].append(m.float())
+    return {f"layer {k}": torch.cat(ms) for k, ms in enumerate(per_layer)}
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float,
@@ -78,8 +97,10 @@ def probe(name: str, max_length: int) -> dict[str, Any]:
     with torch.no_grad():
         x_train, x_dev = embed(encoder, train), embed(encoder, [p.prompt for p in dev])
     embed_s = time.time() - t0
+    x_train.update(layer_means(encoder, train))
+    x_dev.update(layer_means(encoder, [p.prompt for p in dev]))
     rows = []
-    for kind in ("pooled", "tokens"):
+    for kind in x_train:
         mu, sd = x_train[kind].mean(0), x_train[kind].std(0) + 1e-6
         xt, xd = (x_train[kind] - mu) / sd, (x_dev[kind] - mu) / sd
         for wd in WEIGHT_DECAYS:
@@ -96,21 +117,30 @@ def probe(name: str, max_length: int) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any], command: str) -> str:
+    header = ["| encoder | input | dim | weight decay | object | shape | colour |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     lines = ["# Read-out probe: unseen words from the training wordings (dev split)", "",
              "Linear shape and colour classifiers trained on the 5,040 training wordings' embeddings and tested on "
              "the 128 dev prompts of the unseen-word set (see `scripts/readout_probe.py`; the final split is not "
-             "read). `object`: both heads right. Best weight decay per input in bold.", "",
-             "| encoder | input | dim | weight decay | object | shape | colour |", "|---|---|---:|---:|---:|---:|---:|"]
+             "read). `object`: both heads right. Best weight decay per input in bold.", "", *header]
+    per_layer = ["", "Per layer (the mean of each hidden state over the real tokens; 0: the input embeddings), "
+                 "the best weight decay of each:", "", *header]
     for name, r in results["encoders"].items():
         if "rows" not in r:
             lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
             continue
-        best = {k: max((x for x in r["rows"] if x["input"] == k), key=lambda x: x["object"])
-                for k in ("pooled", "tokens")}
+        inputs = list(dict.fromkeys(x["input"] for x in r["rows"]))
+        best = {k: max((x for x in r["rows"] if x["input"] == k), key=lambda x: x["object"]) for k in inputs}
         for x in r["rows"]:
-            b = "**" if x is best[x["input"]] else ""
-            lines.append(f"| {name} | {x['input']} | {x['dim']} | {x['weight_decay']:g} | {b}{100 * x['object']:.1f}%"
-                         f"{b} | {100 * x['shape']:.1f}% | {100 * x['colour']:.1f}% |")
+            layer = x["input"].startswith("layer")
+            if layer and x is not best[x["input"]]:
+                continue
+            b = "**" if x is best[x["input"]] and not layer else ""
+            (per_layer if layer else lines).append(
+                f"| {name} | {x['input']} | {x['dim']} | {x['weight_decay']:g} | {b}{100 * x['object']:.1f}%{b} | "
+                f"{100 * x['shape']:.1f}% | {100 * x['colour']:.1f}% |")
+    if len(per_layer) > 4:
+        lines += per_layer
     lines += ["", "```bash", command, "```", ""]
     return "\n".join(lines)
 

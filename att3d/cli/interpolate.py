@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fps <= 0:
         raise Att3dError("--fps must be positive")
 
-    from att3d.infer.interpolate import export_frame_meshes, knot_frames, render_interpolation, write_video
+    from att3d.infer.interpolate import export_frame_meshes, knot_frames, render_interpolation
+    from att3d.infer.video import write_video
     from att3d.model import load
     from att3d.utils.checkpoint import atomic_write
     from att3d.utils.devices import pick_device

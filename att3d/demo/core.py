@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from att3d.utils.errors import Att3dError
+from att3d.utils.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Longest prompt the app accepts (characters, after white space is collapsed).
 MAX_PROMPT_CHARS = 200
 #: Where the app writes (relative to the current directory) unless told otherwise.
@@ -561,7 +561,8 @@ class DemoBackend:
 
     def turntable(self, run: Any, progress: ProgressFn = _no_progress) -> Path:
         """A turntable video (MP4; GIF without ffmpeg) of a generated mesh."""
-        from att3d.infer.turntable import mesh_turntable, write_video
+        from att3d.infer.turntable import mesh_turntable
+        from att3d.infer.video import write_video
 
         prompt, mesh, folder = self._run_folder(run)
         s = self.settings
@@ -648,7 +649,8 @@ class DemoBackend:
                             progress: ProgressFn = _no_progress) -> tuple[Path, float]:
         """An animation along the path a -> b (the camera orbits while the object morphs), volume-rendered in
         batches: (video path, seconds)."""
-        from att3d.infer.interpolate import render_interpolation, write_video
+        from att3d.infer.interpolate import render_interpolation
+        from att3d.infer.video import write_video
 
         a, b, mode, label = self._interp_inputs(a, b, mode, label)
         model = self.cache.get(label)

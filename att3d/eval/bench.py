@@ -353,8 +353,9 @@ def turntable_label(args: argparse.Namespace) -> str:
 
 def time_turntable(mesh: Any, path: Path, frames: int, resolution: int, device: torch.device) -> dict[str, float]:
     """Seconds of one mesh's turntable: ``render`` (:func:`~att3d.infer.turntable.mesh_turntable`), ``video``
-    (:func:`~att3d.infer.turntable.write_video`) and their sum ``seconds``."""
-    from att3d.infer.turntable import mesh_turntable, write_video
+    (:func:`~att3d.infer.video.write_video`) and their sum ``seconds``."""
+    from att3d.infer.turntable import mesh_turntable
+    from att3d.infer.video import write_video
 
     _sync(device)
     t0 = time.perf_counter()

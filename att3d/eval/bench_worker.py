@@ -11,7 +11,7 @@ only API that every version since the release before the speed work has (1c8c525
 
 - generate: :func:`att3d.load`, ``att3d.model.generate_meshes(model, prompts, batch_size=B, timer=StageTimer())``
   (:class:`att3d.utils.timing.StageTimer`), ``att3d.mesh.export_mesh`` (else ``mesh.export``) for the GLB,
-  ``att3d.infer.turntable.mesh_turntable`` + ``write_video`` for the turntable;
+  ``att3d.infer.turntable.mesh_turntable`` + ``att3d.infer.video.write_video`` for the turntable;
 - scale: ``att3d.eval.bench.train_config``, ``att3d.config.build_trainer``, ``Trainer.train_step``.
 
 The result is one line ``ATT3D_BENCH_RESULT {json}`` on stdout (anything else a library prints is ignored).
@@ -103,7 +103,8 @@ def run_generate(a: argparse.Namespace) -> dict[str, Any]:
     cuda = device.type == "cuda"
 
     def turntable(mesh: Any, path: Path) -> dict[str, float]:
-        from att3d.infer.turntable import mesh_turntable, write_video
+        from att3d.infer.turntable import mesh_turntable
+        from att3d.infer.video import write_video
 
         _sync(device)
         s = time.perf_counter()

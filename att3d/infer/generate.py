@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import trimesh
 
+from att3d.infer.video import write_video
 from att3d.mesh.export import EXPORTERS
 from att3d.mesh.extract import GenerationError, is_empty
 from att3d.model import generate_meshes
@@ -259,7 +260,7 @@ class OutputFolder:
         with self.guard():  # the prompt's files and its manifest line, all or (but for a kill -9) none
             if video is not None:
                 with maybe_timed(self.timer, "turntable"):
-                    row["video"] = _write_video_atomic(video, self.out / f"{stem}.mp4", fps=self.fps)
+                    row["video"] = write_video(video, self.out / f"{stem}.mp4", fps=self.fps)
             t0 = time.perf_counter()
             with maybe_timed(self.timer, "export"):
                 written = export_mesh(_for_format(mesh, self.format), self.mesh_path(stem), self.format)
@@ -294,24 +295,6 @@ class OutputFolder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _write_video_atomic(video: Any, path: Path, fps: int) -> Path:
-    """A turntable video at ``path`` (``.mp4``, or ``.gif`` beside it without ffmpeg), renamed into place whole."""
-    from att3d.infer.turntable import write_video
-
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    leftovers = [tmp, tmp.with_suffix(".gif"), tmp.with_name(f".{tmp.stem}.tmp{tmp.suffix}")]
-    try:
-        written = Path(write_video(video, tmp, fps=fps))
-        final = path.with_suffix(written.suffix)
-        os.replace(written, final)
-        return final
-    except BaseException:
-        for f in leftovers:
-            with contextlib.suppress(OSError):
-                f.unlink()
-        raise
 
 
 def generate_to_folder(model: Any, prompts: Iterable[Planned | str], folder: OutputFolder, batch_size: int = 16,

@@ -14,14 +14,13 @@ per-frame optimisation::
 - :func:`smoothness`: how much consecutive frames differ (volume IoU of consecutive occupancies,
   colour change from a fixed view): the measure of ATT3D's claim that interpolation training makes
   in-between prompts meaningful.
-- :func:`write_video`: frames to ``.mp4`` (ffmpeg via imageio), or ``.gif`` when ffmpeg is missing.
+- videos of the frames: :func:`att3d.infer.video.write_video`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from att3d.infer.video import to_uint8
 from att3d.text.encoders import TextEmbedding
 from att3d.utils.errors import Att3dError
 
@@ -257,71 +257,8 @@ def smoothness(model, prompts: Sequence[str], frames: int = 30, mode: str = "lin
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Files
+# Frame strips
 # ---------------------------------------------------------------------------------------------------------------
-
-def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) floats in [0, 1] (or uint8) -> uint8 numpy array."""
-    arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if arr.dtype == np.uint8:
-        return arr
-    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def write_video(frames: torch.Tensor | np.ndarray, path: str | Path, fps: float = 20.0) -> Path:
-    """Write frames as an H.264 ``.mp4`` (ffmpeg from imageio-ffmpeg), or a ``.gif`` if that fails.
-
-    Odd image sizes are padded by one edge pixel (H.264 needs even sizes); every frame is written
-    exactly once, so the file holds F frames. The file is written under a temporary name in the same folder and
-    renamed into place: ``path`` never holds half a video, even when the write is interrupted.
-
-    Args:
-        frames: (F, H, W, 3) floats in [0, 1] or uint8.
-        path: the ``.mp4`` (or ``.gif``) to write; its folder is created.
-
-    Returns:
-        the path actually written (``.gif`` beside the asked path when ffmpeg is not available).
-    """
-    import imageio.v2 as imageio
-
-    arr = to_uint8(frames)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"frames must be (F, H, W, 3), got {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed into place: an interrupted write leaves no half video.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        if path.suffix.lower() != ".gif":
-            pad_h, pad_w = arr.shape[1] % 2, arr.shape[2] % 2
-            video = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else arr
-            try:
-                with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                        pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
-                    for frame in video:
-                        writer.append_data(frame)
-                os.replace(tmp, path)
-                return path
-            except Exception as e:  # no ffmpeg binary / plugin: fall back to a GIF
-                log.warning("could not write %s (%s); writing a GIF instead", path, e)
-                tmp.unlink(missing_ok=True)
-                path, tmp = path.with_suffix(".gif"), tmp.with_suffix(".gif")
-        imageio.mimsave(tmp, list(arr), duration=1000.0 / fps, loop=0)
-        os.replace(tmp, path)
-        return path
-    except BaseException:
-        for leftover in (tmp, tmp.with_suffix(".gif")):
-            leftover.unlink(missing_ok=True)
-        raise
-
-
-def read_video(path: str | Path) -> np.ndarray:
-    """All frames of a video or GIF written by :func:`write_video`: (F, H, W, 3) uint8."""
-    import imageio.v2 as imageio
-
-    frames = [np.asarray(f)[..., :3] for f in imageio.mimread(path, memtest=False)]
-    return np.stack(frames)
-
 
 def frame_strip(frames: torch.Tensor | np.ndarray, count: int = 8) -> np.ndarray:
     """``count`` evenly spaced frames side by side (always including the first and last): (H, count W, 3) uint8."""

@@ -6,15 +6,12 @@ background. Meshes are drawn *unlit* by default: the field's colour, and so the 
 already holds the shapes world's fixed-light shading (the prior was trained on shaded images),
 and shading it again would darken it twice.
 
-Videos are written with imageio's ffmpeg plugin (H.264 MP4, ``imageio-ffmpeg`` ships a binary);
-where that is unavailable :func:`write_video` falls back to an animated GIF (Pillow).
+The frames are written to a video by :func:`att3d.infer.video.write_video`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +23,6 @@ from att3d.render.cameras import EVAL_ELEVATION_DEG, OrbitCameras
 log = logging.getLogger(__name__)
 
 Background = tuple[float, float, float]
-#: x264 preset of turntable videos: ``ultrafast`` encodes a 48-frame 256^2 turntable in about 0.05 s on a CPU
-#: core (the default ``medium`` takes 0.2 s, more than rendering it), for files about 1.3 times larger.
-VIDEO_PRESET = "ultrafast"
 
 
 def _as_tensor(a: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -129,45 +123,3 @@ def field_turntable(model: Any, cond: dict[str, torch.Tensor], frames: int = 48,
         out.append(res["rgb"].clamp(0, 1).mul(255).add(0.5).to(torch.uint8).cpu())
     return torch.cat(out).numpy()
 
-
-def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 24) -> Path:
-    """Write (T, H, W, 3) uint8 frames as an MP4 (H.264), or as a GIF next to it without ffmpeg.
-
-    Args:
-        frames: the frames (odd sizes are fine: the MP4 is padded to even ones by ffmpeg's filter).
-        path: the ``.mp4`` path (a ``.gif`` path writes a GIF directly).
-        fps: frames per second.
-
-    Returns:
-        The path written (``.mp4``, or the ``.gif`` fallback).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames = np.ascontiguousarray(frames, dtype=np.uint8)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise ValueError(f"frames must be (T, H, W, 3) with T >= 1, got {frames.shape}")
-    if path.suffix.lower() != ".gif":
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        try:
-            import imageio.v2 as imageio
-
-            with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                    pixelformat="yuv420p", macro_block_size=1, quality=8,
-                                    output_params=["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
-                                                   "-preset", VIDEO_PRESET]) as writer:
-                for f in frames:
-                    writer.append_data(f)
-            os.replace(tmp, path)
-            return path
-        except Exception as e:  # no ffmpeg backend / binary, or it failed: fall back to a GIF
-            log.warning("could not write %s with ffmpeg (%s); writing a GIF instead", path, e)
-            if tmp.exists():
-                tmp.unlink()
-        path = path.with_suffix(".gif")
-    from PIL import Image
-
-    images = [Image.fromarray(f) for f in frames]
-    tmp = path.with_name(f".{path.stem}.tmp.gif")
-    images[0].save(tmp, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
-    os.replace(tmp, path)
-    return path

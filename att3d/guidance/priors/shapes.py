@@ -26,6 +26,7 @@ from att3d.guidance.priors.base import DiffusionPrior, as_dtype
 from att3d.registry import PRIORS, TEXT_ENCODERS
 from att3d.render.cameras import OrbitCameras, camera_features
 from att3d.utils.checkpoint import load_json
+from att3d.utils.paths import REPO_ROOT
 
 #: Environment variable naming the default shapes prior folder.
 SHAPES_PRIOR_ENV = "ATT3D_SHAPES_PRIOR"
@@ -36,7 +37,7 @@ def default_shapes_prior_path() -> Path:
     env = os.environ.get(SHAPES_PRIOR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "assets" / "shapes-prior"
+    return REPO_ROOT / "assets" / "shapes-prior"
 
 
 class ShapesPrior(DiffusionPrior):

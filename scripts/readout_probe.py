@@ -34,29 +34,26 @@ import torch
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
 
 
+@torch.no_grad()
 def embed(encoder, prompts: list[str], batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Pooled (N, D) and flattened, masked tokens (N, L D) of ``prompts``."""
-    outs = [encoder(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    """One pass of the encoder over ``prompts``: pooled (N, D), flattened masked tokens (N, L D) and ``layer K``
+    (N, D), each hidden state (K = 0: the embeddings) averaged over the real tokens."""
+    hidden: list[tuple[torch.Tensor, ...]] = []
+    hook = encoder.model.register_forward_hook(lambda module, args, out: hidden.append(out.hidden_states))
+    keep = encoder.model.config.output_hidden_states
+    encoder.model.config.output_hidden_states = True
+    try:
+        outs = [encoder(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    finally:
+        hook.remove()
+        encoder.model.config.output_hidden_states = keep
     tokens = torch.cat([o.tokens for o in outs])
     mask = torch.cat([o.mask for o in outs]).to(tokens.dtype)
-    return {"pooled": torch.cat([o.pooled for o in outs]), "tokens": (tokens * mask[..., None]).flatten(1)}
-
-
-@torch.no_grad()
-def layer_means(encoder, prompts: list[str], batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """``layer K`` -> (N, D): each hidden state of the encoder (K = 0 the embeddings) averaged over the real tokens."""
-    per_layer: list[list[torch.Tensor]] = []
-    for i in range(0, len(prompts), batch_size):
-        batch = encoder.tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
-                                  max_length=encoder.max_length, return_tensors="pt").to(encoder.device)
-        out = encoder.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            output_hidden_states=True)
-        mask = batch["attention_mask"][..., None].float()
-        means = [(h * mask).sum(1) / mask.sum(1) for h in out.hidden_states]
-        per_layer = per_layer or [[] for _ in means]
-        for k, m in enumerate(means):
-            per_layer[k].append(m.float())
-    return {f"layer {k}": torch.cat(ms) for k, ms in enumerate(per_layer)}
+    x = {"pooled": torch.cat([o.pooled for o in outs]), "tokens": (tokens * mask[..., None]).flatten(1)}
+    for k in range(len(hidden[0])):
+        states = torch.cat([h[k].float() for h in hidden])
+        x[f"layer {k}"] = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return x
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float,
@@ -94,11 +91,8 @@ def probe(name: str, max_length: int) -> dict[str, Any]:
 
     y_train, y_dev = labels([owner[w] for w in train]), labels([p.obj for p in dev])
     t0 = time.time()
-    with torch.no_grad():
-        x_train, x_dev = embed(encoder, train), embed(encoder, [p.prompt for p in dev])
+    x_train, x_dev = embed(encoder, train), embed(encoder, [p.prompt for p in dev])
     embed_s = time.time() - t0
-    x_train.update(layer_means(encoder, train))
-    x_dev.update(layer_means(encoder, [p.prompt for p in dev]))
     rows = []
     for kind in x_train:
         mu, sd = x_train[kind].mean(0), x_train[kind].std(0) + 1e-6

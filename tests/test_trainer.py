@@ -276,3 +276,14 @@ def test_polish_experiment_is_shapes64_on_the_low_noise_steps_from_a_trained_mod
     assert (base["guidance"]["guidance_scale"], list(base["guidance"]["t_range"])) == (5.0, [0.02, 0.98])
     assert polish["trainer"]["lr_final"] == 0.1 and polish["trainer"]["max_steps"] == 1000
     assert compose(["experiment=shapes64_polish", "init_from=runs/x/model"])["init_from"] == "runs/x/model"
+
+
+def test_unguided_experiment_is_shapes64_over_all_timesteps_at_guidance_one():
+    """experiment=shapes64_unguided (phase 3): the shapes64 recipe from a trained model, every timestep, guidance 1
+    (the conditional score alone), the learning rate decaying to 10%; a guidance scale of 1 runs one prior branch."""
+    base, unguided = compose(["experiment=shapes64"]), compose(["experiment=shapes64_unguided"])
+    assert unguided["init_from"] == "assets/att3d-shapes64" and unguided["name"] == "shapes64_unguided"
+    assert unguided["prompts"] == base["prompts"] and unguided["trainer"]["batch_size"] == base["trainer"]["batch_size"]
+    g = unguided["guidance"]
+    assert (g["guidance_scale"], g["guidance_scale_low"], list(g["t_range"])) == (1.0, None, [0.02, 0.98])
+    assert unguided["trainer"]["lr_final"] == 0.1 and unguided["trainer"]["max_steps"] == 1000

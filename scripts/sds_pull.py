@@ -43,18 +43,20 @@ def expected_gradient(prior, images: torch.Tensor, cond, cameras, guidance: floa
     Returns:
         (B, C, h, w) the mean SDS gradient on ``prior.encode_images(images)``.
     """
+    from att3d.guidance.sds import ScoreDistillation
+
+    # the training loop's own timestep draw and weighting (the default "sds": 1 - alpha_bar)
+    sds = ScoreDistillation(prior, guidance_scale=guidance, t_range=t_range)
     x0 = prior.encode_images(images)
     gen = torch.Generator().manual_seed(seed)
-    n_t = prior.num_train_timesteps
-    lo, hi = round(t_range[0] * n_t), round(t_range[1] * n_t)
     total = torch.zeros_like(x0)
     with torch.no_grad():
         for _ in range(reps):
-            t = torch.randint(lo, hi + 1, (x0.shape[0],), generator=gen)
+            t = sds.sample_t(x0.shape[0], generator=gen)
             eps = torch.randn(x0.shape, generator=gen)
             x_t = prior.add_noise(x0, eps, t)
-            eps_hat = prior.predict_noise(x_t, t, cond, cameras, float(guidance))
-            total += (1.0 - prior.alphas_cumprod[t]).view(-1, 1, 1, 1) * (eps_hat - eps)
+            eps_hat = prior.predict_noise(x_t, t, cond, cameras, sds.scales(t))
+            total += sds.weight(t).view(-1, 1, 1, 1) * (eps_hat - eps)
     return total / reps
 
 

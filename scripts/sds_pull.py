@@ -66,8 +66,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def pull_table(model, prior, shapes: tuple[str, ...], colour: str, guidances: list[float], views: int, reps: int,
-               seed: int = 0) -> list[dict]:
-    """One row per (shape, guidance): the cosines of the module docstring and the mean distance render - gt."""
+               seed: int = 0, t_range: tuple[float, float] = (0.02, 0.98)) -> list[dict]:
+    """One row per (shape, guidance): the cosines of the module docstring and the mean distance render - gt;
+    timesteps uniform in ``t_range`` (fractions of T)."""
     from att3d.render.cameras import OrbitCameras
     from att3d.world.render import render_objects
     from att3d.world.shapes import WorldObject, caption
@@ -83,8 +84,8 @@ def pull_table(model, prior, shapes: tuple[str, ...], colour: str, guidances: li
         towards_gt = prior.encode_images(gt) - prior.encode_images(render)
         cond = prior.encode_prompts([text] * views)
         for s in guidances:
-            g_model = expected_gradient(prior, render, cond, cams, s, reps, seed)
-            g_gt = expected_gradient(prior, gt, cond, cams, s, reps, seed)
+            g_model = expected_gradient(prior, render, cond, cams, s, reps, seed, t_range)
+            g_gt = expected_gradient(prior, gt, cond, cams, s, reps, seed, t_range)
             rows.append({"shape": shape, "caption": text, "guidance": s,
                          "model_towards_gt": cosine(-g_model, towards_gt),
                          "gt_towards_model": cosine(-g_gt, -towards_gt),
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--t-range", type=float, nargs=2, default=[0.02, 0.98], metavar=("LO", "HI"),
+                    help="timesteps drawn uniformly in [LO, HI] T (the shipped recipe's phase 3: 0.02 0.98)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True, help="output folder (pull.json, pull.md)")
     args = ap.parse_args(argv)
@@ -128,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     from att3d.world.shapes import COLOURS
 
     bad = [s for s in args.shapes if s not in SHAPE_NAMES]
-    if bad or args.colour not in COLOURS or args.views < 1 or args.reps < 1 or any(g <= 0 for g in args.guidance):
+    lo, hi = args.t_range
+    if (bad or args.colour not in COLOURS or args.views < 1 or args.reps < 1 or any(g <= 0 for g in args.guidance)
+            or not 0 < lo < hi < 1):
         print(f"error: shapes must be among {list(SHAPE_NAMES)}, colour among {list(COLOURS)}, views, reps and "
-              "guidance scales positive", file=sys.stderr)
+              "guidance scales positive, and 0 < LO < HI < 1 for --t-range", file=sys.stderr)
         return 2
     for path, what in ((args.model, "model"), (args.prior, "prior")):
         if not Path(path).is_dir():
@@ -140,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     prior = ShapesPrior.from_pretrained(args.prior)
     model = AmortizedModel.from_pretrained(args.model)
-    rows = pull_table(model, prior, tuple(args.shapes), args.colour, args.guidance, args.views, args.reps, args.seed)
+    rows = pull_table(model, prior, tuple(args.shapes), args.colour, args.guidance, args.views, args.reps, args.seed,
+                      (lo, hi))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"# Where SDS pulls a render\n\n`python scripts/sds_pull.py {' '.join(argv or sys.argv[1:])}`: "
               f"{args.views} training views per shape ({args.colour}), {args.reps} draws of (t, eps) per view, "
-              "t uniform in [0.02, 0.98] T, weighting 1 - alpha_bar.")
+              f"t uniform in [{lo:g}, {hi:g}] T, weighting 1 - alpha_bar.")
     save_json(out / "pull.json", {"args": vars(args), "rows": rows})
     text = markdown(rows, args.guidance, header)
     atomic_write(out / "pull.md", lambda tmp: Path(tmp).write_text(text))

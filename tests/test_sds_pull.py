@@ -66,7 +66,22 @@ def test_report_has_a_row_per_shape_and_guidance(pull, tiny_prior_dir, tiny_mode
     assert "| cube |" in md and "guidance 3" in md
 
 
-@pytest.mark.parametrize("args", [["--shapes", "blob"], ["--guidance", "0"], ["--reps", "0"], ["--colour", "teal"]])
+def test_t_range_restricts_the_timesteps(pull, tiny_prior_dir, tiny_model_dir, tmp_path, capsys):
+    """``--t-range`` reaches the draws: a low band and a high band give different cosines, and the report says which."""
+    rows = {}
+    for band in (("0.02", "0.3"), ("0.6", "0.98")):
+        out = tmp_path / "_".join(band)
+        code = pull.main(["--model", str(tiny_model_dir), "--prior", str(tiny_prior_dir), "--shapes", "cube",
+                          "--guidance", "1", "--views", "2", "--reps", "2", "--t-range", *band, "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        rows[band] = json.loads((out / "pull.json").read_text())["rows"][0]
+        assert f"t uniform in [{float(band[0]):g}, {float(band[1]):g}] T" in (out / "pull.md").read_text()
+    low, high = rows.values()
+    assert low["model_towards_gt"] != high["model_towards_gt"]
+
+
+@pytest.mark.parametrize("args", [["--shapes", "blob"], ["--guidance", "0"], ["--reps", "0"], ["--colour", "teal"],
+                                  ["--t-range", "0.5", "0.2"], ["--t-range", "0", "0.5"]])
 def test_bad_input_is_one_line(pull, tiny_prior_dir, tiny_model_dir, tmp_path, capsys, args):
     assert pull.main(["--model", str(tiny_model_dir), "--prior", str(tiny_prior_dir), "--out", str(tmp_path),
                       *args]) == 2

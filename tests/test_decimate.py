@@ -97,3 +97,25 @@ def test_make_manifold_drops_folded_pairs_and_keeps_manifold_meshes():
     v3, f3 = make_manifold(verts, torch.cat([faces, fin, fin.flip(1)]))
     assert f3.shape[0] == faces.shape[0] and is_closed(f3)
     assert torch.equal(v3[f3], verts[faces])
+
+
+def test_decimation_in_threads_gives_each_mesh_its_own_result():
+    """fast-simplification works on process-global state: meshes decimated in parallel threads (as the export's
+    ``workers`` do) must come out exactly as when decimated one at a time, never with another mesh's faces."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    meshes = [sdf_mesh(sdf_cube, 48), sdf_mesh(sdf_octahedron, 56), sdf_mesh(sdf_cube, 40),
+              sdf_mesh(sdf_octahedron, 44)]
+    budgets = [1500, 1200, 900, 700]
+    expected = [decimate(v, f, b) for (v, f), b in zip(meshes, budgets)]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: the race, if any, shows
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for _ in range(3):
+                got = list(pool.map(lambda i: decimate(*meshes[i], budgets[i]), range(len(meshes))))
+                for (ve, fe), (vg, fg) in zip(expected, got):
+                    assert torch.equal(fe, fg) and torch.equal(ve, vg)
+    finally:
+        sys.setswitchinterval(old)

@@ -15,11 +15,18 @@ pair of folded faces can repeat one triangle. :func:`make_manifold` repairs both
   paired edges. The sheets then touch at coincident vertices but are separate in the topology:
   every edge has exactly two faces again, and the geometry is unchanged.
 
+fast-simplification keeps the mesh being simplified in process-global C++ state between its load, simplify and
+read-back calls, so two threads decimating at once would read each other's faces (a mesh of the right vertices
+joined by another mesh's triangles). :func:`decimate` holds a process-wide lock around that sequence; the rest of
+the export (extraction, atlas, bake) still overlaps across threads.
+
 All functions take and return tensors (faces ``(F, 3)`` long, vertices ``(V, 3)`` float) on the input's
 device; the work runs on the CPU in numpy.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -201,6 +208,10 @@ def _nonmanifold_edges(faces: np.ndarray) -> np.ndarray:
     return edges[first[counts != 2]]
 
 
+#: Serialises fast-simplification, whose load -> simplify -> read-back sequence works on process-global state.
+_SIMPLIFY_LOCK = threading.Lock()
+
+
 def decimate(verts: torch.Tensor, faces: torch.Tensor, max_faces: int, aggressiveness: float = 7.0
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quadric edge collapse to at most ``max_faces`` faces, then :func:`make_manifold`.
@@ -230,7 +241,9 @@ def decimate(verts: torch.Tensor, faces: torch.Tensor, max_faces: int, aggressiv
     # A closed input must stay closed: in the rare case the repair cannot separate a pinch (or a singular quadric
     # places a vertex at infinity), collapse again less aggressively (a different sequence of collapses).
     for agg in (float(aggressiveness), max(1.0, aggressiveness - 2.0), max(1.0, aggressiveness - 4.0)):
-        v2, f2 = fast_simplification.simplify(v, f, target_count=int(max_faces), agg=agg)
+        with _SIMPLIFY_LOCK:  # process-global state in the C++ library: one mesh at a time
+            v2, f2 = fast_simplification.simplify(v, f, target_count=int(max_faces), agg=agg)
+            v2, f2 = np.array(v2, copy=True), np.array(f2, copy=True)
         if not np.isfinite(np.asarray(v2)).all():
             continue
         best = make_manifold(torch.as_tensor(np.asarray(v2), dtype=verts.dtype, device=verts.device),

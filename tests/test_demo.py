@@ -213,9 +213,13 @@ def test_generate_writes_glb_obj_ply_inside_the_output_folder(backend):
 
 
 def test_hostile_prompt_stays_in_the_output_folder(backend):
-    res = backend.generate("../../../../tmp/evil/../x", backend.default_model)
+    # a caption (so that the model makes an object) wrapped in path traversal: the file name is a slug in the run
+    res = backend.generate("../../a red cube/../../../tmp/evil/../x", backend.default_model)
     assert res.glb is not None and backend.store.contains(res.glb)
-    assert res.glb.parent.parent == backend.store.root and "/" not in res.glb.name
+    assert res.glb.parent.parent == backend.store.root and "/" not in res.glb.name and ".." not in res.glb.name
+    # a prompt with no object in it is a message, not a file and not an error
+    res = backend.generate("../../../../tmp/evil/../x", backend.default_model)
+    assert (res.glb is None and "No object" in res.message) or backend.store.contains(res.glb)
 
 
 def test_bad_inputs_of_the_handlers(backend):

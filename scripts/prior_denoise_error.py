@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder (denoise.json, denoise.md)")
     args = ap.parse_args(argv)
     from att3d.guidance.priors.shapes import ShapesPrior
-    from att3d.utils.checkpoint import atomic_write, save_json
+    from att3d.utils.checkpoint import save_report
 
     bad = [s for s in args.shapes if s not in SHAPE_NAMES] + [c for c in args.colours if c not in COLOURS]
     if bad or args.views < 1 or not args.timesteps:
@@ -103,15 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"prior": path, "shape": shape,
                          "errors": denoise_error(prior, shape, args.timesteps, args.views, args.colours,
                                                  args.seed + k)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     header = (f"# Clean-image error of the prior from a noised ground truth\n\n"
               f"`python scripts/prior_denoise_error.py {' '.join(argv or sys.argv[1:])}`: mean absolute error "
               f"(sRGB, [0, 1]) of x0_hat at guidance 1, {args.views} training views per shape, the same views and "
               "noise for every prior. A perfect prior scores 0 at every t.")
-    save_json(out / "denoise.json", {"args": vars(args), "timesteps": args.timesteps, "rows": rows})
     text = markdown(rows, args.timesteps, header)
-    atomic_write(out / "denoise.md", lambda tmp: Path(tmp).write_text(text))
+    save_report(args.out, "denoise", {"args": vars(args), "timesteps": args.timesteps, "rows": rows}, text)
     print(text)
     return 0
 

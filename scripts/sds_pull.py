@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from att3d.guidance.priors.shapes import ShapesPrior
     from att3d.model import AmortizedModel
-    from att3d.utils.checkpoint import atomic_write, save_json
+    from att3d.utils.checkpoint import save_report
     from att3d.world.shapes import COLOURS
 
     bad = [s for s in args.shapes if s not in SHAPE_NAMES]
@@ -147,14 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     model = AmortizedModel.from_pretrained(args.model)
     rows = pull_table(model, prior, tuple(args.shapes), args.colour, args.guidance, args.views, args.reps, args.seed,
                       (lo, hi))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     header = (f"# Where SDS pulls a render\n\n`python scripts/sds_pull.py {' '.join(argv or sys.argv[1:])}`: "
               f"{args.views} training views per shape ({args.colour}), {args.reps} draws of (t, eps) per view, "
               f"t uniform in [{lo:g}, {hi:g}] T, weighting 1 - alpha_bar.")
-    save_json(out / "pull.json", {"args": vars(args), "rows": rows})
     text = markdown(rows, args.guidance, header)
-    atomic_write(out / "pull.md", lambda tmp: Path(tmp).write_text(text))
+    save_report(args.out, "pull", {"args": vars(args), "rows": rows}, text)
     print(text)
     return 0
 

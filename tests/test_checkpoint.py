@@ -12,6 +12,7 @@ from att3d.utils.checkpoint import (
     load_state,
     load_tensors,
     save_json,
+    save_report,
     save_state,
     save_tensors,
 )
@@ -156,3 +157,14 @@ def test_atomic_folder_is_all_or_nothing(tmp_path):
     with pytest.raises(OSError, match="cannot write .*/file: a file is in the way"):
         with atomic_folder(tmp_path / "file"):
             pass
+
+
+def test_save_report_writes_json_and_markdown_in_a_new_folder(tmp_path):
+    folder = save_report(tmp_path / "a" / "b", "pull", {"rows": [1, 2]}, "# title\n")
+    assert folder == tmp_path / "a" / "b"
+    assert load_json(folder / "pull.json") == {"rows": [1, 2]}
+    assert (folder / "pull.md").read_text() == "# title\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["pull.json", "pull.md"]  # no temporaries left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Att3dError):
+        save_report(tmp_path / "file", "pull", {}, "")

@@ -222,6 +222,15 @@ def save_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
+def save_report(folder: str | os.PathLike, name: str, data: Any, markdown: str) -> Path:
+    """Write a study's results as ``folder/name.json`` (``data``) and ``folder/name.md`` (``markdown``), each
+    atomically, creating ``folder``; returns the folder."""
+    folder = make_dirs(folder)
+    save_json(folder / f"{name}.json", data)
+    atomic_write(folder / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown))
+    return folder
+
+
 def load_json(path: str | os.PathLike) -> Any:
     """The JSON value of ``path``; a missing, unreadable or damaged file is a :class:`CheckpointError` naming it."""
     path = Path(path)

@@ -46,8 +46,7 @@ def denoise_error(prior, shape: str, timesteps: list[int], views: int, colours: 
         x_t = prior.add_noise(x0, eps, tt)
         with torch.no_grad():
             eps_hat = prior.predict_noise(x_t, tt, cond, cams, guidance_scale=1.0)
-        a = prior.alphas_cumprod[int(t)].to(x0.dtype)
-        x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+        x0_hat = prior.clean_estimate(x_t, eps_hat, tt)
         errors.append(float((x0_hat - x0).abs().mean()) / 2)  # [-1, 1] -> [0, 1] units
     return errors
 

@@ -28,11 +28,11 @@ def first_step_estimates(prior, captions: list[str], scales: list[float], seed: 
     cond = prior.encode_prompts(captions)
     t = prior.num_train_timesteps - 1
     x = torch.randn((n, 3, prior.resolution, prior.resolution), generator=torch.Generator().manual_seed(seed))
-    a = prior.alphas_cumprod[t].float().cpu()
+    tt = torch.full((n,), t)
     rows = []
     for s in scales:
-        eps = prior.predict_noise(x, torch.full((n,), t), cond, cams, s).float().cpu()
-        rows.append(((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1) * 0.5 + 0.5)
+        eps = prior.predict_noise(x, tt, cond, cams, s).float().cpu()
+        rows.append(prior.clean_estimate(x, eps, tt).clamp(-1, 1) * 0.5 + 0.5)
     return torch.stack(rows)
 
 

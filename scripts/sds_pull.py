@@ -11,7 +11,8 @@ same caption and camera, by Monte Carlo over ``--reps`` draws of ``(t, eps)`` pe
   model's (the prior's fixed point is not the true object).
 
 Both in the prior's image space (32 px for the shapes prior), at the world's training views, timesteps uniform in
-``[0.02, 0.98] T`` and the SDS weighting ``1 - alpha_bar`` (the shipped recipe's). It is a probe of the 2D
+``[0.02, 0.98] T`` (the shipped recipe's; ``--t-range LO HI`` probes one band) and the SDS weighting
+``1 - alpha_bar``. It is a probe of the 2D
 gradient only: the 3D model integrates it over views and prompts. Writes ``pull.json`` and ``pull.md``::
 
     python scripts/sds_pull.py --model assets/att3d-shapes64 --prior assets/shapes-prior \
@@ -39,6 +40,7 @@ def expected_gradient(prior, images: torch.Tensor, cond, cameras, guidance: floa
         cond: the prior's conditioning of batch B; cameras: the B cameras.
         guidance: the classifier-free guidance scale.
         reps: Monte Carlo draws per image (the same draws for every call with the same ``seed`` and shapes).
+        t_range: timesteps are drawn uniformly in ``[t_range[0], t_range[1]] T`` (fractions of T).
 
     Returns:
         (B, C, h, w) the mean SDS gradient on ``prior.encode_images(images)``.

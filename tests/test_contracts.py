@@ -253,7 +253,10 @@ def test_prior_contract(name, request):
     h = prior.latent_resolution
     assert x0.shape == (2, prior.latent_channels, h, h) and x0.dtype == torch.float32
     t = torch.tensor([100, prior.num_train_timesteps - 1])
-    x_t = prior.add_noise(x0.detach(), torch.randn_like(x0), t)
+    noise = torch.randn_like(x0)
+    x_t = prior.add_noise(x0.detach(), noise, t)
+    # clean_estimate inverts the forward process (at t = 100; at T - 1 almost no signal is left to recover)
+    torch.testing.assert_close(prior.clean_estimate(x_t[:1], noise[:1], t[:1]), x0.detach()[:1], rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         eps = prior.predict_noise(x_t, t, cond, cams, 5.0)
         assert eps.shape == x_t.shape and torch.isfinite(eps).all()

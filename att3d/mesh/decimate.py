@@ -244,10 +244,10 @@ def decimate(verts: torch.Tensor, faces: torch.Tensor, max_faces: int, aggressiv
         with _SIMPLIFY_LOCK:  # process-global state in the C++ library: one mesh at a time
             v2, f2 = fast_simplification.simplify(v, f, target_count=int(max_faces), agg=agg)
             v2, f2 = np.array(v2, copy=True), np.array(f2, copy=True)
-        if not np.isfinite(np.asarray(v2)).all():
+        if not np.isfinite(v2).all():
             continue
-        best = make_manifold(torch.as_tensor(np.asarray(v2), dtype=verts.dtype, device=verts.device),
-                             torch.as_tensor(np.asarray(f2).astype(np.int64), device=faces.device))
+        best = make_manifold(torch.as_tensor(v2, dtype=verts.dtype, device=verts.device),
+                             torch.as_tensor(f2.astype(np.int64), device=faces.device))
         if not closed or is_closed(best[1]):
             break
     if best is None:

@@ -407,6 +407,16 @@ class DiffusionPrior(torch.nn.Module, abc.ABC):
         a = self.alphas_cumprod[t.to(self.device)].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def clean_estimate(self, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`add_noise`: ``x0 = (x_t - sqrt(1 - a_t) noise) / sqrt(a_t)``, the clean sample
+        that a (predicted) ``noise`` implies.
+
+        Args:
+            x_t, noise: (B, C, h, w); t: (B,) long.
+        """
+        a = self.alphas_cumprod[t.to(self.device)].to(x_t.device, x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        return (x_t - (1 - a).sqrt() * noise) / a.sqrt()
+
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptConditioning,
                       cameras: OrbitCameras | None = None, guidance_scale: float | torch.Tensor = 7.5) -> torch.Tensor:
         """Classifier-free guided noise prediction.

@@ -285,7 +285,7 @@ def test_build_demo_keeps_gradio_inside_the_output_folder(tmp_path, monkeypatch)
     for var in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "GRADIO_ANALYTICS_ENABLED"):
         monkeypatch.delenv(var, raising=False)  # restored afterwards
 
-    from att3d.demo.app import _guard, build_demo
+    from att3d.demo.app import CONCURRENCY_ID, _guard, build_demo
 
     demo = build_demo({"m": SHIPPED}, tmp_path / "out", preload=False)
     assert isinstance(demo, gr.Blocks)
@@ -296,6 +296,10 @@ def test_build_demo_keeps_gradio_inside_the_output_folder(tmp_path, monkeypatch)
     assert out is None and "ZeroDivisionError" in err and "Traceback" not in err and "\n" not in err
     out, err = _guard(lambda: validate_prompt(""), "generation")
     assert "empty prompt" in err
+    # a click while the same model job runs is served afterwards, not dropped (gradio's default "once")
+    jobs = [fn for fn in demo.fns.values() if fn.concurrency_id == CONCURRENCY_ID]
+    assert {fn.name for fn in jobs} == {"on_generate", "on_turntable", "on_frame", "on_animate"}
+    assert all(fn.trigger_mode == "always_last" and fn.concurrency_limit == 1 for fn in jobs)
 
 
 def test_import_is_cheap():

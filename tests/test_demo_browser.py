@@ -341,11 +341,15 @@ def test_interpolation_slider_changes_the_object(page, server, tmp_path):
 
 def test_bad_prompts_get_a_message_in_the_page(page, server):
     page.get_by_role("tab", name="Text to 3D").click()
-    for text, words in (("", "empty prompt"), ("   ", "empty prompt"), ("x" * 250, "too long")):
+    # each message differs from the one before, so each wait needs this click's answer (not the last one's)
+    before = "no message yet"
+    for text, words in (("", "empty prompt"), ("x" * 250, "too long"), ("   ", "empty prompt")):
         page.fill("#prompt textarea", text)
         page.click("#generate")
-        page.wait_for_function("(w) => document.querySelector('#status').innerText.includes(w)", arg=words)
+        page.wait_for_function("([w, b]) => { const s = document.querySelector('#status').innerText;"
+                               " return s.includes(w) && !s.includes(b); }", arg=[words, before])
         assert "Traceback" not in page.locator("#status").inner_text()
+        before = words
     assert "Traceback" not in page.locator("body").inner_text()
     assert page.att3d_errors == []
 

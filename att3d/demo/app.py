@@ -180,7 +180,10 @@ def build_demo(model_dirs: Iterable[str | os.PathLike] | dict[str, Path] | None 
                 card_md = gr.Markdown(card_text, elem_id="card")
 
         # Model jobs: one at a time (one queue for all of them); not callable through gradio's API, only the page.
-        heavy: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": CONCURRENCY_ID, "api_visibility": "private"}
+        # always_last: a click while the same job still runs is served after it (the last input wins); gradio's
+        # default for clicks ("once") would drop it without a word.
+        heavy: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": CONCURRENCY_ID, "api_visibility": "private",
+                                 "trigger_mode": "always_last"}
 
         def on_generate(text: Any, label: Any, how: Any, progress=gr.Progress()):
             off = gr.update(interactive=False, value=None)
@@ -224,7 +227,7 @@ def build_demo(model_dirs: Iterable[str | os.PathLike] | dict[str, Path] | None 
 
         frame_io = ([prompt_a, prompt_b, slider, mode, model], [interp_viewer, interp_status])
         show.click(on_frame, *frame_io, **heavy)
-        slider.change(on_frame, *frame_io, trigger_mode="always_last", show_progress="minimal", **heavy)
+        slider.change(on_frame, *frame_io, show_progress="minimal", **heavy)
 
         def on_animate(a: Any, b: Any, how: Any, label: Any, progress=gr.Progress(track_tqdm=True)):
             out, err = _guard(lambda: backend.interpolation_video(a, b, how, label, _progress(progress)), "animation")

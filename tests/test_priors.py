@@ -436,3 +436,20 @@ def test_ddim_sampling_recovers_the_data_with_an_exact_prior(clip):
                        num_inference_steps=10, generator=g, batch_size=2, clip_denoised=clip)
     expect = (torch.stack([targets["a blue sphere"], targets["a red cube"], targets["a blue sphere"]]) + 1) / 2
     torch.testing.assert_close(img, expect, rtol=0, atol=1e-4)
+
+
+def test_loading_a_prior_logs_no_accelerate_warning(shapes_folder, sd_folder):
+    """Without accelerate, diffusers warns on every low-memory load; the priors ask for it only where it exists."""
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers")  # the library's root logger (it does not propagate)
+    logger.addHandler(handler)
+    try:
+        ShapesPrior.from_pretrained(shapes_folder[0])
+        StableDiffusionPrior.from_pretrained(sd_folder, device="cpu")
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "accelerate" in r], records

@@ -78,6 +78,14 @@ def hub_kwargs(path: str | os.PathLike, local_files_only: bool | None = None, **
     return {"local_files_only": bool(local_files_only), **{k: v for k, v in extra.items() if v is not None}}
 
 
+def diffusers_model_kwargs() -> dict:
+    """Keyword arguments of a diffusers model's ``from_pretrained``: low-memory loading only where accelerate is
+    installed (without it diffusers logs a warning on every load, and loads normally)."""
+    from diffusers.utils import is_accelerate_available
+
+    return {"low_cpu_mem_usage": bool(is_accelerate_available())}
+
+
 def hf_text_embeddings(tokenizer, text_encoder, prompts: list[str], max_length: int,
                        pass_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token hidden states of a transformers text encoder, as diffusers pipelines compute them.

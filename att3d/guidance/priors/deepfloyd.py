@@ -17,7 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
-from att3d.guidance.priors.base import DEFAULT_VIEW_SUFFIXES, DiffusionPrior, hf_text_embeddings, hub_kwargs
+from att3d.guidance.priors.base import (
+    DEFAULT_VIEW_SUFFIXES,
+    DiffusionPrior,
+    diffusers_model_kwargs,
+    hf_text_embeddings,
+    hub_kwargs,
+)
 from att3d.guidance.priors.stable_diffusion import default_device_dtype
 from att3d.registry import PRIORS
 from att3d.render.cameras import OrbitCameras
@@ -71,7 +77,8 @@ class DeepFloydPrior(DiffusionPrior):
         dev, dt = default_device_dtype(device, dtype)
         path = str(path)
         kw = hub_kwargs(path, local_files_only)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt, variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt, variant=variant, **kw,
+                                                    **diffusers_model_kwargs())
         text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dt,
                                                       **hub_kwargs(path, local_files_only, variant=variant))
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)

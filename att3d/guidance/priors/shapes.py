@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from att3d.guidance.priors.base import DiffusionPrior, as_dtype
+from att3d.guidance.priors.base import DiffusionPrior, as_dtype, diffusers_model_kwargs
 from att3d.registry import PRIORS, TEXT_ENCODERS
 from att3d.render.cameras import OrbitCameras, camera_features
 from att3d.utils.checkpoint import load_json
@@ -79,7 +79,8 @@ class ShapesPrior(DiffusionPrior):
         if meta.get("kind") != "shapes":
             raise ValueError(f"{folder} holds a prior of kind {meta.get('kind')!r}, not 'shapes'")
         arch = meta["arch"]
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=as_dtype(dtype))
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=as_dtype(dtype),
+                                                    **diffusers_model_kwargs())
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         text_encoder = TEXT_ENCODERS.build(arch["text_encoder"], max_length=int(arch["text_max_length"]))
         return cls(unet, scheduler, text_encoder, arch).to(device)

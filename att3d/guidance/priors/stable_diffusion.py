@@ -17,7 +17,14 @@ from collections.abc import Sequence
 
 import torch
 
-from att3d.guidance.priors.base import DEFAULT_VIEW_SUFFIXES, DiffusionPrior, as_dtype, hf_text_embeddings, hub_kwargs
+from att3d.guidance.priors.base import (
+    DEFAULT_VIEW_SUFFIXES,
+    DiffusionPrior,
+    as_dtype,
+    diffusers_model_kwargs,
+    hf_text_embeddings,
+    hub_kwargs,
+)
 from att3d.registry import PRIORS
 from att3d.render.cameras import OrbitCameras
 
@@ -89,8 +96,10 @@ class StableDiffusionPrior(DiffusionPrior):
         dev, dt = default_device_dtype(device, dtype)
         path = str(path)
         kw = hub_kwargs(path, local_files_only)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt, variant=variant, **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt, variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt, variant=variant, **kw,
+                                                    **diffusers_model_kwargs())
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt, variant=variant, **kw,
+                                            **diffusers_model_kwargs())
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dt,
                                                      **hub_kwargs(path, local_files_only, variant=variant))
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)

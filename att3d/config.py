@@ -171,7 +171,10 @@ def build_model(cfg: dict[str, Any], device: Any = "cpu"):
     from att3d.model import AmortizedModel
 
     init_from = cfg.get("init_from")
+    grow = grow_levels_option(cfg.get("grow_levels"))
     if init_from in (None, "", "None", "null"):
+        if grow:
+            raise Att3dError("grow_levels adds levels to a trained model: give init_from=MODEL_FOLDER too")
         return AmortizedModel(model_config(cfg)), None, None
     from att3d.model import CONFIG_NAME, read_model_config
 
@@ -179,7 +182,21 @@ def build_model(cfg: dict[str, Any], device: Any = "cpu"):
     if not (folder / CONFIG_NAME).is_file():
         raise Att3dError(f"init_from: {init_from} is not an att3d model folder (no {CONFIG_NAME})")
     _, extra = read_model_config(folder)  # checked against the schema: one line naming the file and the key
-    return AmortizedModel.from_pretrained(folder, device=device), str(folder), extra
+    model = AmortizedModel.from_pretrained(folder, device=device)
+    if grow:
+        from att3d.train.grow import grow_levels
+
+        model = grow_levels(model, grow)
+    return model, str(folder), extra
+
+
+def grow_levels_option(value: Any) -> list[int]:
+    """The ``grow_levels`` option: a list of resolutions (``[64]``), or null / empty for none."""
+    if value in (None, "", "None", "null"):
+        return []
+    if isinstance(value, (int, str)) or not all(isinstance(r, int) and not isinstance(r, bool) for r in value):
+        raise Att3dError(f"grow_levels must be a list of resolutions, e.g. [64], got {value!r}")
+    return [int(r) for r in value]
 
 
 def embedding_cache_dir(value: Any) -> Path | None:
@@ -206,6 +223,7 @@ def check_run_options(cfg: dict[str, Any]) -> None:
 
     if cfg.get("extraction") is not None:
         check_extraction(cfg["extraction"])
+    grow_levels_option(cfg.get("grow_levels"))
     if not isinstance(cfg.get("progress", True), bool):
         raise Att3dError(f"progress must be true or false, got {cfg.get('progress')!r}")
     for key in ("init_from", "resume", "resume_checkpoint", "run_dir"):
@@ -244,6 +262,7 @@ def build_trainer(cfg: dict[str, Any], run_dir: str | Path | None, resume: bool 
     torch.manual_seed(tcfg.seed)  # the initial weights depend on the seed only
     model, source, source_extra = build_model(cfg, device)
     objective.source, objective.source_extra = source, source_extra
+    objective.grown_levels = grow_levels_option(cfg.get("grow_levels"))
     checkpoint = cfg.get("resume_checkpoint") or None
     if resume and run_dir is not None:  # on a copy: a stage's set-up reads the starting weights (mesh: its reference)
         from att3d.model import copy_model

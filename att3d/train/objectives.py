@@ -63,6 +63,8 @@ class Objective:
     #: the model folder the run started from (``init_from``) and that folder's ``extra`` (set by the builder)
     source: str | None = None
     source_extra: dict[str, Any] | None = None
+    #: the grid levels added to ``source``'s model (``grow_levels``; :func:`att3d.train.grow.grow_levels`)
+    grown_levels: list[int] | None = None
 
     def setup(self, trainer: Trainer) -> None:
         """Called once by the trainer after it built the model, prompts and embeddings (before any resume)."""
@@ -88,6 +90,8 @@ class Objective:
         record: dict[str, Any] = {"stage": self.name, "steps": trainer.step, "prompts": len(trainer.prompts)}
         if self.source is not None:
             record["init_from"] = self.source
+        if self.grown_levels:
+            record["grown_levels"] = list(self.grown_levels)
         if self.source_extra:
             record["previous"] = self.source_extra
         return record

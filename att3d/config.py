@@ -24,7 +24,7 @@ from att3d.utils.errors import Att3dError
 from att3d.utils.paths import configs_dir, resolve_path
 
 #: Keys of the ``guidance`` group that are not arguments of :class:`~att3d.guidance.sds.ScoreDistillation`.
-GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine")
+GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "vsd")
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -104,7 +104,8 @@ def check_prior_exists(gcfg: dict[str, Any]) -> None:
 
 
 def build_guidance(gcfg: dict[str, Any], device: str | Any = "cpu", **overrides: Any):
-    """The :class:`~att3d.guidance.sds.ScoreDistillation` of a ``guidance`` group (its ``prior`` built by name).
+    """The :class:`~att3d.guidance.sds.ScoreDistillation` of a ``guidance`` group (its ``prior`` built by name), or
+    its :class:`~att3d.guidance.vsd.VariationalScoreDistillation` with ``vsd.enabled``.
 
     ``overrides`` (values that are not None) replace SDS arguments of the config (e.g. ``guidance_scale``).
     """
@@ -118,11 +119,18 @@ def build_guidance(gcfg: dict[str, Any], device: str | Any = "cpu", **overrides:
     name, path = prior_cfg.pop("name"), prior_cfg.pop("path")
     local = resolve_path(path)
     prior = PRIORS.build(name, path=str(local) if local.exists() else path, device=str(device), **prior_cfg)
-    for key in ("t_range", "t_anneal"):
+    vsd = dict(gcfg.get("vsd") or {})
+    cls = ScoreDistillation
+    if vsd.pop("enabled", False):
+        from att3d.guidance.vsd import VariationalScoreDistillation
+
+        cls = VariationalScoreDistillation
+        sds.update(vsd)
+    for key in ("t_range", "t_anneal", "estimator_t_range"):
         if sds.get(key) is not None:
             sds[key] = tuple(sds[key])
     try:
-        return ScoreDistillation(prior, **sds)
+        return cls(prior, **sds)
     except TypeError as e:
         raise Att3dError(f"invalid guidance config: {' '.join(str(e).split())}") from None
 

@@ -19,7 +19,7 @@ GROUPS: dict[str, Registry] = {"field": FIELDS, "mapping": MAPPINGS, "renderer":
 #: Arguments that the builders pass themselves (never config keys).
 BUILD_ARGS = {"mapping": ("text_len", "text_dim", "out_shapes")}
 #: Keys of a guidance option that are not ScoreDistillation arguments.
-GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "defaults")
+GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "vsd", "defaults")
 #: Duplicates in configs/guidance/, which this test's owner cannot edit: each must still be a duplicate (an entry
 #: that is no longer one fails, so the list only shrinks). Empty it when the guidance options are cleaned up.
 KNOWN_GUIDANCE_DUPLICATES: dict[str, set[str]] = {
@@ -105,6 +105,17 @@ def test_guidance_option_only_overrides_score_distillation(path):
     stale = sorted(known - set(dups))
     assert not stale, (f"guidance/{path.name}: {', '.join(stale)} no longer repeat the default; remove them from "
                        "KNOWN_GUIDANCE_DUPLICATES")
+    # the vsd block: a switch plus VariationalScoreDistillation's own arguments (listed, so that they can be set
+    # on the command line), with the signature's defaults
+    from att3d.guidance.vsd import VariationalScoreDistillation
+
+    vsd = dict(cfg.get("vsd") or {})
+    assert vsd.pop("enabled", None) is False, f"guidance/{path.name}: vsd.enabled must be there, false"
+    own = {k: v.default for k, v in inspect.signature(VariationalScoreDistillation.__init__).parameters.items()
+           if v.kind == v.KEYWORD_ONLY}
+    assert set(vsd) == set(own), f"guidance/{path.name}: vsd lists {sorted(vsd)}, the signature has {sorted(own)}"
+    assert all(vsd[k] == (list(d) if isinstance(d, tuple) else d) for k, d in own.items()), (
+        f"guidance/{path.name}: vsd's values differ from VariationalScoreDistillation's defaults")
 
 
 def test_same_value_rules():

@@ -102,13 +102,30 @@ class ScoreDistillation:
         Args:
             changes: any of the ``__init__`` arguments except ``prior``.
         """
-        args = {"guidance_scale": self.guidance_scale, "t_range": self.t_range, "t_anneal": self.t_anneal,
-                "weighting": self.weighting, "grad_clip": self.grad_clip, "per_item_t": self.per_item_t,
-                "guidance_scale_low": self.guidance_scale_low, "low_t": self.low_t}
+        args = self.init_args()
         unknown = set(changes) - set(args)
         if unknown:
             raise TypeError(f"replace() got unexpected arguments {sorted(unknown)}")
-        return ScoreDistillation(self.prior, **{**args, **changes})
+        return type(self)(self.prior, **{**args, **changes})
+
+    def init_args(self) -> dict[str, Any]:
+        """The ``__init__`` arguments (except ``prior``) that built this object."""
+        return {"guidance_scale": self.guidance_scale, "t_range": self.t_range, "t_anneal": self.t_anneal,
+                "weighting": self.weighting, "grad_clip": self.grad_clip, "per_item_t": self.per_item_t,
+                "guidance_scale_low": self.guidance_scale_low, "low_t": self.low_t}
+
+    def baseline(self, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: PromptConditioning,
+                 cameras: OrbitCameras | None) -> torch.Tensor:
+        """What the prior's prediction is compared with: the injected noise (SDS). (B, C, h, w)."""
+        return noise
+
+    def after_step(self, x0: torch.Tensor, cond: PromptConditioning, cameras: OrbitCameras | None,
+                   generator: torch.Generator | None) -> None:
+        """Called with the detached images ``x0`` at the end of each call (SDS: nothing to do)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trained state to checkpoint (SDS: none; see :class:`~att3d.guidance.vsd.VariationalScoreDistillation`)."""
+        return {}
 
     def t_bounds(self, step: int = 0) -> tuple[int, int]:
         """Inclusive integer timestep range ``(t_min, t_max)`` used at training ``step``."""
@@ -186,7 +203,8 @@ class ScoreDistillation:
                 noise = noise.to(device=x0.device, dtype=x0.dtype)
             x_t = self.prior.add_noise(x0.detach(), noise, t)
             eps = self.prior.predict_noise(x_t, t, cond, cameras, self.scales(t)).to(x0.dtype)
-            grad = self.weight(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) * (eps - noise)
+            base = self.baseline(x_t, noise, t, cond, cameras).to(x0.dtype)
+            grad = self.weight(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) * (eps - base)
             bad = ~torch.isfinite(grad).flatten(1).all(dim=1)
             num_bad = int(bad.sum().item())
             if num_bad:
@@ -196,4 +214,5 @@ class ScoreDistillation:
             target = x0.detach() - grad
             grad_norm = grad.flatten(1).norm(dim=1).mean()
         loss = 0.5 * F.mse_loss(x0, target, reduction="sum") / b
+        self.after_step(x0.detach(), cond, cameras, generator)
         return SDSOutput(loss=loss, grad_norm=grad_norm, t=t, num_nonfinite=num_bad)

@@ -175,6 +175,8 @@ _HEAD = _NONFINITE_LOSS, _SIGINT, _SIGTERM, _SDS_NONFINITE, _LOSS, _TOTAL, _SDS_
 CHECKPOINT_FILES = ("model.safetensors", "model_config.json", "optimizer.pt", "rng.safetensors",
                     "trainer_state.json")
 POINTER_NAME = "latest.json"
+#: The guidance's trained state in a checkpoint folder, when it has one (VSD's estimator).
+GUIDANCE_STATE_NAME = "guidance.pt"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
 
@@ -604,6 +606,9 @@ class Trainer:
                  **{name: float(agreed[len(_HEAD) + k]) / world for k, name in enumerate(names)},
                  "t_mean": float(agreed[_T_MEAN]) / world, "sds_nonfinite": float(agreed[_SDS_NONFINITE]),
                  "lr": self.lr_at(self.step - 1)}
+        estimator_loss = getattr(self.guidance, "last_estimator_loss", None)
+        if estimator_loss is not None:  # VSD: this rank's estimator's diffusion loss on the step's renders
+            stats["vsd_estimator_loss"] = float(estimator_loss)
         if result.images is not None:
             stats["_images"] = result.images.detach()  # type: ignore[assignment]
         return stats
@@ -631,6 +636,9 @@ class Trainer:
                 write_files(tmp) if write_files is not None else self.model.save_pretrained(tmp)
                 save_state(tmp / "optimizer.pt", self.optimizer.state_dict())
                 save_tensors(tmp / "rng.safetensors", {"rng.generator": self.generator.get_state(), **rng_state()})
+                guidance_state = self.guidance.state_dict() if hasattr(self.guidance, "state_dict") else {}
+                if guidance_state:  # trained guidance state (VSD's estimator)
+                    save_state(tmp / GUIDANCE_STATE_NAME, guidance_state)
                 save_json(tmp / "trainer_state.json", {
                     "step": self.step, "bad_steps": self.bad_steps, "order": self.sampler.order,
                     "history": self.history[-2000:], "batch_size": self.cfg.batch_size,
@@ -687,6 +695,7 @@ class Trainer:
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state {optimizer_file} does not fit this model: "
                                   f"{' '.join(str(e).split())}") from None
+        self._load_guidance_state(folder)
         rng_file = folder / "rng.safetensors"
         rng = load_tensors(rng_file)
         if "rng.generator" not in rng:
@@ -707,6 +716,26 @@ class Trainer:
                                   f"{int(match.group(1))}")
         self.step, self.bad_steps, self.sampler.order, self.history = step, bad_steps, order, history
         self._saved_step = self.step
+
+    def _load_guidance_state(self, folder: Path) -> None:
+        """Restore the guidance's trained state (VSD's estimator) from ``folder``; a checkpoint of a run without
+        it (VSD switched on at resume) starts the estimator afresh, with a warning."""
+        if not hasattr(self.guidance, "load_state_dict") or not self.guidance.state_dict():
+            return
+        path = folder / GUIDANCE_STATE_NAME
+        if not path.is_file():
+            log.warning("%s has no %s (a run without VSD): the VSD estimator starts from the prior", folder,
+                        GUIDANCE_STATE_NAME)
+            return
+        try:
+            state = load_state(path)
+        except CheckpointError as e:
+            raise CheckpointError(_short_load_error(e, path)) from None
+        try:
+            self.guidance.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"guidance state {path} does not fit this prior: {' '.join(str(e).split())}") \
+                from None
 
     # -- logging -------------------------------------------------------------------------------------------------
     @property

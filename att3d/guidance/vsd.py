@@ -1,0 +1,131 @@
+"""Variational score distillation (VSD, ProlificDreamer: Wang et al., NeurIPS 2023) from any diffusion prior.
+
+SDS compares the prior's noise prediction with the noise that was injected::
+
+    g_SDS = w(t) (eps_prior(x_t; y, c) - eps)
+
+whose expectation is the score of the prior's *noised* image distribution: at high noise that distribution is
+blurred, and its mode-seeking pull is what rounds corners and over-smooths (att3d measured it on the shapes world:
+docs/results/sds_pull). VSD replaces the injected noise by the prediction of a second denoiser ``eps_phi`` that is
+fitted, online, to the model's own renders::
+
+    g_VSD = w(t) (eps_prior(x_t; y, c) - eps_phi(x_t; y, c))
+
+so the gradient points from the distribution the model renders towards the prior's, and vanishes when they agree.
+The estimator here starts as a copy of the prior's denoiser (fp32, trainable; ProlificDreamer uses a LoRA of it,
+which for the 32 px shapes prior would save nothing) with the same prompt and camera conditioning; after every
+call it takes ``estimator_steps`` Adam steps of the prior's own diffusion loss (epsilon or v target) on the
+detached renders, at timesteps drawn from ``estimator_t_range``. At the start ``eps_phi = eps_prior`` (guidance 1),
+so a fine-tune from a trained model starts with a zero gradient and moves as the estimator learns what the model
+draws.
+
+The estimator is trained state: :meth:`VariationalScoreDistillation.state_dict` goes into the trainer's checkpoints
+so that a resumed run continues exactly. Under ``torchrun`` each rank fits its own estimator to its own renders.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from att3d.guidance.priors.base import DiffusionPrior, PromptConditioning, _randn
+from att3d.guidance.sds import ScoreDistillation
+from att3d.render.cameras import OrbitCameras
+
+__all__ = ["VariationalScoreDistillation", "denoiser_copy"]
+
+
+def denoiser_copy(prior: DiffusionPrior) -> DiffusionPrior:
+    """A copy of ``prior`` whose denoiser (``unet``) is its own fp32 trainable copy; every other part (text
+    encoder, VAE, scheduler tables) is shared with ``prior``."""
+    unet = getattr(prior, "unet", None)
+    if unet is None:
+        raise ValueError(f"{type(prior).__name__} has no `unet` to copy for the VSD estimator")
+    memo = {id(m): m for name, m in prior.named_children() if name != "unet"}
+    est = copy.deepcopy(prior, memo)
+    est.unet.float().requires_grad_(True)
+    return est
+
+
+class VariationalScoreDistillation(ScoreDistillation):
+    """Score distillation with a learned baseline (VSD); the arguments of :class:`ScoreDistillation`, plus:
+
+    Args:
+        estimator_lr: Adam learning rate of the estimator (ProlificDreamer: 1e-3 for a LoRA). A full copy wants far
+            less: on the shapes prior one Adam step at 1e-4 already makes the VSD gradient as large as SDS's.
+        estimator_steps: estimator updates per call.
+        estimator_t_range: (min, max) fractions of T of the estimator's training timesteps.
+        estimator_guidance: CFG scale of the estimator's prediction (1: conditional only, as ProlificDreamer).
+    """
+
+    def __init__(self, prior: DiffusionPrior, *, estimator_lr: float = 1e-5, estimator_steps: int = 1,
+                 estimator_t_range: tuple[float, float] = (0.02, 0.98), estimator_guidance: float = 1.0,
+                 **sds: Any):
+        super().__init__(prior, **sds)
+        lo, hi = (float(v) for v in estimator_t_range)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"estimator_t_range must satisfy 0 <= min <= max <= 1, got {estimator_t_range}")
+        if not float(estimator_lr) > 0 or int(estimator_steps) < 1:
+            raise ValueError("estimator_lr must be positive and estimator_steps at least 1")
+        self.estimator_lr = float(estimator_lr)
+        self.estimator_steps = int(estimator_steps)
+        self.estimator_t_range = (lo, hi)
+        self.estimator_guidance = float(estimator_guidance)
+        self.estimator = denoiser_copy(prior)
+        self.optimizer = torch.optim.Adam(self.estimator.unet.parameters(), lr=self.estimator_lr)
+        self.last_estimator_loss = float("nan")
+
+    def init_args(self) -> dict[str, Any]:
+        return {**super().init_args(), "estimator_lr": self.estimator_lr, "estimator_steps": self.estimator_steps,
+                "estimator_t_range": self.estimator_t_range, "estimator_guidance": self.estimator_guidance}
+
+    def baseline(self, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: PromptConditioning,
+                 cameras: OrbitCameras | None) -> torch.Tensor:
+        """The estimator's noise prediction at ``x_t`` (B, C, h, w), with the prior's conditioning."""
+        return self.estimator.predict_noise(x_t, t, cond, cameras, self.estimator_guidance)
+
+    def estimator_loss(self, x0: torch.Tensor, cond: PromptConditioning, cameras: OrbitCameras | None,
+                       t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The estimator's diffusion loss on clean images ``x0`` (B, C, h, w) at timesteps ``t`` (B,) with
+        ``noise``: MSE to the prior's target (epsilon, or v for v-prediction), conditional branch."""
+        est = self.estimator
+        x_t = est.add_noise(x0, noise, t)
+        c = cond.for_cameras(cameras).to(est.device)
+        out = est._denoise(x_t.float(), t, c.cond.float(), c.cond_mask, cameras).float()
+        if est.prediction_type == "v_prediction":
+            a = est.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        else:
+            target = noise
+        return (out - target).square().mean()
+
+    def after_step(self, x0: torch.Tensor, cond: PromptConditioning, cameras: OrbitCameras | None,
+                   generator: torch.Generator | None) -> None:
+        """``estimator_steps`` Adam steps of :meth:`estimator_loss` on the detached images ``x0``."""
+        n = self.prior.num_train_timesteps
+        lo = min(n - 1, max(0, round(self.estimator_t_range[0] * n)))
+        hi = min(n - 1, max(lo, round(self.estimator_t_range[1] * n)))
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        x0 = x0.detach().float()
+        with torch.enable_grad():
+            for _ in range(self.estimator_steps):
+                t = torch.randint(lo, hi + 1, (x0.shape[0],), generator=generator, device=gdev).to(x0.device)
+                noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+                loss = self.estimator_loss(x0, cond, cameras, t, noise)
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.estimator.unet.parameters(), 1.0)
+                    self.optimizer.step()
+                self.last_estimator_loss = float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"estimator": unet weights, "optimizer": Adam state}`` (what a checkpoint keeps)."""
+        return {"estimator": self.estimator.unet.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        self.estimator.unet.load_state_dict(state["estimator"])
+        self.optimizer.load_state_dict(state["optimizer"])

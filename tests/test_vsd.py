@@ -61,8 +61,11 @@ def test_the_gradient_is_the_prior_minus_the_estimator(prior):
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_the_estimator_learns_the_renders_and_leaves_the_prior_alone(prior):
-    vsd = VariationalScoreDistillation(prior, guidance_scale=1.0, estimator_lr=3e-3, estimator_steps=4)
+@pytest.mark.parametrize("rank, lr, ratio", [(4, 1e-2, 0.9), (0, 1e-3, 0.7)])  # LoRA adapters, the whole copy
+def test_the_estimator_learns_the_renders_and_leaves_the_prior_alone(prior, rank, lr, ratio):
+    torch.manual_seed(0)  # the adapters' initial values
+    vsd = VariationalScoreDistillation(prior, guidance_scale=1.0, estimator_lr=lr, estimator_rank=rank,
+                                       estimator_steps=4)
     before = {k: v.clone() for k, v in prior.unet.state_dict().items()}
     _, cond, cams, t, noise = _batch(prior, n=4, seed=3)
     images = torch.ones(4, 3, prior.resolution, prior.resolution)  # what the model "renders": a red square
@@ -74,10 +77,29 @@ def test_the_estimator_learns_the_renders_and_leaves_the_prior_alone(prior):
         vsd(images.clone().requires_grad_(True), cond, cams, generator=torch.Generator().manual_seed(i))
     with torch.no_grad():
         end = float(vsd.estimator_loss(x0, cond, cams, t, noise))
-    assert end < 0.7 * start, (start, end)
+    assert end < ratio * start, (start, end)
     assert all(torch.equal(v, before[k]) for k, v in prior.unet.state_dict().items())
     assert vsd.estimator.unet is not prior.unet
     assert all(m is getattr(prior, n) for n, m in vsd.estimator.named_children() if n != "unet")  # shared
+
+
+def test_lora_starts_as_the_base_and_trains_only_its_adapters(prior):
+    from att3d.guidance.vsd import LoRALinear, add_lora, denoiser_copy
+
+    est = denoiser_copy(prior)
+    images, cond, cams, t, noise = _batch(prior)
+    x_t = prior.add_noise(prior.encode_images(images), noise, t)
+    before = est.predict_noise(x_t, t, cond, cams, 1.0)
+    params = add_lora(est.unet, 2)
+    wrapped = [m for m in est.unet.modules() if isinstance(m, LoRALinear)]
+    assert wrapped and len(params) == 2 * len(wrapped)
+    assert {id(p) for p in est.unet.parameters() if p.requires_grad} == {id(p) for p in params}
+    torch.testing.assert_close(est.predict_noise(x_t, t, cond, cams, 1.0), before)  # up = 0: the same function
+    with torch.no_grad():
+        wrapped[0].up.weight.fill_(0.1)
+    assert not torch.allclose(est.predict_noise(x_t, t, cond, cams, 1.0), before)
+    with pytest.raises(ValueError, match="no linear layer"):
+        add_lora(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)), 2)
 
 
 def test_state_round_trip_and_replace(prior):

@@ -12,8 +12,9 @@ fitted, online, to the model's own renders::
     g_VSD = w(t) (eps_prior(x_t; y, c) - eps_phi(x_t; y, c))
 
 so the gradient points from the distribution the model renders towards the prior's, and vanishes when they agree.
-The estimator here starts as a copy of the prior's denoiser (fp32, trainable; ProlificDreamer uses a LoRA of it,
-which for the 32 px shapes prior would save nothing) with the same prompt and camera conditioning; after every
+The estimator here starts as a copy of the prior's denoiser (fp32) with LoRA adapters on its attention projections
+(ProlificDreamer's recipe; ``estimator_rank=0`` trains the whole copy instead), with the same prompt and camera
+conditioning; after every
 call it takes ``estimator_steps`` Adam steps of the prior's own diffusion loss (epsilon or v target) on the
 detached renders, at timesteps drawn from ``estimator_t_range``. At the start ``eps_phi = eps_prior`` (guidance 1),
 so a fine-tune from a trained model starts with a zero gradient and moves as the estimator learns what the model
@@ -34,7 +35,48 @@ from att3d.guidance.priors.base import DiffusionPrior, PromptConditioning, _rand
 from att3d.guidance.sds import ScoreDistillation
 from att3d.render.cameras import OrbitCameras
 
-__all__ = ["VariationalScoreDistillation", "denoiser_copy"]
+__all__ = ["LORA_TARGETS", "LoRALinear", "VariationalScoreDistillation", "add_lora", "denoiser_copy"]
+
+#: The attention projections that :func:`add_lora` adapts (ProlificDreamer's LoRA: every attention layer).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class LoRALinear(torch.nn.Module):
+    """``base(x) + (alpha / rank) up(down(x))`` with ``base`` frozen and ``up`` zero at the start (Hu et al., 2021).
+
+    Shapes: (..., in_features) -> (..., out_features), as ``base``.
+    """
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.down = torch.nn.Linear(base.in_features, int(rank), bias=False)
+        self.up = torch.nn.Linear(int(rank), base.out_features, bias=False)
+        torch.nn.init.normal_(self.down.weight, std=1.0 / int(rank))
+        torch.nn.init.zeros_(self.up.weight)
+        self.scale = float(alpha if alpha is not None else rank) / int(rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x)) * self.scale
+
+
+def add_lora(module: torch.nn.Module, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> list[torch.nn.Parameter]:
+    """Wrap every ``nn.Linear`` of ``module`` whose name ends with one of ``targets`` in a :class:`LoRALinear`
+    (in place; the rest of ``module`` is frozen); returns the adapters' parameters."""
+    module.requires_grad_(False)
+    names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+             and any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(f"no linear layer named {targets} to adapt")
+    device = next(module.parameters()).device
+    params: list[torch.nn.Parameter] = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        lora = LoRALinear(getattr(parent, child), rank).to(device)
+        setattr(parent, child, lora)
+        params += [lora.down.weight, lora.up.weight]
+    return params
 
 
 def denoiser_copy(prior: DiffusionPrior) -> DiffusionPrior:
@@ -53,32 +95,41 @@ class VariationalScoreDistillation(ScoreDistillation):
     """Score distillation with a learned baseline (VSD); the arguments of :class:`ScoreDistillation`, plus:
 
     Args:
-        estimator_lr: Adam learning rate of the estimator (ProlificDreamer: 1e-3 for a LoRA). A full copy wants far
-            less: on the shapes prior one Adam step at 1e-4 already makes the VSD gradient as large as SDS's.
+        estimator_lr: Adam learning rate of the estimator (ProlificDreamer: 1e-3 for its LoRA). A full copy
+            (``estimator_rank=0``) wants far less: on the shapes prior one Adam step at 1e-4 of every weight
+            already makes the VSD gradient as large as SDS'.
+        estimator_rank: rank of the LoRA adapters of the estimator's attention projections (ProlificDreamer: 4);
+            0: the whole copied denoiser is trained.
         estimator_steps: estimator updates per call.
         estimator_t_range: (min, max) fractions of T of the estimator's training timesteps.
         estimator_guidance: CFG scale of the estimator's prediction (1: conditional only, as ProlificDreamer).
     """
 
-    def __init__(self, prior: DiffusionPrior, *, estimator_lr: float = 1e-5, estimator_steps: int = 1,
-                 estimator_t_range: tuple[float, float] = (0.02, 0.98), estimator_guidance: float = 1.0,
-                 **sds: Any):
+    def __init__(self, prior: DiffusionPrior, *, estimator_lr: float = 1e-3, estimator_rank: int = 4,
+                 estimator_steps: int = 1, estimator_t_range: tuple[float, float] = (0.02, 0.98),
+                 estimator_guidance: float = 1.0, **sds: Any):
         super().__init__(prior, **sds)
         lo, hi = (float(v) for v in estimator_t_range)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"estimator_t_range must satisfy 0 <= min <= max <= 1, got {estimator_t_range}")
-        if not float(estimator_lr) > 0 or int(estimator_steps) < 1:
-            raise ValueError("estimator_lr must be positive and estimator_steps at least 1")
+        if not float(estimator_lr) > 0 or int(estimator_steps) < 1 or int(estimator_rank) < 0:
+            raise ValueError("estimator_lr must be positive, estimator_steps at least 1 and estimator_rank >= 0")
         self.estimator_lr = float(estimator_lr)
+        self.estimator_rank = int(estimator_rank)
         self.estimator_steps = int(estimator_steps)
         self.estimator_t_range = (lo, hi)
         self.estimator_guidance = float(estimator_guidance)
         self.estimator = denoiser_copy(prior)
-        self.optimizer = torch.optim.Adam(self.estimator.unet.parameters(), lr=self.estimator_lr)
+        if self.estimator_rank:
+            self.trained = add_lora(self.estimator.unet, self.estimator_rank)
+        else:
+            self.trained = list(self.estimator.unet.parameters())
+        self.optimizer = torch.optim.Adam(self.trained, lr=self.estimator_lr)
         self.last_estimator_loss = float("nan")
 
     def init_args(self) -> dict[str, Any]:
-        return {**super().init_args(), "estimator_lr": self.estimator_lr, "estimator_steps": self.estimator_steps,
+        return {**super().init_args(), "estimator_lr": self.estimator_lr, "estimator_rank": self.estimator_rank,
+                "estimator_steps": self.estimator_steps,
                 "estimator_t_range": self.estimator_t_range, "estimator_guidance": self.estimator_guidance}
 
     def baseline(self, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: PromptConditioning,
@@ -117,7 +168,7 @@ class VariationalScoreDistillation(ScoreDistillation):
                 self.optimizer.zero_grad(set_to_none=True)
                 if torch.isfinite(loss):
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.estimator.unet.parameters(), 1.0)
+                    torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
                     self.optimizer.step()
                 self.last_estimator_loss = float(loss.detach())
 

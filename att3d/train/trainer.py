@@ -180,6 +180,19 @@ GUIDANCE_STATE_NAME = "guidance.pt"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
 
+def _restore_state(path: Path, load: Any, what: str, owner: str) -> None:
+    """``load(state)`` with the state file ``path`` (:func:`load_state`: no pickled code runs); a file that cannot
+    be read, or whose state does not fit ``owner``, is a one-line :class:`CheckpointError` naming it."""
+    try:
+        state = load_state(path)
+    except CheckpointError as e:
+        raise CheckpointError(_short_load_error(e, path)) from None
+    try:
+        load(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{what} {path} does not fit {owner}: {' '.join(str(e).split())}") from None
+
+
 def checkpoint_step(folder: str | Path) -> int | None:
     """The step of a complete checkpoint folder (``step-N`` holding every file of :data:`CHECKPOINT_FILES`, its
     ``trainer_state.json`` readable and saying step N), or None. Reads only ``trainer_state.json``."""
@@ -685,16 +698,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint folder not found: {folder}")
         load_state_checked(self.model, load_tensors(folder / "model.safetensors", self.device),
                            folder / "model.safetensors")
-        optimizer_file = folder / "optimizer.pt"
-        try:
-            state = load_state(optimizer_file)
-        except CheckpointError as e:
-            raise CheckpointError(_short_load_error(e, optimizer_file)) from None
-        try:
-            self.optimizer.load_state_dict(state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"optimizer state {optimizer_file} does not fit this model: "
-                                  f"{' '.join(str(e).split())}") from None
+        _restore_state(folder / "optimizer.pt", self.optimizer.load_state_dict, "optimizer state", "this model")
         self._load_guidance_state(folder)
         rng_file = folder / "rng.safetensors"
         rng = load_tensors(rng_file)
@@ -727,15 +731,7 @@ class Trainer:
             log.warning("%s has no %s (a run without VSD): the VSD estimator starts from the prior", folder,
                         GUIDANCE_STATE_NAME)
             return
-        try:
-            state = load_state(path)
-        except CheckpointError as e:
-            raise CheckpointError(_short_load_error(e, path)) from None
-        try:
-            self.guidance.load_state_dict(state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"guidance state {path} does not fit this prior: {' '.join(str(e).split())}") \
-                from None
+        _restore_state(path, self.guidance.load_state_dict, "guidance state", "this prior")
 
     # -- logging -------------------------------------------------------------------------------------------------
     @property

@@ -16,6 +16,7 @@ Library modules never import this module: they take built objects.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,11 @@ from att3d.utils.errors import Att3dError
 from att3d.utils.paths import configs_dir, resolve_path
 
 #: Keys of the ``guidance`` group that are not arguments of :class:`~att3d.guidance.sds.ScoreDistillation`.
-GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "vsd")
+GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "method", "vsd", "sdi")
+#: ``guidance.method``: the score distillation class, by name; a method's options are the group's block of its name.
+GUIDANCE_METHODS = {"sds": "att3d.guidance.sds:ScoreDistillation",
+                    "vsd": "att3d.guidance.vsd:VariationalScoreDistillation",
+                    "sdi": "att3d.guidance.sdi:InvertedScoreDistillation"}
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -104,12 +109,11 @@ def check_prior_exists(gcfg: dict[str, Any]) -> None:
 
 
 def build_guidance(gcfg: dict[str, Any], device: str | Any = "cpu", **overrides: Any):
-    """The :class:`~att3d.guidance.sds.ScoreDistillation` of a ``guidance`` group (its ``prior`` built by name), or
-    its :class:`~att3d.guidance.vsd.VariationalScoreDistillation` with ``vsd.enabled``.
+    """The score distillation of a ``guidance`` group (its ``prior`` built by name): the class of
+    ``guidance.method`` (:data:`GUIDANCE_METHODS`: SDS, VSD or SDI) with that method's block of options.
 
     ``overrides`` (values that are not None) replace SDS arguments of the config (e.g. ``guidance_scale``).
     """
-    from att3d.guidance.sds import ScoreDistillation
     from att3d.registry import PRIORS
 
     check_prior_exists(gcfg)
@@ -119,13 +123,13 @@ def build_guidance(gcfg: dict[str, Any], device: str | Any = "cpu", **overrides:
     name, path = prior_cfg.pop("name"), prior_cfg.pop("path")
     local = resolve_path(path)
     prior = PRIORS.build(name, path=str(local) if local.exists() else path, device=str(device), **prior_cfg)
-    vsd = dict(gcfg.get("vsd") or {})
-    cls = ScoreDistillation
-    if vsd.pop("enabled", False):
-        from att3d.guidance.vsd import VariationalScoreDistillation
-
-        cls = VariationalScoreDistillation
-        sds.update(vsd)
+    method = gcfg.get("method") or "sds"
+    if method not in GUIDANCE_METHODS:
+        raise Att3dError(f"guidance.method must be one of {', '.join(GUIDANCE_METHODS)}, got {method!r}")
+    module, _, name = GUIDANCE_METHODS[method].partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if method != "sds":
+        sds.update(dict(gcfg.get(method) or {}))
     for key in ("t_range", "t_anneal", "estimator_t_range"):
         if sds.get(key) is not None:
             sds[key] = tuple(sds[key])

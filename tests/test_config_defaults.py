@@ -4,6 +4,7 @@ duplicate (two copies of a default drift apart: ``output_scale`` 0.3 in code vs 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ GROUPS: dict[str, Registry] = {"field": FIELDS, "mapping": MAPPINGS, "renderer":
 #: Arguments that the builders pass themselves (never config keys).
 BUILD_ARGS = {"mapping": ("text_len", "text_dim", "out_shapes")}
 #: Keys of a guidance option that are not ScoreDistillation arguments.
-GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "vsd", "defaults")
+GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "method", "vsd", "sdi", "defaults")
 #: Duplicates in configs/guidance/, which this test's owner cannot edit: each must still be a duplicate (an entry
 #: that is no longer one fails, so the list only shrinks). Empty it when the guidance options are cleaned up.
 KNOWN_GUIDANCE_DUPLICATES: dict[str, set[str]] = {
@@ -105,17 +106,21 @@ def test_guidance_option_only_overrides_score_distillation(path):
     stale = sorted(known - set(dups))
     assert not stale, (f"guidance/{path.name}: {', '.join(stale)} no longer repeat the default; remove them from "
                        "KNOWN_GUIDANCE_DUPLICATES")
-    # the vsd block: a switch plus VariationalScoreDistillation's own arguments (listed, so that they can be set
-    # on the command line), with the signature's defaults
-    from att3d.guidance.vsd import VariationalScoreDistillation
+    # the method's blocks: each lists its class's own arguments (so that they can be set on the command line),
+    # with the signature's defaults
+    from att3d.config import GUIDANCE_METHODS
 
-    vsd = dict(cfg.get("vsd") or {})
-    assert vsd.pop("enabled", None) is False, f"guidance/{path.name}: vsd.enabled must be there, false"
-    own = {k: v.default for k, v in inspect.signature(VariationalScoreDistillation.__init__).parameters.items()
-           if v.kind == v.KEYWORD_ONLY}
-    assert set(vsd) == set(own), f"guidance/{path.name}: vsd lists {sorted(vsd)}, the signature has {sorted(own)}"
-    assert all(vsd[k] == (list(d) if isinstance(d, tuple) else d) for k, d in own.items()), (
-        f"guidance/{path.name}: vsd's values differ from VariationalScoreDistillation's defaults")
+    assert cfg.get("method") == "sds", f"guidance/{path.name}: method must be there, sds"
+    for method, where in GUIDANCE_METHODS.items():
+        if method == "sds":
+            continue
+        module, _, name = where.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        block = dict(cfg.get(method) or {})
+        own = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if v.kind == v.KEYWORD_ONLY}
+        assert set(block) == set(own), f"guidance/{path.name}: {method} lists {sorted(block)}, not {sorted(own)}"
+        assert all(block[k] == (list(d) if isinstance(d, tuple) else d) for k, d in own.items()), (
+            f"guidance/{path.name}: {method}'s values differ from {name}'s defaults")
 
 
 def test_same_value_rules():

@@ -17,6 +17,7 @@ from att3d.guidance.vsd import VariationalScoreDistillation
 from att3d.model import AmortizedModel
 from att3d.render.cameras import OrbitCameras
 from att3d.train.trainer import GUIDANCE_STATE_NAME
+from att3d.utils.errors import Att3dError
 
 PROMPTS = ["a red cube", "a blue sphere", "a green torus"]
 
@@ -121,11 +122,14 @@ def test_state_round_trip_and_replace(prior):
 def test_config_switch(tiny_prior_dir):
     g = guidance_config("shapes")
     g["prior"]["path"] = str(tiny_prior_dir)
-    assert type(build_guidance(g)) is ScoreDistillation  # off by default
-    g["vsd"] = {**g["vsd"], "enabled": True, "estimator_lr": 3e-5, "estimator_t_range": [0.1, 0.9]}
+    assert type(build_guidance(g)) is ScoreDistillation  # the default method
+    g["method"] = "vsd"
+    g["vsd"] = {**g["vsd"], "estimator_lr": 3e-5, "estimator_t_range": [0.1, 0.9]}
     vsd = build_guidance(g)
     assert isinstance(vsd, VariationalScoreDistillation)
     assert vsd.estimator_lr == 3e-5 and vsd.estimator_t_range == (0.1, 0.9)
+    with pytest.raises(Att3dError, match="guidance.method must be one of sds, vsd, sdi"):
+        build_guidance({**g, "method": "magic"})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,7 @@ def files(tmp_path_factory, tiny_prior_dir):
 def _argv(files, run, *extra: str, resume: bool = False) -> list[str]:
     root, prior = files
     return [f"init_from={root / 'model'}", f"{'resume' if resume else 'run_dir'}={run}", "prompts=file",
-            f"prompts.train={root / 'prompts.txt'}", f"guidance.prior.path={prior}", "guidance.vsd.enabled=true",
+            f"prompts.train={root / 'prompts.txt'}", f"guidance.prior.path={prior}", "guidance.method=vsd",
             "guidance.vsd.estimator_lr=1e-3", "guidance.guidance_scale=1", "trainer.batch_size=2",
             "trainer.resolution=32", "trainer.device=cpu", "trainer.threads=1", "progress=false",
             "trainer.image_every=0", "trainer.log_every=1", *extra]

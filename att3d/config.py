@@ -25,11 +25,10 @@ from att3d.utils.errors import Att3dError
 from att3d.utils.paths import configs_dir, resolve_path
 
 #: Keys of the ``guidance`` group that are not arguments of :class:`~att3d.guidance.sds.ScoreDistillation`.
-GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "method", "vsd", "sdi")
+GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "method", "vsd")
 #: ``guidance.method``: the score distillation class, by name; a method's options are the group's block of its name.
 GUIDANCE_METHODS = {"sds": "att3d.guidance.sds:ScoreDistillation",
-                    "vsd": "att3d.guidance.vsd:VariationalScoreDistillation",
-                    "sdi": "att3d.guidance.sdi:InvertedScoreDistillation"}
+                    "vsd": "att3d.guidance.vsd:VariationalScoreDistillation"}
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -110,7 +109,7 @@ def check_prior_exists(gcfg: dict[str, Any]) -> None:
 
 def build_guidance(gcfg: dict[str, Any], device: str | Any = "cpu", **overrides: Any):
     """The score distillation of a ``guidance`` group (its ``prior`` built by name): the class of
-    ``guidance.method`` (:data:`GUIDANCE_METHODS`: SDS, VSD or SDI) with that method's block of options.
+    ``guidance.method`` (:data:`GUIDANCE_METHODS`: SDS or VSD) with that method's block of options.
 
     ``overrides`` (values that are not None) replace SDS arguments of the config (e.g. ``guidance_scale``).
     """

@@ -20,7 +20,7 @@ GROUPS: dict[str, Registry] = {"field": FIELDS, "mapping": MAPPINGS, "renderer":
 #: Arguments that the builders pass themselves (never config keys).
 BUILD_ARGS = {"mapping": ("text_len", "text_dim", "out_shapes")}
 #: Keys of a guidance option that are not ScoreDistillation arguments.
-GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "method", "vsd", "sdi", "defaults")
+GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "method", "vsd", "defaults")
 #: Duplicates in configs/guidance/, which this test's owner cannot edit: each must still be a duplicate (an entry
 #: that is no longer one fails, so the list only shrinks). Empty it when the guidance options are cleaned up.
 KNOWN_GUIDANCE_DUPLICATES: dict[str, set[str]] = {

@@ -128,7 +128,7 @@ def test_config_switch(tiny_prior_dir):
     vsd = build_guidance(g)
     assert isinstance(vsd, VariationalScoreDistillation)
     assert vsd.estimator_lr == 3e-5 and vsd.estimator_t_range == (0.1, 0.9)
-    with pytest.raises(Att3dError, match="guidance.method must be one of sds, vsd, sdi"):
+    with pytest.raises(Att3dError, match="guidance.method must be one of sds, vsd"):
         build_guidance({**g, "method": "magic"})
 
 

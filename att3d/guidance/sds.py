@@ -114,12 +114,6 @@ class ScoreDistillation:
                 "weighting": self.weighting, "grad_clip": self.grad_clip, "per_item_t": self.per_item_t,
                 "guidance_scale_low": self.guidance_scale_low, "low_t": self.low_t}
 
-    def noise_for(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: PromptConditioning,
-                  cameras: OrbitCameras | None) -> torch.Tensor:
-        """The noise that takes ``x0`` to ``x_t``: the drawn ``noise`` (SDS; see
-        :class:`~att3d.guidance.sdi.InvertedScoreDistillation`). (B, C, h, w)."""
-        return noise
-
     def baseline(self, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: PromptConditioning,
                  cameras: OrbitCameras | None) -> torch.Tensor:
         """What the prior's prediction is compared with: the injected noise (SDS). (B, C, h, w)."""
@@ -207,7 +201,6 @@ class ScoreDistillation:
                 raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
             else:
                 noise = noise.to(device=x0.device, dtype=x0.dtype)
-            noise = self.noise_for(x0.detach(), noise, t, cond, cameras)
             x_t = self.prior.add_noise(x0.detach(), noise, t)
             eps = self.prior.predict_noise(x_t, t, cond, cameras, self.scales(t)).to(x0.dtype)
             base = self.baseline(x_t, noise, t, cond, cameras).to(x0.dtype)

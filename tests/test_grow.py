@@ -41,7 +41,9 @@ def test_grown_model_computes_the_same_function(mode):
     model = _trained_like()
     getattr(model, mode)()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
     grown = grow_levels(model, [16, 32])
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random stream is left alone
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the source is left as it was
     assert grown.field.resolutions == [4, 8, 16, 32] and grown.config["field"]["resolutions"] == [4, 8, 16, 32]
     assert grown.training == model.training

@@ -78,8 +78,9 @@ def grow_levels(model, resolutions: Sequence[int]):
     p_old = mapping.out_dim
     p_new = p_old + sum(encoding.dense_level_size(r, field.features) for r in new)
     cfg["mapping"]["output_scale"] = float(mapping.output_scale) * math.sqrt(p_old / p_new)
-    torch.manual_seed(0)  # the new decoder columns' initial values
-    grown = AmortizedModel(cfg, text_encoder=model.text_encoder).to(model.device)
+    with torch.random.fork_rng(devices=[]):  # the new decoder columns' initial values, without touching the
+        torch.manual_seed(0)                   # caller's random stream (the trainer seeded it)
+        grown = AmortizedModel(cfg, text_encoder=model.text_encoder).to(model.device)
 
     state, target = model.state_dict(), grown.state_dict()
     rows = _old_rows(mapping.out_shapes, grown.mapping.out_shapes)  # new-output index of every old output

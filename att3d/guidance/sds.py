@@ -29,6 +29,15 @@ from att3d.render.cameras import OrbitCameras
 WEIGHTINGS = ("sds", "uniform", "snr")
 
 
+def timestep_bounds(lo: float, hi: float, num_train_timesteps: int) -> tuple[int, int]:
+    """Inclusive integer timesteps ``(t_min, t_max)`` of the fractions ``[lo, hi]`` of T (``hi`` at least ``lo``),
+    clamped to ``[0, T - 1]``."""
+    n = int(num_train_timesteps)
+    t_min = min(n - 1, max(0, round(lo * n)))
+    t_max = min(n - 1, max(t_min, round(max(hi, lo) * n)))
+    return t_min, t_max
+
+
 @dataclass
 class SDSOutput:
     """Result of one score distillation step.
@@ -134,11 +143,7 @@ class ScoreDistillation:
             start, end, steps = self.t_anneal
             p = min(1.0, max(0.0, step / steps)) if steps > 0 else 1.0
             hi = start + (end - start) * p
-        hi = max(hi, lo)
-        n = self.prior.num_train_timesteps
-        t_min = min(n - 1, max(0, round(lo * n)))
-        t_max = min(n - 1, max(t_min, round(hi * n)))
-        return t_min, t_max
+        return timestep_bounds(lo, hi, self.prior.num_train_timesteps)
 
     def sample_t(self, batch: int, step: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B,) long timesteps, uniform in :meth:`t_bounds` (one per item, or one shared)."""

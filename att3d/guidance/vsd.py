@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from att3d.guidance.priors.base import DiffusionPrior, PromptConditioning, _randn
-from att3d.guidance.sds import ScoreDistillation
+from att3d.guidance.sds import ScoreDistillation, timestep_bounds
 from att3d.render.cameras import OrbitCameras
 
 __all__ = ["LORA_TARGETS", "LoRALinear", "VariationalScoreDistillation", "add_lora", "denoiser_copy"]
@@ -147,19 +147,13 @@ class VariationalScoreDistillation(ScoreDistillation):
         x_t = est.add_noise(x0, noise, t)
         c = cond.for_cameras(cameras).to(est.device)
         out = est._denoise(x_t.float(), t, c.cond.float(), c.cond_mask, cameras).float()
-        if est.prediction_type == "v_prediction":
-            a = est.alphas_cumprod[t].view(-1, 1, 1, 1).float()
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0
-        else:
-            target = noise
+        target = est.scheduler.get_velocity(x0, noise, t) if est.prediction_type == "v_prediction" else noise
         return (out - target).square().mean()
 
     def after_step(self, x0: torch.Tensor, cond: PromptConditioning, cameras: OrbitCameras | None,
                    generator: torch.Generator | None) -> None:
         """``estimator_steps`` Adam steps of :meth:`estimator_loss` on the detached images ``x0``."""
-        n = self.prior.num_train_timesteps
-        lo = min(n - 1, max(0, round(self.estimator_t_range[0] * n)))
-        hi = min(n - 1, max(lo, round(self.estimator_t_range[1] * n)))
+        lo, hi = timestep_bounds(*self.estimator_t_range, self.prior.num_train_timesteps)
         gdev = generator.device if generator is not None else torch.device("cpu")
         x0 = x0.detach().float()
         with torch.enable_grad():

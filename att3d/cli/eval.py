@@ -165,7 +165,7 @@ def model_main(argv: list[str] | None = None) -> int:
     """``att3d eval model``: score a model folder on shapes-world prompts."""
     args = model_parser().parse_args(argv)
 
-    from att3d.eval.model_eval import evaluate, markdown_table, write_report
+    from att3d.eval.model_eval import evaluate, markdown_report, write_report
     from att3d.model import load
     from att3d.text.prompts import resolve_prompts
     from att3d.utils.devices import pick_device
@@ -183,7 +183,7 @@ def model_main(argv: list[str] | None = None) -> int:
                    mesh_kw={"head": args.head, "max_faces": args.faces, "solid": not args.no_solid,
                             "surface": args.surface})
     write_report(res, prompts, out)
-    print(markdown_table(res["summary"]), end="")
+    print(markdown_report(res), end="")
     print(f"wrote {out}/metrics.json, metrics.md, renders.png")
     return 0
 

@@ -18,15 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from att3d.utils.checkpoint import atomic_write
 from att3d.world import metrics
 from att3d.world.metrics import field_occupancy, render_views
-from att3d.world.shapes import all_objects, parse_caption
+from att3d.world.shapes import SHAPE_NAMES, all_objects, parse_caption
 
-__all__ = ["evaluate", "exported_mesh_scores", "field_occupancy", "figure", "markdown_table", "render_views",
-           "write_report"]
+__all__ = ["evaluate", "exported_mesh_scores", "field_occupancy", "figure", "markdown_report", "markdown_table",
+           "render_views", "summarise", "write_report"]
 
 
-#: Per-prompt keys of :func:`exported_mesh_scores` that the summary averages.
+#: Per-prompt keys of the field's scores that the summaries average.
+SUMMARY_KEYS = ["volume_iou", "silhouette_iou", "colour_error", "retrieved"]
+#: Per-prompt keys of :func:`exported_mesh_scores` that the summaries average.
 MESH_KEYS = ["mesh_volume_iou", "mesh_silhouette_iou", "mesh_colour_error", "mesh_retrieved", "mesh_faces",
              "mesh_bytes"]
 
@@ -93,8 +96,10 @@ def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolut
     ``mesh_kw`` as its mesh options).
 
     Returns:
-        dict with ``per_prompt`` (list of dicts), ``summary`` (split -> mean metrics and retrieval),
-        and ``renders`` (P, V, H, W, 3) / ``opacity`` tensors for figures.
+        dict with ``per_prompt`` (list of dicts, each with its ``split`` and ``shape``), ``summary`` (split ->
+        mean metrics and retrieval), ``per_shape`` (shape -> the same over all prompts of that shape: where the
+        corners of a cube, a pyramid or an octahedron are lost, the split means hide it), and ``renders``
+        (P, V, H, W, 3) / ``opacity`` tensors for figures.
     """
     from tqdm import tqdm
 
@@ -119,27 +124,37 @@ def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolut
             m["best_match"] = candidates[int(scores.argmax())].caption
             if mesh_scores is not None:
                 m.update(mesh_scores[i])
-            rows.append({"prompt": p, "split": "heldout" if p in held else "train", **m})
+            rows.append({"prompt": p, "split": "heldout" if p in held else "train", "shape": obj.shape, **m})
         renders.append(rgb)
         opac.append(op)
-    summary = {}
-    for split in ("train", "heldout", "all"):
-        sel = [r for r in rows if split == "all" or r["split"] == split]
-        if not sel:
-            continue
-        keys = ["volume_iou", "silhouette_iou", "colour_error", "retrieved"] + (MESH_KEYS if mesh_dir else [])
-        summary[split] = {k: float(np.mean([r[k] for r in sel])) for k in keys}
-        summary[split]["count"] = len(sel)
-        summary[split]["retrieval_accuracy"] = summary[split].pop("retrieved")
-        if mesh_dir:
-            summary[split]["mesh_retrieval_accuracy"] = summary[split].pop("mesh_retrieved")
-    return {"per_prompt": rows, "summary": summary, "renders": torch.cat(renders), "opacity": torch.cat(opac)}
+    keys = SUMMARY_KEYS + (MESH_KEYS if mesh_dir else [])
+    summary = {split: summarise([r for r in rows if split == "all" or r["split"] == split], keys)
+               for split in ("train", "heldout", "all")}
+    summary = {split: m for split, m in summary.items() if m}
+    per_shape = {shape: summarise([r for r in rows if r["shape"] == shape], keys) for shape in SHAPE_NAMES}
+    per_shape = {shape: m for shape, m in per_shape.items() if m}
+    return {"per_prompt": rows, "summary": summary, "per_shape": per_shape, "renders": torch.cat(renders),
+            "opacity": torch.cat(opac)}
 
 
-def markdown_table(summary: dict[str, dict[str, float]]) -> str:
-    """The summary as a Markdown table: the field's metrics, and the exported GLB's when they were measured."""
+def summarise(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, float]:
+    """The mean of each of ``keys`` over ``rows`` (per-prompt scores), with ``count``; the retrieved flags
+    become ``retrieval_accuracy`` / ``mesh_retrieval_accuracy``. No rows: an empty dict."""
+    if not rows:
+        return {}
+    out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    out["count"] = len(rows)
+    out["retrieval_accuracy"] = out.pop("retrieved")
+    if "mesh_retrieved" in out:
+        out["mesh_retrieval_accuracy"] = out.pop("mesh_retrieved")
+    return out
+
+
+def markdown_table(summary: dict[str, dict[str, float]], label: str = "split") -> str:
+    """A summary (split -> means, or shape -> means) as a Markdown table: the field's metrics, and the exported
+    GLB's when they were measured."""
     meshes = all("mesh_volume_iou" in m for m in summary.values())
-    lines = ["| split | prompts | volume IoU | silhouette IoU | colour error | retrieval |"
+    lines = [f"| {label} | prompts | volume IoU | silhouette IoU | colour error | retrieval |"
              + (" GLB volume IoU | GLB silhouette IoU | GLB colour error | GLB retrieval | GLB faces |"
                 if meshes else ""),
              "|---|---:|---:|---:|---:|---:|" + ("---:|" * 5 if meshes else "")]
@@ -150,6 +165,12 @@ def markdown_table(summary: dict[str, dict[str, float]]) -> str:
                         f"{m['mesh_colour_error']:.3f} | {100 * m['mesh_retrieval_accuracy']:.1f}% | "
                         f"{m['mesh_faces']:.0f} |" if meshes else ""))
     return "\n".join(lines) + "\n"
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """``metrics.md``: the table per split, then the table per shape."""
+    return (markdown_table(result["summary"]) + "\nPer shape (all prompts):\n\n"
+            + markdown_table(result["per_shape"], label="shape"))
 
 
 def figure(prompts: Sequence[str], renders: torch.Tensor, path: str | Path, view: int = 1, columns: int = 8) -> None:
@@ -170,15 +191,14 @@ def figure(prompts: Sequence[str], renders: torch.Tensor, path: str | Path, view
         img = Image.fromarray((pairs[i].clamp(0, 1).numpy() * 255).astype(np.uint8))
         canvas.paste(img, (c * 2 * H, r * (H + label_h) + label_h))
         draw.text((c * 2 * H + 2, r * (H + label_h)), prompts[i][2:][:22], fill=(0, 0, 0))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def write_report(result: dict[str, Any], prompts: Sequence[str], out: str | Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"summary": result["summary"], "per_prompt": result["per_prompt"]},
-                                                 indent=2) + "\n")
-    (out / "metrics.md").write_text(markdown_table(result["summary"]))
+    report = {"summary": result["summary"], "per_shape": result["per_shape"], "per_prompt": result["per_prompt"]}
+    for name, text in (("metrics.json", json.dumps(report, indent=2) + "\n"), ("metrics.md", markdown_report(result))):
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
     figure(prompts, result["renders"], out / "renders.png")
 

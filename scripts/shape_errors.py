@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     report = json.dumps({"meshes": str(meshes), "angles": angles, "per_shape": summary, "per_prompt": rows},
                         indent=2) + "\n"
-    atomic_write(out / "shape_errors.json", lambda tmp: Path(tmp).write_text(report))
+    atomic_write(out / "shape_errors.json", lambda tmp: Path(tmp).write_text(report, encoding="utf-8"))
     table = markdown(summary)
-    atomic_write(out / "shape_errors.md", lambda tmp: Path(tmp).write_text(table))
+    atomic_write(out / "shape_errors.md", lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
     tiles = list(slices.items())
     size = tiles[0][1].shape[0]
     canvas = Image.new("RGB", (size * len(tiles), size + 14), "white")

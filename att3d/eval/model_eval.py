@@ -199,6 +199,6 @@ def write_report(result: dict[str, Any], prompts: Sequence[str], out: str | Path
     out.mkdir(parents=True, exist_ok=True)
     report = {"summary": result["summary"], "per_shape": result["per_shape"], "per_prompt": result["per_prompt"]}
     for name, text in (("metrics.json", json.dumps(report, indent=2) + "\n"), ("metrics.md", markdown_report(result))):
-        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     figure(prompts, result["renders"], out / "renders.png")
 

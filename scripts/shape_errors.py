@@ -47,13 +47,14 @@ def diagnose(meshes: Path, shapes: list[str], angles: list[float]) -> tuple[list
 
 
 def per_shape(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Shape -> the means of the per-prompt scores (:func:`att3d.eval.model_eval.summarise`) and the median turn."""
+    from att3d.eval.model_eval import summarise
+
     out = {}
     for shape in dict.fromkeys(r["shape"] for r in rows):
         sel = [r for r in rows if r["shape"] == shape]
-        out[shape] = {k: float(np.mean([r[k] for r in sel]))
-                      for k in ("volume_iou", "volume_iou_turned", "volume_ratio", "excess", "shortfall")}
+        out[shape] = summarise(sel, ("volume_iou", "volume_iou_turned", "volume_ratio", "excess", "shortfall"))
         out[shape]["best_angle_median"] = float(np.median([r["best_angle"] for r in sel]))
-        out[shape]["count"] = len(sel)
     return out
 
 

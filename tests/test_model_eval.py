@@ -46,6 +46,7 @@ def test_summarise_averages_each_key_and_names_the_retrieval_rates():
     assert summarise(rows, ["volume_iou", "retrieved", "mesh_retrieved"]) == {
         "volume_iou": 0.75, "count": 2, "retrieval_accuracy": 0.5, "mesh_retrieval_accuracy": 0.0}
     assert summarise([], ["volume_iou", "retrieved"]) == {}
+    assert summarise(rows, ["volume_iou"]) == {"volume_iou": 0.75, "count": 2}  # no flags: no rates
 
 
 def test_eval_model_rejects_a_caption_outside_the_world(tmp_path, capsys):

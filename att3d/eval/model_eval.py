@@ -138,15 +138,15 @@ def evaluate(model, prompts: Sequence[str], heldout: Sequence[str] = (), resolut
 
 
 def summarise(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, float]:
-    """The mean of each of ``keys`` over ``rows`` (per-prompt scores), with ``count``; the retrieved flags
-    become ``retrieval_accuracy`` / ``mesh_retrieval_accuracy``. No rows: an empty dict."""
+    """The mean of each of ``keys`` over ``rows`` (per-prompt scores), with ``count``; the retrieved flags, where
+    ``keys`` has them, become ``retrieval_accuracy`` / ``mesh_retrieval_accuracy``. No rows: an empty dict."""
     if not rows:
         return {}
     out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     out["count"] = len(rows)
-    out["retrieval_accuracy"] = out.pop("retrieved")
-    if "mesh_retrieved" in out:
-        out["mesh_retrieval_accuracy"] = out.pop("mesh_retrieved")
+    for flag, rate in (("retrieved", "retrieval_accuracy"), ("mesh_retrieved", "mesh_retrieval_accuracy")):
+        if flag in out:
+            out[rate] = out.pop(flag)
     return out
 
 

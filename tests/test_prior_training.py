@@ -190,3 +190,34 @@ def test_the_prior_trains_on_wordings_and_records_it(tmp_path):
     short = tiny(tmp_path / "s", 2, captions="wordings")  # 8 tokens cannot hold "a 3d model of a ..."
     with pytest.raises(ValueError, match="tokens, more than text_max_length 8"):
         train_prior(short, progress=False)
+
+
+def test_shape_weights_draw_objects_in_proportion_and_keep_the_uniform_stream():
+    from att3d.world.prior_training import object_weights, sample_objects
+    from att3d.world.shapes import SHAPE_NAMES, all_objects
+
+    objects = all_objects()
+    assert object_weights(objects, {}) is None
+    assert object_weights(objects, {s: 1.0 for s in SHAPE_NAMES}) is None  # the YAML default: uniform
+    gen = torch.Generator().manual_seed(0)
+    uniform = sample_objects(64, 32, None, gen)
+    assert torch.equal(uniform, torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(0)))
+
+    w = object_weights(objects, {"pyramid": 3.0, "sphere": 0.0})
+    assert w.shape == (64,) and float(w.sum()) == 6 * 8 + 3 * 8
+    idx = sample_objects(64, 20000, w, torch.Generator().manual_seed(1))
+    shapes = [objects[i].shape for i in idx.tolist()]
+    assert shapes.count("sphere") == 0
+    share = shapes.count("pyramid") / len(shapes)
+    assert abs(share - 3 / 9) < 0.02, share  # 3 of the 9 units of weight
+    assert abs(shapes.count("cube") / len(shapes) - 1 / 9) < 0.02
+
+    for bad, match in [({"bogus": 2.0}, "unknown shape"), ({"cube": -1.0}, "finite number >= 0"),
+                       ({"cube": float("nan")}, "finite number >= 0"), ({s: 0.0 for s in SHAPE_NAMES}, "weight 0")]:
+        with pytest.raises(ValueError, match=match):
+            object_weights(objects, bad)
+
+
+def test_the_prior_records_its_shape_weights(tmp_path):
+    folder = train_prior(tiny(tmp_path / "w", 4, shape_weights={"cube": 2.0}), progress=False)
+    assert json.loads((folder / "prior_config.json").read_text())["training"]["shape_weights"] == {"cube": 2.0}

@@ -91,6 +91,9 @@ class PriorTrainingConfig:
     #: object's wordings, uniformly; every object, held-out ones included, as a web-scale prior would know them).
     captions: str = "canonical"
     canonical_prob: float = 0.25
+    #: Relative sampling weight per shape name (``{"pyramid": 2.0}``; unnamed shapes weigh 1). Empty: every
+    #: object is drawn uniformly, with the random stream of earlier versions.
+    shape_weights: dict[str, float] = field(default_factory=dict)
 
 
 def build_unet(arch: PriorArchitecture):
@@ -158,6 +161,38 @@ def caption_table(objects: list, mode: str) -> tuple[list[str], list[list[int]]]
     return texts, rows
 
 
+def object_weights(objects: list, shape_weights: dict[str, float]) -> torch.Tensor | None:
+    """The sampling weight of each object (N,) from per-shape weights, or None when every weight is 1.
+
+    Raises:
+        ValueError: a name that is not a shape of the world, or a weight that is negative, not finite, or leaves
+            no object to draw.
+    """
+    from att3d.world.shapes import SHAPE_NAMES
+
+    unknown = sorted(set(shape_weights) - set(SHAPE_NAMES))
+    if unknown:
+        raise ValueError(f"shape_weights: unknown shape(s) {', '.join(unknown)}; "
+                         f"the shapes are {', '.join(SHAPE_NAMES)}")
+    bad = [k for k, v in shape_weights.items() if not (math.isfinite(float(v)) and float(v) >= 0)]
+    if bad:
+        raise ValueError(f"shape_weights: the weight of {', '.join(sorted(bad))} must be a finite number >= 0")
+    if all(float(v) == 1.0 for v in shape_weights.values()):
+        return None
+    w = torch.tensor([float(shape_weights.get(o.shape, 1.0)) for o in objects], dtype=torch.float64)
+    if float(w.sum()) <= 0:
+        raise ValueError("shape_weights: every object has weight 0")
+    return w
+
+
+def sample_objects(n: int, batch: int, weights: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` object indices in ``[0, n)``: uniform (``torch.randint``) without weights, else drawn with
+    replacement in proportion to ``weights`` (n,)."""
+    if weights is None:
+        return torch.randint(0, n, (batch,), generator=gen)
+    return torch.multinomial(weights, batch, replacement=True, generator=gen)
+
+
 def sample_rows(idx: torch.Tensor, rows: list[list[int]], canonical_prob: float,
                 gen: torch.Generator) -> torch.Tensor:
     """The text row of each training image of object ``idx`` (B,): its caption with probability
@@ -217,6 +252,7 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     objects = all_objects()
     texts, rows = caption_table(objects, cfg.captions)
+    weights = object_weights(objects, dict(cfg.shape_weights))
     emb = caption_embeddings(arch, texts).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
@@ -262,7 +298,7 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     t0, running = time.time(), []
     end = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     while step < end:
-        idx = torch.randint(0, len(objects), (cfg.batch_size,), generator=gen)
+        idx = sample_objects(len(objects), cfg.batch_size, weights, gen)
         cams = OrbitCameras.sample_training(cfg.batch_size, gen)
         with torch.no_grad():
             x0 = render_objects([objects[i] for i in idx.tolist()], cams, arch.resolution)["rgb"]
@@ -312,6 +348,7 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
                                                               "cond_drop": cfg.cond_drop,
                                                               "captions": cfg.captions,
                                                               "canonical_prob": cfg.canonical_prob,
+                                                              "shape_weights": dict(cfg.shape_weights),
                                                               "min_snr_gamma": cfg.min_snr_gamma,
                                                               "init_from": _init_record(cfg.init_from),
                                                               "history": history}})
@@ -370,6 +407,6 @@ def export_checkpoint(out_dir: str | Path, export: str | Path | None = None) -> 
     export = Path(export) if export else out / f"prior-step{meta['step']}"
     init = cfg.get("init_from")
     record = {"steps": meta["step"], "init_from": _init_record(init) if init and Path(init).is_dir() else init,
-              "history": meta.get("history", [])}
+              "shape_weights": cfg.get("shape_weights", {}), "history": meta.get("history", [])}
     save_prior(export, unet, build_scheduler(arch), arch, {"training": record})
     return export

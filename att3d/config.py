@@ -125,17 +125,22 @@ def build_guidance(gcfg: dict[str, Any], device: str | Any = "cpu", **overrides:
     method = gcfg.get("method") or "sds"
     if method not in GUIDANCE_METHODS:
         raise Att3dError(f"guidance.method must be one of {', '.join(GUIDANCE_METHODS)}, got {method!r}")
-    module, _, name = GUIDANCE_METHODS[method].partition(":")
-    cls = getattr(importlib.import_module(module), name)
+    module, _, cls_name = GUIDANCE_METHODS[method].partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
     if method != "sds":
         sds.update(dict(gcfg.get(method) or {}))
     for key in ("t_range", "t_anneal", "estimator_t_range"):
         if sds.get(key) is not None:
             sds[key] = tuple(sds[key])
     try:
-        return cls(prior, **sds)
+        guidance = cls(prior, **sds)
     except TypeError as e:
         raise Att3dError(f"invalid guidance config: {' '.join(str(e).split())}") from None
+    # What a trained model's record names as its teacher (Objective.record): the prior as configured, the method
+    # and the SDS arguments that the config set.
+    guidance.teacher_record = {"prior": {"name": name, "path": str(path), **prior_cfg}, "method": method,
+                               **{k: list(v) if isinstance(v, tuple) else v for k, v in sds.items()}}
+    return guidance
 
 
 def background_of(gcfg: dict[str, Any]) -> tuple[float, float, float]:

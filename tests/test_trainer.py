@@ -114,6 +114,15 @@ def test_fixed_seed_is_bit_reproducible(prior_dir, prompts_file, tmp_path):
     assert [(r["loss"], r["grad_norm"]) for r in la] == [(r["loss"], r["grad_norm"]) for r in lb]
 
 
+def test_the_final_model_records_its_teacher(prior_dir, prompts_file, tmp_path):
+    tr = make_trainer(prior_dir, prompts_file, tmp_path / "run", trainer__max_steps=1, guidance__guidance_scale=2.5)
+    extra = json.loads((tr.fit() / "model_config.json").read_text())["extra"]
+    assert extra["stage"] == "nerf" and extra["steps"] == 1
+    teacher = extra["teacher"]
+    assert teacher["prior"]["path"] == str(prior_dir) and teacher["prior"]["name"] == "shapes"
+    assert teacher["method"] == "sds" and teacher["guidance_scale"] == 2.5
+
+
 def test_resume_is_exact(prior_dir, prompts_file, tmp_path):
     full = make_trainer(prior_dir, prompts_file, tmp_path / "full", trainer__max_steps=6, trainer__checkpoint_every=3)
     reference = weights(full.fit())

@@ -136,10 +136,7 @@ def build_guidance(gcfg: dict[str, Any], device: str | Any = "cpu", **overrides:
         guidance = cls(prior, **sds)
     except TypeError as e:
         raise Att3dError(f"invalid guidance config: {' '.join(str(e).split())}") from None
-    # What a trained model's record names as its teacher (Objective.record): the prior as configured, the method
-    # and the SDS arguments that the config set.
-    guidance.teacher_record = {"prior": {"name": name, "path": str(path), **prior_cfg}, "method": method,
-                               **{k: list(v) if isinstance(v, tuple) else v for k, v in sds.items()}}
+    guidance.prior_source = {"name": name, "path": str(path), **prior_cfg}  # for the model's record of its teacher
     return guidance
 
 

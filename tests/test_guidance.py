@@ -145,6 +145,19 @@ def test_replace_makes_a_validated_copy_on_the_same_prior():
         sds.replace(prior=prior)
 
 
+def test_record_names_the_prior_and_every_resolved_argument():
+    sds = ScoreDistillation(ToyPrior(), guidance_scale=7.0, t_range=(0.1, 0.9))
+    record = sds.record()
+    assert record["prior"] == {"class": "ToyPrior"} and record["method"] == "sds"
+    assert record["guidance_scale"] == 7.0 and record["t_range"] == [0.1, 0.9]  # a list: JSON-ready
+    assert record["weighting"] == "sds" and record["low_t"] == 0.5  # defaults are recorded too
+    assert set(record) == {"prior", "method", *sds.init_args()}
+    sds.prior_source = {"name": "shapes", "path": "assets/shapes-prior"}
+    other = sds.replace(guidance_scale=2.0)
+    assert other.record()["prior"] == {"name": "shapes", "path": "assets/shapes-prior"}  # replace keeps it
+    assert other.record()["guidance_scale"] == 2.0
+
+
 def test_cfg_uses_one_batched_forward():
     prior = ToyPrior()
     cond = prior.encode_prompts(["a", "b", "c"])

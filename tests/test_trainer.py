@@ -121,6 +121,7 @@ def test_the_final_model_records_its_teacher(prior_dir, prompts_file, tmp_path):
     teacher = extra["teacher"]
     assert teacher["prior"]["path"] == str(prior_dir) and teacher["prior"]["name"] == "shapes"
     assert teacher["method"] == "sds" and teacher["guidance_scale"] == 2.5
+    assert teacher["t_range"] == list(tr.guidance.t_range) and "weighting" in teacher  # resolved, defaults included
 
 
 def test_resume_is_exact(prior_dir, prompts_file, tmp_path):

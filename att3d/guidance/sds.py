@@ -74,7 +74,15 @@ class ScoreDistillation:
             low-noise steps decide colour and detail, where strong guidance pulls colours off (oversaturated,
             shifted hue).
         low_t: the boundary of ``guidance_scale_low``, as a fraction of T.
+
+    Attributes:
+        prior_source: the prior as its config named it (``name``, ``path`` and its other options), set by
+            :func:`att3d.config.build_guidance` and kept by :meth:`replace`; None when built directly.
     """
+
+    #: ``guidance.method`` of this class (:data:`att3d.config.GUIDANCE_METHODS`).
+    method = "sds"
+    prior_source: dict[str, Any] | None = None
 
     def __init__(self, prior: DiffusionPrior, guidance_scale: float = 7.5, t_range: tuple[float, float] = (0.02, 0.98),
                  t_anneal: tuple[float, float, int] | None = None, weighting: str = "sds",
@@ -115,7 +123,16 @@ class ScoreDistillation:
         unknown = set(changes) - set(args)
         if unknown:
             raise TypeError(f"replace() got unexpected arguments {sorted(unknown)}")
-        return type(self)(self.prior, **{**args, **changes})
+        out = type(self)(self.prior, **{**args, **changes})
+        out.prior_source = self.prior_source
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """What a trained model's record names as its teacher: ``prior`` (:attr:`prior_source`, or the prior's
+        class name when unknown), ``method`` and every resolved :meth:`init_args` value (tuples as lists)."""
+        prior = self.prior_source or {"class": type(self.prior).__name__}
+        args = {k: list(v) if isinstance(v, tuple) else v for k, v in self.init_args().items()}
+        return {"prior": dict(prior), "method": self.method, **args}
 
     def init_args(self) -> dict[str, Any]:
         """The ``__init__`` arguments (except ``prior``) that built this object."""

@@ -107,6 +107,8 @@ class VariationalScoreDistillation(ScoreDistillation):
         estimator_guidance: CFG scale of the estimator's prediction (1: conditional only, as ProlificDreamer).
     """
 
+    method = "vsd"
+
     def __init__(self, prior: DiffusionPrior, *, estimator_lr: float = 1e-3, estimator_rank: int = 4,
                  estimator_steps: int = 1, estimator_t_range: tuple[float, float] = (0.02, 0.98),
                  estimator_guidance: float = 1.0, **sds: Any):

@@ -92,9 +92,9 @@ class Objective:
             record["init_from"] = self.source
         if self.grown_levels:
             record["grown_levels"] = list(self.grown_levels)
-        teacher = getattr(getattr(trainer, "guidance", None), "teacher_record", None)
-        if teacher:
-            record["teacher"] = teacher
+        guidance = getattr(trainer, "guidance", None)
+        if guidance is not None and hasattr(guidance, "record"):
+            record["teacher"] = guidance.record()
         if self.source_extra:
             record["previous"] = self.source_extra
         return record

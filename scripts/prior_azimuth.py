@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise Att3dError(f"--t values must lie in [0, {prior.num_train_timesteps})")
             curves = azimuth_errors(prior, deltas_deg=deltas, views=a.views, timesteps=tuple(a.t),
                                     colours=tuple(a.colours))
-            results[folder] = {"harmonics": int(prior.arch.get("camera_harmonics", 1)), "curves": curves,
+            results[folder] = {"harmonics": int(prior.arch.get("camera_harmonics", 1)),
+                               "camera_map": str(prior.arch.get("camera_map", "none")), "curves": curves,
                                "summary": summary(curves, deltas)}
     except (Att3dError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -123,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
              f"prediction error of a ground-truth render told the camera is `delta` degrees off ({a.views} azimuths "
              f"at 20 degrees elevation, t = {', '.join(map(str, a.t))}, colours {', '.join(a.colours)}; same noise "
              "for every delta). A precise prior is lowest at 0 and high at +-45 (contrast = err(45) / err(0)).", "",
-             "| prior | camera harmonics | shape | lowest at (deg) | contrast |", "|---|---:|---|---:|---:|"]
+             "| prior | camera harmonics | camera map | shape | lowest at (deg) | contrast |",
+             "|---|---:|---|---|---:|---:|"]
     for folder, r in results.items():
         for shape, s in r["summary"].items():
-            lines.append(f"| `{folder}` | {r['harmonics']} | {shape} | {s['argmin_deg']:+.1f} | {s['contrast']:.2f} |")
+            lines.append(f"| `{folder}` | {r['harmonics']} | {r['camera_map']} | {shape} | {s['argmin_deg']:+.1f} "
+                         f"| {s['contrast']:.2f} |")
     lines += ["", "![azimuth](azimuth.png)", ""]
     (out / "azimuth.md").write_text("\n".join(lines))
     try:

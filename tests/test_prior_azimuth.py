@@ -31,7 +31,7 @@ def test_azimuth_report_of_two_priors(az, tiny_prior_dir, tmp_path, capsys):
     assert all(v > 0 for c in curves.values() for v in c)
     # the camera changes the prediction: the error is not the same at every told azimuth
     assert len({round(v, 9) for v in curves["cube"]}) > 1
-    assert "| camera harmonics |" in (out / "azimuth.md").read_text() and (out / "azimuth.png").is_file()
+    assert "| camera harmonics | camera map |" in (out / "azimuth.md").read_text() and (out / "azimuth.png").is_file()
 
 
 @pytest.mark.parametrize("args", [["--colours", "teal"], ["--t", "5000"], ["--views", "0"]])

@@ -124,6 +124,67 @@ def test_init_from_adds_camera_harmonics_without_changing_the_network(tmp_path):
         train_prior(tiny(tmp_path / "back", 1, init_from=str(harm)), progress=False)
 
 
+def test_camera_ray_map_against_a_hand_computed_camera():
+    from att3d.render.cameras import OrbitCameras, camera_map, camera_map_channels
+
+    # azimuth 0, elevation 0: the eye at (0, 0, 2.2) looking down -z; R = 2 puts the pixel centres at
+    # (+-1/2, +-1/2) of the image half-width tan(20 deg), so every ray is (+-h, +-h, -1) normalised
+    cams = OrbitCameras.from_angles([0.0], [0.0])
+    m = camera_map(cams, 2, "ray").double()
+    assert m.shape == (1, camera_map_channels("ray"), 2, 2) == (1, 6, 2, 2)
+    h = math.tan(math.radians(20.0)) / 2
+    n = math.sqrt(2 * h * h + 1)
+    for row, y in ((0, h), (1, -h)):  # row 0 is the top: +y
+        for col, x in ((0, -h), (1, h)):
+            d = torch.tensor([x, y, -1.0], dtype=torch.float64) / n
+            o = torch.tensor([0.0, 0.0, 2.2], dtype=torch.float64)
+            p = o - (o @ d) * d  # the ray's point nearest the origin
+            assert torch.allclose(m[0, 3:, row, col], d, atol=1e-6)
+            assert torch.allclose(m[0, :3, row, col], p, atol=1e-6)
+            assert abs(float(m[0, :3, row, col] @ d)) < 1e-6  # p is perpendicular to the ray
+    # turning the camera by 90 degrees about +y turns the map with it: (x, y, z) -> (z, y, -x)
+    q = camera_map(OrbitCameras.from_angles([math.pi / 2], [0.0]), 2, "ray").double()
+    for a, b in ((0, 3), (3, 6)):
+        turned = torch.stack([m[0, a + 2], m[0, a + 1], -m[0, a]])
+        assert torch.allclose(q[0, a:b], turned, atol=1e-6)
+    assert camera_map(cams, 2, "none") is None and camera_map_channels("none") == 0
+    with pytest.raises(ValueError, match="camera_map"):
+        camera_map_channels("plucker")
+
+
+def test_init_from_adds_a_camera_map_without_changing_the_network(tmp_path):
+    from att3d.guidance.priors.shapes import ShapesPrior
+    from att3d.render.cameras import OrbitCameras
+
+    source = train_prior(tiny(tmp_path / "plain", 3), progress=False)
+    cfg = tiny(tmp_path / "ray", 0, init_from=str(source))
+    cfg.arch.camera_map = "ray"
+    ray = train_prior(cfg, progress=False)  # zero steps: the map's input channels start at zero
+    a, b = ShapesPrior.from_pretrained(source), ShapesPrior.from_pretrained(ray)
+    assert b.unet.conv_in.in_channels == 9 and b.arch["camera_map"] == "ray"
+    cams = OrbitCameras.sample_training(4, torch.Generator().manual_seed(1))
+    x, t = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.full((4,), 300)
+    tokens, mask = a._embed_text(["a red cube"] * 4)
+    assert torch.allclose(a._denoise(x, t, tokens, mask, cams), b._denoise(x, t, tokens, mask, cams), atol=1e-5)
+    # trained, the map's weights move and the prior reads the camera through them: turning the camera changes
+    # the prediction more than with the 4-vector alone at the same weights
+    cfg = tiny(tmp_path / "ray5", 5, init_from=str(source))
+    cfg.arch.camera_map = "ray"
+    tuned_folder = train_prior(cfg, progress=False)
+    tuned = load_tensors(tuned_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert tuned["conv_in.weight"][:, 3:].abs().sum() > 0
+    c = ShapesPrior.from_pretrained(tuned_folder)
+    assert c.sample(["a red cube"] * 2, OrbitCameras.evaluation(2), num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
+    # a prior with a map cannot be fine-tuned back into one without it
+    with pytest.raises(ValueError, match="camera_map"):
+        train_prior(tiny(tmp_path / "back", 1, init_from=str(ray)), progress=False)
+    bad = tiny(tmp_path / "bad", 1)
+    bad.arch.camera_map = "depth"
+    with pytest.raises(ValueError, match="camera_map"):
+        train_prior(bad, progress=False)
+
+
 def test_train_prior_script_reports_a_bad_init_from_in_one_line(tmp_path):
     import subprocess
     import sys

@@ -60,6 +60,39 @@ def camera_feature_dim(harmonics: int = 1) -> int:
     return 4 + 2 * (int(harmonics) - 1)
 
 
+#: The per-pixel camera maps a view-conditioned prior can take beside the image (:func:`camera_map`).
+CAMERA_MAPS = ("none", "ray")
+
+
+def camera_map_channels(kind: str) -> int:
+    """The channels :func:`camera_map` adds to a prior's input: 0 for ``none``, 6 for ``ray``."""
+    if kind not in CAMERA_MAPS:
+        raise ValueError(f"camera_map must be one of {', '.join(CAMERA_MAPS)}, got {kind!r}")
+    return 0 if kind == "none" else 6
+
+
+def camera_map(cameras: OrbitCameras, resolution: int, kind: str = "ray") -> torch.Tensor | None:
+    """A per-pixel picture of the camera, for a prior to read beside the image (None for ``kind="none"``).
+
+    ``ray``: each pixel's ray as the point of the ray nearest the world's origin, ``p = o - (o . d) d``, and its
+    unit direction ``d`` (6 channels; the Pluecker coordinates up to the bilinear map ``p = d x (o x d)``). Where
+    the camera 4-vector tells a network the view once per image, this tells every convolution which world point
+    its pixel looks past: a face of the axis-aligned cube is a plane ``p_x = 0.4`` seen edge-on, and a view turned
+    by a few degrees moves the map by a pixel's worth at the object's silhouette.
+
+    Args:
+        cameras: B cameras; resolution: the image side R; kind: one of :data:`CAMERA_MAPS`.
+
+    Returns:
+        (B, 6, R, R) (channels ``p_x, p_y, p_z, d_x, d_y, d_z``), or None for ``none``.
+    """
+    if camera_map_channels(kind) == 0:
+        return None
+    rays_o, rays_d = cameras.rays(resolution)  # (B, R, R, 3) each
+    p = rays_o - (rays_o * rays_d).sum(-1, keepdim=True) * rays_d
+    return torch.cat([p, rays_d], dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
 def orbit_eye(phi: torch.Tensor, theta: torch.Tensor, radius: torch.Tensor | float = DEFAULT_RADIUS) -> torch.Tensor:
     """Eye positions of orbit cameras.
 

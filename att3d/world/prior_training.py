@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from att3d.render.cameras import OrbitCameras, camera_feature_dim, camera_features
+from att3d.guidance.priors.shapes import unet_input
+from att3d.render.cameras import (
+    OrbitCameras,
+    camera_feature_dim,
+    camera_features,
+    camera_map_channels,
+)
 from att3d.utils.checkpoint import (
     load_json,
     load_state,
@@ -52,6 +58,9 @@ class PriorArchitecture:
     camera_dim: int = 4
     #: Azimuth harmonics of the camera input (:func:`att3d.render.cameras.camera_features`; 1: the 4-vector only).
     camera_harmonics: int = 1
+    #: A per-pixel camera map concatenated to the noisy image (:func:`att3d.render.cameras.camera_map`):
+    #: ``none`` (the 4-vector alone) or ``ray`` (6 more input channels).
+    camera_map: str = "none"
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"  # or "v_prediction" (bounded clean-image estimate at high noise)
@@ -102,7 +111,8 @@ def build_unet(arch: PriorArchitecture):
 
     n = len(arch.block_out_channels)
     return UNet2DConditionModel(
-        sample_size=arch.resolution, in_channels=3, out_channels=3, layers_per_block=arch.layers_per_block,
+        sample_size=arch.resolution, in_channels=3 + camera_map_channels(arch.camera_map), out_channels=3,
+        layers_per_block=arch.layers_per_block,
         block_out_channels=tuple(arch.block_out_channels),
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
@@ -312,7 +322,7 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         cam = camera_features(cams.as_vector(), arch.camera_harmonics).to(device)
-        pred = unet(xt, t, encoder_hidden_states=emb.tokens[tidx], class_labels=cam,
+        pred = unet(unet_input(xt, cams, arch.camera_map), t, encoder_hidden_states=emb.tokens[tidx], class_labels=cam,
                     encoder_attention_mask=emb.mask[tidx].float()).sample
         target = scheduler.get_velocity(x0, noise, t) if arch.prediction_type == "v_prediction" else noise
         per = (pred - target).pow(2).mean(dim=(1, 2, 3))
@@ -359,8 +369,10 @@ def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchite
     """Load the UNet weights of the prior folder ``folder`` into ``unet`` (built for ``arch``).
 
     The network must match (resolution, blocks, text and camera sizes); the prediction type may differ, which
-    is how an epsilon prior is fine-tuned into a v-prediction one, and ``camera_harmonics`` may grow: the camera
-    projection's columns of the new harmonics start at zero, so the fine-tuning starts from the same network.
+    is how an epsilon prior is fine-tuned into a v-prediction one; ``camera_harmonics`` may grow, and a
+    ``camera_map`` may be added to a prior without one: the new inputs' weights (the camera projection's columns of
+    the new harmonics, the first convolution's channels of the map) start at zero, so the fine-tuning starts from
+    the same network.
 
     Raises:
         ValueError: the folder is not a prior, or its network does not match ``arch``.
@@ -371,20 +383,27 @@ def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchite
         raise ValueError(f"init_from={folder}: no prior_config.json (not a prior folder)")
     theirs = asdict(PriorArchitecture.from_dict(load_json(config)["arch"]))
     mine = asdict(PriorArchitecture.from_dict(asdict(arch)))  # the same normalisation (tuples) on both sides
-    mismatched = [k for k, v in mine.items() if k not in ("prediction_type", "camera_harmonics") and theirs.get(k) != v]
+    grows = ("prediction_type", "camera_harmonics", "camera_map")
+    mismatched = [k for k, v in mine.items() if k not in grows and theirs.get(k) != v]
     if theirs.get("camera_harmonics", 1) > mine["camera_harmonics"]:
         mismatched.append("camera_harmonics (fewer than the folder's)")
+    if theirs.get("camera_map", "none") not in ("none", mine["camera_map"]):
+        mismatched.append(f"camera_map ({theirs['camera_map']} in the folder)")
     if mismatched:
         raise ValueError(f"init_from={folder}: architecture differs in {', '.join(sorted(mismatched))}")
     weights = sorted((folder / "unet").glob("*.safetensors"))
     if not weights:
         raise ValueError(f"init_from={folder}: no unet/*.safetensors")
     state = {k: v.to(torch.float32) for k, v in load_tensors(weights[0]).items()}
-    key = "class_embedding.linear_1.weight"  # (D, camera inputs): new harmonics' columns start at zero
-    own = unet.state_dict()[key]
-    if key in state and state[key].shape[1] < own.shape[1]:
-        state[key] = torch.cat([state[key], own.new_zeros(own.shape[0], own.shape[1] - state[key].shape[1])], 1)
+    own = unet.state_dict()
+    # (D, camera inputs): the new harmonics' columns; (C, 3 + map, k, k): the camera map's channels; both from zero
+    for key in ("class_embedding.linear_1.weight", "conv_in.weight"):
+        if key in state and state[key].shape[1] < own[key].shape[1]:
+            extra = own[key].new_zeros((own[key].shape[0], own[key].shape[1] - state[key].shape[1],
+                                        *own[key].shape[2:]))
+            state[key] = torch.cat([state[key], extra], 1)
     unet.load_state_dict(state)
+
 
 
 def _init_record(folder: str | None) -> dict | None:

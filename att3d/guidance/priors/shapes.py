@@ -11,8 +11,9 @@ Conditioning is exactly the training one: images in [-1, 1] of shape (B, 3, R, R
 caption's token embeddings from the ``arch.text_encoder`` (MiniLM) with their attention
 mask, and the camera 4-vector ``(sin phi, cos phi, sin theta, cos theta)`` through the
 UNet's projection class embedding (with ``arch.camera_harmonics`` > 1, followed by its azimuth harmonics,
-:func:`att3d.render.cameras.camera_features`). The unconditional branch is the empty prompt ``""``
-(captions were dropped to ``""`` in training).
+:func:`att3d.render.cameras.camera_features`), and with ``arch.camera_map = "ray"`` each pixel's ray
+(:func:`att3d.render.cameras.camera_map`) as 6 more input channels beside the image. The unconditional branch
+is the empty prompt ``""`` (captions were dropped to ``""`` in training).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from att3d.guidance.priors.base import DiffusionPrior, as_dtype, diffusers_model_kwargs
 from att3d.registry import PRIORS, TEXT_ENCODERS
-from att3d.render.cameras import OrbitCameras, camera_features
+from att3d.render.cameras import OrbitCameras, camera_features, camera_map
 from att3d.utils.checkpoint import load_json
 from att3d.utils.paths import REPO_ROOT
 
@@ -40,11 +41,19 @@ def default_shapes_prior_path() -> Path:
     return REPO_ROOT / "assets" / "shapes-prior"
 
 
+def unet_input(x_t: torch.Tensor, cameras: OrbitCameras, kind: str) -> torch.Tensor:
+    """The prior UNet's input: the noisy images (B, 3, R, R), followed by the cameras' map (B, 6, R, R) when
+    ``kind`` (``PriorArchitecture.camera_map``) is not ``none``."""
+    cmap = camera_map(cameras, x_t.shape[-1], kind)
+    return x_t if cmap is None else torch.cat([x_t, cmap.to(x_t.device, x_t.dtype)], dim=1)
+
+
 class ShapesPrior(DiffusionPrior):
     """View-conditioned pixel-space prior of the shapes world.
 
     Args:
-        unet: ``UNet2DConditionModel`` (in/out 3 channels, projection class embedding of the camera).
+        unet: ``UNet2DConditionModel`` (out 3 channels; in 3, or 9 with a camera map; projection class
+            embedding of the camera).
         scheduler: its ``DDPMScheduler``.
         text_encoder: an :class:`att3d.text.encoders.TextEncoder` (the one the UNet was trained with).
         arch: the ``PriorArchitecture`` fields as a dict (``resolution`` is read from it).
@@ -94,7 +103,8 @@ class ShapesPrior(DiffusionPrior):
         if cameras is None:
             raise ValueError("the shapes prior is view-conditioned: cameras are required")
         cam = camera_features(cameras.as_vector(), int(self.arch.get("camera_harmonics", 1))).to(x_t.device, x_t.dtype)
-        return self.unet(x_t, t, encoder_hidden_states=tokens, class_labels=cam,
+        x_in = unet_input(x_t, cameras.to(x_t.device), str(self.arch.get("camera_map", "none")))
+        return self.unet(x_in, t, encoder_hidden_states=tokens, class_labels=cam,
                          encoder_attention_mask=None if mask is None else mask.to(x_t.dtype)).sample
 
 

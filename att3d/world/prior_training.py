@@ -405,7 +405,6 @@ def init_unet_from(unet: torch.nn.Module, folder: str | Path, arch: PriorArchite
     unet.load_state_dict(state)
 
 
-
 def _init_record(folder: str | None) -> dict | None:
     """What a fine-tuned prior started from: the folder and its own training record."""
     if not folder:

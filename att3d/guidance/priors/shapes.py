@@ -103,7 +103,7 @@ class ShapesPrior(DiffusionPrior):
         if cameras is None:
             raise ValueError("the shapes prior is view-conditioned: cameras are required")
         cam = camera_features(cameras.as_vector(), int(self.arch.get("camera_harmonics", 1))).to(x_t.device, x_t.dtype)
-        x_in = unet_input(x_t, cameras.to(x_t.device), str(self.arch.get("camera_map", "none")))
+        x_in = unet_input(x_t, cameras, str(self.arch.get("camera_map", "none")))  # moves the map to x_t
         return self.unet(x_in, t, encoder_hidden_states=tokens, class_labels=cam,
                          encoder_attention_mask=None if mask is None else mask.to(x_t.dtype)).sample
 

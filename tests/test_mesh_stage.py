@@ -226,6 +226,7 @@ def test_mesh_stage_trains_saves_a_model_folder_and_resumes(files, tmp_path, cap
     assert extra["stage"] == "mesh" and extra["steps"] == 3 and extra["render_resolution"] == 48
     assert extra["prior_resolution"] == 32 and extra["previous"] == {"steps": 7}
     assert extra["init_from"] == str(files["model"]) and extra["mesh"]["tet_resolution"] == 20
+    assert extra["teacher"]["method"] == "sds" and "guidance_scale" in extra["teacher"]  # what distilled it
     model = att3d.load(folder)
     before = att3d.load(files["model"]).state_dict()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
@@ -370,6 +371,22 @@ def test_generation_heads_face_budget_and_solid_fill(files):
     shell = ((r > 0.4) & (r < 0.6)).float() * 10.0
     solid = fill_interior(shell, 5.0, close_voxels=0)
     assert (solid[r < 0.4] > 5.0).all() and (solid[r > 0.65] == 0).all() and (solid[(r > 0.4) & (r < 0.6)] == 10).all()
+
+
+def test_generate_cli_resolution_sets_the_mesh_heads_tet_grid(files, tmp_path):
+    import json
+
+    from att3d.cli import main as cli_main
+
+    faces = {}
+    for res in (20, 32):
+        out = tmp_path / f"tets{res}"
+        assert cli_main(["generate", "a red cube", "--checkpoint", str(files["model"]), "--out", str(out),
+                         "--head", "mesh", "--resolution", str(res), "--faces", "0", "--texture-size", "0",
+                         "--no-turntable", "--format", "ply", "--quiet"]) == 0
+        row, = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        faces[res] = row["faces"]
+    assert 0 < faces[20] < faces[32]  # a finer tet grid, a finer surface
 
 
 def test_oracle_stage_fits_ground_truth_renders(files, tmp_path):

@@ -297,3 +297,19 @@ def test_unguided_experiment_is_shapes64_over_all_timesteps_at_guidance_one():
     g = unguided["guidance"]
     assert (g["guidance_scale"], g["guidance_scale_low"], list(g["t_range"])) == (1.0, None, [0.02, 0.98])
     assert unguided["trainer"]["lr_final"] == 0.1 and unguided["trainer"]["max_steps"] == 1000
+
+
+def test_mesh_experiment_is_the_mesh_stage_in_geometry_mode_at_guidance_one():
+    """experiment=shapes64_mesh (the shipped model's last phase): the mesh stage on the shapes64 prompts, geometry
+    refined through 64^3 DMTet surfaces rendered at 64 px, the unguided score, the stage's smaller learning rate
+    decaying to 10%; it needs the model it refines (init_from)."""
+    base = compose(["experiment=shapes64"])
+    mesh = compose(["experiment=shapes64_mesh", "init_from=runs/x/model"])
+    assert mesh["init_from"] == "runs/x/model" and mesh["name"] == "shapes64_mesh"
+    assert mesh["prompts"] == base["prompts"] and mesh["trainer"]["batch_size"] == base["trainer"]["batch_size"]
+    assert mesh["stage"]["geometry"] is True and mesh["stage"]["tet_resolution"] == 64
+    assert "tet_resolution" not in base["stage"]  # the experiment switched the stage, not just its settings
+    g = mesh["guidance"]
+    assert (g["guidance_scale"], g["guidance_scale_low"], list(g["t_range"])) == (1.0, None, [0.02, 0.98])
+    t = mesh["trainer"]
+    assert (t["resolution"], t["lr"], t["lr_final"], t["max_steps"]) == (64, 3.0e-4, 0.1, 400)

@@ -46,8 +46,8 @@ from att3d.utils.timing import StageTimer, maybe_timed
 DEFAULT_THRESHOLD = 5.0
 #: UV atlas methods.
 UV_METHODS = ("box", "xatlas")
-#: Surface extraction heads: ``nerf`` (marching cubes of the density, smoothed) or ``mesh`` (the mesh stage's
-#: DMTet surface: marching tetrahedra of the same density on the stage's tet grid, as it was trained).
+#: Surface extraction heads: ``nerf`` (marching cubes of the density) or ``mesh`` (the mesh stage's DMTet
+#: surface: marching tetrahedra of the same density, the level set the stage trained), both on the generation grid.
 HEADS = ("auto", "nerf", "mesh")
 #: The default face budget of generated meshes (0: no limit).
 DEFAULT_MAX_FACES = 20_000
@@ -63,23 +63,18 @@ def extraction_threshold(model: Any) -> float:
     return float((config.get("extraction") or {}).get("threshold", DEFAULT_THRESHOLD))
 
 
-def mesh_head(model: Any, head: str = "auto") -> tuple[str, int | None]:
-    """Which surface a model's meshes come from: ``(head, tet_resolution)``.
+def mesh_head(model: Any, head: str = "auto") -> str:
+    """Which surface a model's meshes come from: ``"nerf"`` or ``"mesh"``.
 
     ``auto`` is ``mesh`` for a model trained by the mesh stage (which records its settings in
-    ``config["extra"]["mesh"]``, the DMTet grid resolution ``tet_resolution`` among them) and ``nerf`` otherwise;
-    ``mesh`` on a NeRF-stage model uses a 64^3 tet grid.
+    ``config["extra"]["mesh"]``) and ``nerf`` otherwise.
     """
     if head not in HEADS:
         raise GenerationError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     extra = (getattr(model, "config", None) or {}).get("extra") or {}
-    trained = isinstance(extra.get("mesh"), dict)  # the mesh stage (or its oracle) records its settings there
     if head == "auto":
-        head = "mesh" if trained else "nerf"
-    if head == "nerf":
-        return "nerf", None
-    res = (extra.get("mesh") or {}).get("tet_resolution", 64) if trained else 64
-    return "mesh", int(res)
+        return "mesh" if isinstance(extra.get("mesh"), dict) else "nerf"
+    return head
 
 
 def colour_shading(model: Any) -> str:
@@ -173,12 +168,14 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             ``2 bound / (R - 1)``; 0: on the surface.
         uv_method: ``"box"`` (fast box-projection atlas) or ``"xatlas"`` (slow, fewer seams).
         texture_padding: gutter texels around charts (and dilation of the baked texture).
-        head: the surface (:func:`mesh_head`): ``nerf``, marching cubes of the density at ``grid_resolution``,
-            cleaned and smoothed; ``mesh``, the mesh stage's DMTet surface (marching tetrahedra of the density
-            on a ``tet_resolution`` grid, not smoothed: the surface the stage trained); ``auto`` by the model.
+        head: the surface (:func:`mesh_head`): ``nerf``, marching cubes of the density at ``grid_resolution``;
+            ``mesh``, the mesh stage's DMTet surface (marching tetrahedra of the density on a tet grid of
+            ``grid_resolution`` vertices per axis: the level set the stage trained, sampled as finely as the
+            ``nerf`` head's); both cleaned and smoothed alike; ``auto`` by the model.
         max_faces: the face budget (quadric decimation, :func:`att3d.mesh.decimate.decimate`, before the UV
             atlas so that the texture is baked on the final mesh); 0: no limit.
-        tet_resolution: the DMTet grid of ``head="mesh"``; None: the model's (64 if it records none).
+        tet_resolution: the DMTet grid of ``head="mesh"`` if it should differ from ``grid_resolution`` (e.g. the
+            stage's own training grid, ``model.config["extra"]["mesh"]["tet_resolution"]``); None: ``grid_resolution``.
         solid: fill the object's hidden cavities before extraction (:func:`fill_interior`), so that the mesh is
             one solid without inner shells; False: extract the raw level set.
         close_radius: the radius of the fill's closing in world units (tunnels and cracks up to about twice as
@@ -229,12 +226,11 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
         raise GenerationError(f"unknown surface {surface!r}; choose one of {', '.join(SURFACES)}")
     if colour_normals not in COLOUR_NORMALS:
         raise GenerationError(f"unknown colour normals {colour_normals!r}; choose one of {', '.join(COLOUR_NORMALS)}")
-    head, model_tets = mesh_head(model, head)
-    if head == "mesh":
-        R_tet = int(tet_resolution if tet_resolution is not None else model_tets)
-        if R_tet < 4:
-            raise GenerationError(f"tet resolution must be >= 4, got {R_tet}")
-        grid_resolution = R_tet
+    head = mesh_head(model, head)
+    if head == "mesh" and tet_resolution is not None:
+        if int(tet_resolution) < 4:
+            raise GenerationError(f"tet resolution must be >= 4, got {tet_resolution}")
+        grid_resolution = int(tet_resolution)
     field = model.field
     thr = extraction_threshold(model) if threshold is None else float(threshold)
     bound = float(getattr(field, "bound", 1.0))
@@ -361,7 +357,8 @@ class _MeshJob:
                                               weld_tolerance=None if self.iso_method == "lewiner" else 1e-6)
                 else:  # the grid is indexed [x, y, z] like tet_grid's vertices
                     verts, faces = marching_tetrahedra(self.tet_verts, self.tets, level - vol.reshape(-1))
-                    verts, faces = clean_mesh(verts, faces, self.min_component_fraction)
+                    verts, faces = clean_mesh(verts, faces, self.min_component_fraction,
+                                              smooth_iterations=self.smooth_iterations)
             if faces is not None and faces.shape[0]:
                 meta["faces_before"] = int(faces.shape[0])
                 if self.max_faces and faces.shape[0] > self.max_faces:

@@ -248,10 +248,10 @@ class MeshSDS(Objective):
         return StepResult(sds.loss + self.anchor_weight * r["anchor"], sds, r["stats"], r["images"])
 
     def record(self, trainer: Trainer) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "stage": self.name, "steps": trainer.step, "prompts": len(trainer.prompts), "init_from": self.source,
-            "render_resolution": trainer.cfg.resolution, "prior_resolution": int(trainer.guidance.prior.resolution),
-            "threshold": self.threshold, "mesh": self.settings()}
-        if self.source_extra:
-            record["previous"] = self.source_extra
+        """The base record (stage, steps, prompts, ``init_from``, the ``teacher``, the ``previous`` stages) and the
+        stage's own: render and prior resolutions, the extraction threshold and its settings (``mesh``)."""
+        record = super().record(trainer)
+        record.update({"init_from": self.source, "render_resolution": trainer.cfg.resolution,
+                       "prior_resolution": int(trainer.guidance.prior.resolution), "threshold": self.threshold,
+                       "mesh": self.settings()})
         return record

@@ -162,6 +162,25 @@ def test_marching_tetrahedra_sphere_closed():
     assert abs(mesh.volume / SPHERE_VOLUME - 1) < 0.03
 
 
+def test_crossed_cell_tets_give_the_whole_grids_mesh():
+    from att3d.mesh.marching_tets import crossed_cell_tets
+
+    R = 20
+    verts, tets = tet_grid(R)
+    sdf = torch.minimum(sdf_sphere(verts), (verts - 0.55).abs().amax(-1) - 0.2)  # a ball and a box
+    band = crossed_cell_tets((sdf < 0).reshape(R, R, R))
+    assert 0 < band.shape[0] < tets.shape[0] / 4 and band.shape[0] % 6 == 0
+    assert set(map(tuple, band.tolist())) <= set(map(tuple, tets.tolist()))  # tetrahedra of the grid itself
+    v1, f1 = marching_tetrahedra(verts, tets, sdf)
+    v2, f2 = marching_tetrahedra(verts, band, sdf)
+    tri = lambda v, f: sorted(tuple(sorted(map(tuple, np.round(v[t].numpy(), 6).tolist()))) for t in f)  # noqa: E731
+    assert tri(v1, f1) == tri(v2, f2)  # the same triangles
+    assert_closed_and_oriented(v2, f2)
+    assert crossed_cell_tets(torch.zeros(R, R, R, dtype=torch.bool)).shape == (0, 4)
+    with pytest.raises(ValueError, match="R, R, R"):
+        crossed_cell_tets(torch.zeros(4, 4, 5, dtype=torch.bool))
+
+
 def test_marching_tetrahedra_any_tet_orientation():
     verts, tets = tet_grid(20)
     sdf = sdf_sphere(verts)

@@ -252,10 +252,9 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
                    max_faces=max_faces, iso_method=iso_method, texture_size=texture_size,
                    texture_padding=texture_padding, uv_method=uv_method, offset=offset,
                    colour_normals=colour_normals, timer=timer)
-    if head == "mesh":
-        from att3d.mesh.marching_tets import tet_grid
-
-        job.tet_verts, job.tets = tet_grid(R, bound, device=next(iter(cond.values())).device)
+    if head == "mesh":  # the tet grid's vertices (its tetrahedra are built per prompt, near the surface only)
+        lin = torch.linspace(-bound, bound, R, device=next(iter(cond.values())).device)
+        job.tet_verts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), dim=-1).reshape(-1, 3)
     conds = [{k: v[b:b + 1] for k, v in cond.items()} for b in range(B)]
 
     def one(b: int) -> trimesh.Trimesh:
@@ -320,7 +319,6 @@ class _MeshJob:
     """One prompt's density grid -> textured mesh (the per-prompt part of :func:`meshes_from_conditioning`)."""
 
     tet_verts: torch.Tensor | None = None
-    tets: torch.Tensor | None = None
 
     def __init__(self, **settings: Any):
         self.__dict__.update(settings)
@@ -330,7 +328,7 @@ class _MeshJob:
         from att3d.mesh.decimate import decimate
         from att3d.mesh.export import to_trimesh
         from att3d.mesh.marching_cubes import marching_cubes, marching_cubes_lewiner
-        from att3d.mesh.marching_tets import marching_tetrahedra
+        from att3d.mesh.marching_tets import crossed_cell_tets, marching_tetrahedra
         from att3d.mesh.texture import bake_texture
 
         thr, timer = self.threshold, self.timer
@@ -349,15 +347,16 @@ class _MeshJob:
             found = float(vol.max()) > level
             verts = faces = None
             if found:
-                if self.tets is None:
+                if self.tet_verts is None:
                     iso = marching_cubes_lewiner if self.iso_method == "lewiner" else marching_cubes
                     verts, faces = iso(vol, level, self.bound, inside="above")
                     verts, faces = clean_mesh(verts, faces, self.min_component_fraction,
                                               smooth_iterations=self.smooth_iterations,
                                               weld_tolerance=None if self.iso_method == "lewiner" else 1e-6)
-                else:  # the grid is indexed [x, y, z] like tet_grid's vertices
-                    verts, faces = marching_tetrahedra(self.tet_verts, self.tets, level - vol.reshape(-1))
-                    verts, faces = clean_mesh(verts, faces, self.min_component_fraction,
+                else:  # the grid is indexed [x, y, z] like tet_grid's vertices; only its crossed cubes' tets
+                    tets = crossed_cell_tets(vol > level)
+                    verts, faces = marching_tetrahedra(self.tet_verts, tets, level - vol.reshape(-1))
+                    verts, faces = clean_mesh(verts, faces, self.min_component_fraction, weld_tolerance=None,
                                               smooth_iterations=self.smooth_iterations)
             if faces is not None and faces.shape[0]:
                 meta["faces_before"] = int(faces.shape[0])

@@ -208,6 +208,33 @@ def tet_grid(resolution: int, bound: float = 1.0, device: torch.device | str | N
     return verts, tets.reshape(-1, 4)
 
 
+def crossed_cell_tets(inside: torch.Tensor) -> torch.Tensor:
+    """The tetrahedra of :func:`tet_grid` in the grid cubes that a surface crosses, without building the whole grid.
+
+    A tetrahedron can only be crossed if its cube is (its 4 vertices are 4 of the cube's 8 corners), so
+    ``marching_tetrahedra(verts, crossed_cell_tets(sdf < 0), sdf)`` gives the same mesh as with every tetrahedron
+    of ``tet_grid(R)`` (the same faces, in another order), at the cost of the narrow band around the surface only.
+
+    Args:
+        inside: (R, R, R) bool, vertex ``(i, j, k)`` of ``tet_grid(R)`` inside (indexed ``[x, y, z]``).
+
+    Returns:
+        tets: (6 C', 4) long, the Kuhn tetrahedra of the C' cubes whose corners are neither all inside nor all
+        outside, indexing ``tet_grid(R)``'s vertices, positively oriented.
+    """
+    if inside.dim() != 3 or len(set(inside.shape)) != 1 or inside.shape[0] < 2:
+        raise ValueError(f"inside must be (R, R, R) with R >= 2, got {tuple(inside.shape)}")
+    R, device = inside.shape[0], inside.device
+    corners = [inside[dx:R - 1 + dx, dy:R - 1 + dy, dz:R - 1 + dz] for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)]
+    any_in, all_in = corners[0].clone(), corners[0].clone()
+    for c in corners[1:]:
+        any_in |= c
+        all_in &= c
+    ci, cj, ck = (any_in & ~all_in).nonzero(as_tuple=True)
+    base = (ci * R + cj) * R + ck  # (C',) index of each crossed cube's (0,0,0) corner
+    return (base[:, None, None] + _corner_offsets(R, device)[KUHN_TETS.to(device)][None]).reshape(-1, 4)
+
+
 def _corner_offsets(resolution: int, device: torch.device | str | None) -> torch.Tensor:
     """(8,) index offsets of the cube corners ``4 dx + 2 dy + dz`` in a grid of R^3 vertices."""
     R = resolution

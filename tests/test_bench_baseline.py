@@ -4,6 +4,7 @@ end-to-end run against the committed HEAD on a tiny model (through a shared clon
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -97,7 +98,10 @@ def test_summary_is_medians_and_baseline_over_current():
 def test_generate_against_head_side_by_side(baseline_in_clone, tiny_model_dir, tmp_path, monkeypatch,  # noqa: F811
                                             capsys):
     out = tmp_path / "b.md"
+    release = tmp_path / "release-model"  # the baseline's own model (e.g. the previous release's)
+    shutil.copytree(tiny_model_dir, release)
     code = cli.main(["bench", "generate", "--baseline", "HEAD", "--checkpoint", str(tiny_model_dir),
+                     "--baseline-checkpoint", str(release),
                      "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0", "--resolution", "20",
                      "--texture-size", "32", "--frames", "2", "--turntable-resolution", "32", "--threads", "1",
                      "--device", "cpu", "--quiet", "--out", str(out)])
@@ -115,6 +119,9 @@ def test_generate_against_head_side_by_side(baseline_in_clone, tiny_model_dir, t
     assert [r["round"] for r in data["rounds"]["current"]] == [0]
     assert data["rounds"]["baseline"][0]["att3d_file"].startswith(v["baseline"]["path"])
     assert data["rounds"]["current"][0]["att3d_file"].startswith(str(bench.package_tree()))
+    assert data["rounds"]["current"][0]["model"] == str(Path(tiny_model_dir).resolve())
+    assert data["rounds"]["baseline"][0]["model"] == data["settings"]["baseline_checkpoint"] == str(release.resolve())
+    assert f"(baseline: {release.resolve()})" in text
     for r in data["rows"]:
         assert r["speedup"] > 0 and r["current"]["seconds_per_prompt"] > 0 and r["baseline"]["faces_per_mesh"] > 0
     assert data["turntable"]["speedup"] > 0
@@ -123,6 +130,7 @@ def test_generate_against_head_side_by_side(baseline_in_clone, tiny_model_dir, t
 @pytest.mark.parametrize("args, message", [
     (["train", "--baseline", "HEAD"], "--baseline is for generate and scale"),
     (["generate", "--baseline", "HEAD", "--format", "obj"], "--baseline times GLB files"),
+    (["generate", "--baseline-checkpoint", "m"], "--baseline-checkpoint needs --baseline REV"),
     (["generate", "--threads", "0"], "--threads must be >= 1"),
     (["generate", "--frames", "0"], "--frames must be >= 1"),
     (["scale", "--prompt-counts", "0"], "--prompt-counts must be >= 1"),

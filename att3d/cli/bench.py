@@ -32,6 +32,9 @@ def build_parser() -> CommandParser:
                         "a worktree under .cache/bench-baseline/, side by side in alternating fresh processes")
     g = p.add_argument_group("generate")
     g.add_argument("--checkpoint", default=DEFAULT_MODEL, help=f"model folder (default: {DEFAULT_MODEL})")
+    g.add_argument("--baseline-checkpoint", default=None, metavar="PATH",
+                   help="with --baseline: the baseline's model folder, e.g. the previous release's model "
+                        "(default: --checkpoint; a relative path is read in the baseline's worktree)")
     g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], metavar="B", help="default: 1 16")
     g.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default: 3)")
     g.add_argument("--resolution", type=int, default=96, help="density grid per axis (default: 96)")
@@ -90,6 +93,8 @@ def validate(args: argparse.Namespace) -> list[str]:
         raise BenchError(f"--baseline is for generate and scale, not {args.target}")
     if args.baseline is not None and args.format != "glb":
         raise BenchError("--baseline times GLB files; drop --format")
+    if args.baseline_checkpoint is not None and args.baseline is None:
+        raise BenchError("--baseline-checkpoint needs --baseline REV")
     return targets
 
 

@@ -529,6 +529,11 @@ def bench_generate_baseline(args: argparse.Namespace, device: torch.device) -> d
 
     folder = resolve_model_folder(args.checkpoint).resolve()
     v = versions(args)
+    models = {"current": folder, "baseline": folder}
+    if getattr(args, "baseline_checkpoint", None) is not None:  # relative: inside the baseline's worktree
+        given = Path(args.baseline_checkpoint)
+        models["baseline"] = resolve_model_folder(given if given.is_absolute()
+                                                  else Path(v["baseline"]["path"]) / given).resolve()
     threads = args.threads or available_cores()
     sizes = sorted(set(args.batch_sizes))
     kw = generate_options(args)
@@ -542,17 +547,19 @@ def bench_generate_baseline(args: argparse.Namespace, device: torch.device) -> d
     with tempfile.TemporaryDirectory(prefix="att3d-bench-") as tmp:
         prompt_file = Path(tmp) / "prompts.json"
         prompt_file.write_text(json.dumps(bench_prompts(max(sizes))))
-        argv = ["--model", str(folder), "--prompts", str(prompt_file), "--batch-sizes", *map(str, sizes),
+        argv = ["--prompts", str(prompt_file), "--batch-sizes", *map(str, sizes),
                 "--warmup", str(args.warmup), "--options", json.dumps(kw), "--frames", str(frames),
                 "--turntable-resolution", str(tt_res), *(["--turntable"] if turntable else [])]
         order = [(r, version) for r in range(args.repeats) for version in ("current", "baseline")]
         for r, version in tqdm(order, desc="bench generate (current | baseline rounds)", disable=args.quiet):
-            res = run_worker("generate", v[version]["path"], argv, threads, device, version)
+            res = run_worker("generate", v[version]["path"], ["--model", str(models[version]), *argv], threads,
+                             device, version)
             res["round"] = r
             rounds[version].append(res)
     stages = [*STAGES]
     summary = summarize_generate(rounds, sizes, stages)
-    settings = {"checkpoint": str(folder), **kw, "format": "glb", "repeats": args.repeats, "warmup": args.warmup,
+    settings = {"checkpoint": str(folder), "baseline_checkpoint": str(models["baseline"]), **kw, "format": "glb",
+                "repeats": args.repeats, "warmup": args.warmup,
                 "threads": threads, "turntable": turntable, "turntable_frames": frames,
                 "turntable_resolution": tt_res, "versions": v, "load_average_1min_start": load_start,
                 "load_average_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -561,7 +568,8 @@ def bench_generate_baseline(args: argparse.Namespace, device: torch.device) -> d
              f"alternating current and baseline, each a fresh process ({_n(args.warmup, 'warm-up run')} first, "
              f"{_n(threads, 'thread')}); "
              f"speed-up = baseline / current; stages: the current's, per prompt. Grid {args.resolution}^3, "
-             f"texture {args.texture_size}^2, uv {args.uv}, model {folder}.",
+             f"texture {args.texture_size}^2, uv {args.uv}, model {folder}"
+             + (f" (baseline: {models['baseline']})" if models["baseline"] != folder else "") + ".",
              version_line(v) + "."]
     tt = summary["turntable"]
     if tt:

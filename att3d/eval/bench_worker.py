@@ -143,8 +143,8 @@ def run_generate(a: argparse.Namespace) -> dict[str, Any]:
                          "empty": sum(_is_empty(m) for m in meshes)})
             if a.turntable and b == sizes[0]:
                 turntables += [turntable(m, out / f"b{b}-{i}.mp4") for i, m in enumerate(meshes) if not _is_empty(m)]
-    return {"load_seconds": load_seconds, "warmup_seconds": warmup_seconds, "runs": runs, "turntables": turntables,
-            "memory": memory_status()}
+    return {"model": str(Path(a.model).resolve()), "load_seconds": load_seconds, "warmup_seconds": warmup_seconds,
+            "runs": runs, "turntables": turntables, "memory": memory_status()}
 
 
 def run_scale(a: argparse.Namespace) -> dict[str, Any]:

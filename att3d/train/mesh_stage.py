@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from att3d.mesh.extract import extraction_threshold
-from att3d.mesh.marching_tets import tet_grid
+from att3d.mesh.marching_tets import crossed_cell_tets, tet_grid
 from att3d.mesh.surface import (
     SHADINGS,
     SurfaceMesh,
@@ -148,7 +148,7 @@ class MeshSDS(Objective):
         self.bound = float(getattr(model.field, "bound", 1.0))
         self.reference = copy_model(model).eval().requires_grad_(False)
         R = self.tet_resolution
-        self.tet_verts, self.tets = tet_grid(R, self.bound, device=device)
+        self.tet_verts, _ = tet_grid(R, self.bound, device=device)  # tets: per prompt, in crossed cubes only
         self.boundary = torch.zeros(self.tet_verts.shape[0], dtype=torch.bool, device=device)
         self.boundary[boundary_index(R, device)] = True
         self.cell = 2.0 * self.bound / (R - 1)
@@ -167,7 +167,7 @@ class MeshSDS(Objective):
             with torch.no_grad():
                 cond = self.reference.mapping(trainer.text_emb.index(idx))
                 sdf = grid_sdf(self.reference.field, cond, self.tet_resolution, self.threshold, self.bound)
-                meshes += [surface_from_sdf(self.tet_verts, self.tets, s_b) for s_b in sdf]
+                meshes += [surface_from_sdf(self.tet_verts, self.crossed_tets(s_b), s_b) for s_b in sdf]
         empty = [p for p, m in zip(trainer.prompts.prompts, meshes) if m.empty]
         if len(empty) == n:
             raise MeshStageError(f"no prompt has a surface: the starting model's density never exceeds the "
@@ -190,8 +190,15 @@ class MeshSDS(Objective):
         field = self.trainer.model.field
         sdf = grid_sdf(field, {k: v.detach() for k, v in cond.items()}, self.tet_resolution, self.threshold,
                        self.bound)
-        return [differentiable_surface(field, {k: v[b:b + 1] for k, v in cond.items()}, self.tet_verts, self.tets,
-                                       sdf[b], self.threshold, self.boundary) for b in range(len(idx))]
+        return [differentiable_surface(field, {k: v[b:b + 1] for k, v in cond.items()}, self.tet_verts,
+                                       self.crossed_tets(sdf[b]), sdf[b], self.threshold, self.boundary)
+                for b in range(len(idx))]
+
+    def crossed_tets(self, sdf: torch.Tensor) -> torch.Tensor:
+        """(T', 4) the tet grid's tetrahedra in the cubes that ``sdf`` (R^3,) changes sign in: all that marching
+        tetrahedra needs (:func:`~att3d.mesh.marching_tets.crossed_cell_tets`; the same surface as the whole grid's)."""
+        R = self.tet_resolution
+        return crossed_cell_tets((sdf < 0).reshape(R, R, R))
 
     def anchor_points_of(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) anchor points: half near each prompt's starting surface (jittered along its normals by

@@ -253,8 +253,9 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
                    texture_padding=texture_padding, uv_method=uv_method, offset=offset,
                    colour_normals=colour_normals, timer=timer)
     if head == "mesh":  # the tet grid's vertices (its tetrahedra are built per prompt, near the surface only)
-        lin = torch.linspace(-bound, bound, R, device=next(iter(cond.values())).device)
-        job.tet_verts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), dim=-1).reshape(-1, 3)
+        from att3d.mesh.marching_tets import grid_vertices
+
+        job.tet_verts = grid_vertices(R, bound, device=next(iter(cond.values())).device)
     conds = [{k: v[b:b + 1] for k, v in cond.items()} for b in range(B)]
 
     def one(b: int) -> trimesh.Trimesh:

@@ -198,14 +198,20 @@ def tet_grid(resolution: int, bound: float = 1.0, device: torch.device | str | N
     if resolution < 2:
         raise ValueError(f"tet_grid needs resolution >= 2, got {resolution}")
     R = resolution
-    lin = torch.linspace(-bound, bound, R, device=device, dtype=dtype)
-    x, y, z = torch.meshgrid(lin, lin, lin, indexing="ij")
-    verts = torch.stack([x, y, z], dim=-1).reshape(-1, 3)
+    verts = grid_vertices(R, bound, device=device, dtype=dtype)
     c = torch.arange(R - 1, device=device)
     ci, cj, ck = torch.meshgrid(c, c, c, indexing="ij")
     base = ((ci * R + cj) * R + ck).reshape(-1)  # (C,) index of each cube's (0,0,0) corner
     tets = base[:, None, None] + _corner_offsets(R, device)[KUHN_TETS.to(device)][None]  # (C, 6, 4)
     return verts, tets.reshape(-1, 4)
+
+
+def grid_vertices(resolution: int, bound: float = 1.0, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(R^3, 3) the vertices of :func:`tet_grid` (``linspace(-bound, bound, R)`` per axis, index ``(i R + j) R + k``)
+    without its tetrahedra (:func:`crossed_cell_tets` builds those near a surface)."""
+    lin = torch.linspace(-bound, bound, resolution, device=device, dtype=dtype)
+    return torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
 def crossed_cell_tets(inside: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from att3d.mesh.extract import extraction_threshold
-from att3d.mesh.marching_tets import crossed_cell_tets, tet_grid
+from att3d.mesh.marching_tets import crossed_cell_tets, grid_vertices
 from att3d.mesh.surface import (
     SHADINGS,
     SurfaceMesh,
@@ -148,7 +148,7 @@ class MeshSDS(Objective):
         self.bound = float(getattr(model.field, "bound", 1.0))
         self.reference = copy_model(model).eval().requires_grad_(False)
         R = self.tet_resolution
-        self.tet_verts, _ = tet_grid(R, self.bound, device=device)  # tets: per prompt, in crossed cubes only
+        self.tet_verts = grid_vertices(R, self.bound, device=device)  # tets: per prompt, in crossed cubes only
         self.boundary = torch.zeros(self.tet_verts.shape[0], dtype=torch.bool, device=device)
         self.boundary[boundary_index(R, device)] = True
         self.cell = 2.0 * self.bound / (R - 1)

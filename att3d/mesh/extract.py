@@ -319,7 +319,7 @@ def _map_progress(fn: Callable[[int], Any], items: range, workers: int, desc: st
 class _MeshJob:
     """One prompt's density grid -> textured mesh (the per-prompt part of :func:`meshes_from_conditioning`)."""
 
-    tet_verts: torch.Tensor | None = None
+    tet_verts: torch.Tensor | None = None  # the tet grid's vertices, with head == "mesh"
 
     def __init__(self, **settings: Any):
         self.__dict__.update(settings)
@@ -348,7 +348,7 @@ class _MeshJob:
             found = float(vol.max()) > level
             verts = faces = None
             if found:
-                if self.tet_verts is None:
+                if self.head == "nerf":
                     iso = marching_cubes_lewiner if self.iso_method == "lewiner" else marching_cubes
                     verts, faces = iso(vol, level, self.bound, inside="above")
                     verts, faces = clean_mesh(verts, faces, self.min_component_fraction,

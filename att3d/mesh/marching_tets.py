@@ -178,7 +178,8 @@ def march_tets(tets: torch.Tensor, values: torch.Tensor, inside: torch.Tensor,
     else:
         pa, pb = positions[a], positions[b]
     sa, sb = values[a], values[b]
-    t = ((threshold - sa) / (sb - sa))[:, None]
+    # Clamped: were ``values`` and ``inside`` to disagree by rounding, the vertex still stays on its edge.
+    t = ((threshold - sa) / (sb - sa)).clamp(0.0, 1.0)[:, None]
     verts = pa + t * (pb - pa)
     return verts, faces
 

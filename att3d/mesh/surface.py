@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from att3d.mesh.cleanup import vertex_normals
 from att3d.mesh.density import density_grid
-from att3d.mesh.marching_tets import marching_tetrahedra
+from att3d.mesh.marching_tets import march_tets, marching_tetrahedra, tet_orientation
 from att3d.mesh.rasterize import RasterOutput, interpolate, project_vertices, rasterize_screen
 from att3d.mesh.rasterize import antialias as antialias_edges
 from att3d.render.cameras import OrbitCameras
@@ -119,12 +119,15 @@ def differentiable_surface(field: torch.nn.Module, cond: dict[str, torch.Tensor]
                            boundary: torch.Tensor) -> SurfaceMesh:
     """One prompt's surface whose vertices are differentiable w.r.t. the field and its conditioning.
 
-    The density is re-evaluated with gradients only at the vertices of crossed tetrahedra (the only
-    ones that position surface vertices); the others keep their values from ``sdf``.
+    The topology (which tetrahedra and edges are crossed) is the one of ``sdf``, found once here; the density
+    is re-evaluated with gradients only at the vertices of those crossed tetrahedra (the only ones that
+    position surface vertices), which then place the surface vertices on their edges. Since the topology
+    carries no gradient, taking it from ``sdf`` rather than from the re-evaluated density changes nothing but
+    rounding: the faces are exactly ``surface_from_sdf(tet_verts, tets, sdf)``'s.
 
     Args:
         field: the field; cond: conditioning of ONE prompt ``{name: (1, ...)}`` (with gradients).
-        tet_verts: (V, 3); tets: (T, 4).
+        tet_verts: (V, 3); tets: (T, 4) (all of the grid's, or a subset holding the crossed ones).
         sdf: (V,) the prompt's signed function without gradient (from :func:`grid_sdf`).
         threshold: the extraction threshold.
         boundary: (V,) bool box-face vertices (kept outside).
@@ -133,15 +136,19 @@ def differentiable_surface(field: torch.nn.Module, cond: dict[str, torch.Tensor]
         :class:`SurfaceMesh` with vertices differentiable w.r.t. ``field`` parameters and ``cond``.
     """
     with torch.no_grad():
-        occ = (sdf < 0)[tets]
-        crossed = occ.any(-1) & ~occ.all(-1)
-        idx = torch.unique(tets[crossed])
+        inside = sdf < 0
+        occ = inside[tets]
+        band = tets[occ.any(-1) & ~occ.all(-1)]  # the crossed tetrahedra, the only ones that make faces
+        idx = torch.unique(band)
         idx = idx[~boundary[idx]]
+        flip = tet_orientation(tet_verts, band) < 0
     if idx.numel() == 0:
         return surface_from_sdf(tet_verts, tets, sdf)
     density = field.density(tet_verts[idx][None], cond)[0]
     live = sdf.detach().index_put((idx,), density_to_sdf(density, threshold).to(sdf.dtype))
-    return surface_from_sdf(tet_verts, tets, live)
+    verts, faces = march_tets(band, live, inside, tet_verts, threshold=0.0, flip=flip)
+    normals = vertex_normals(verts.detach(), faces) if faces.shape[0] else torch.zeros_like(verts)
+    return SurfaceMesh(verts, faces, normals)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -90,3 +90,64 @@ def test_script_rejects_a_missing_folder_in_one_line(tmp_path, capsys):
     assert script.main(["--meshes", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("shape_errors: error: no such folder")
+
+
+def test_pixel_size_is_the_worlds_image_width_at_the_origin_over_the_pixels():
+    from att3d.eval.shape_errors import pixel_size
+
+    # 2 * 2.2 * tan(20 deg) = 1.6015 world units across the image at the origin's depth
+    assert pixel_size(32) == pytest.approx(1.60147 / 32, rel=1e-4)
+    assert pixel_size(64) == pytest.approx(pixel_size(32) / 2)
+    assert pixel_size(32, radius=1.1) == pytest.approx(pixel_size(32) / 2)
+    with pytest.raises(ValueError):
+        pixel_size(0)
+
+
+def test_offset_occupancy_grows_with_the_offset_from_the_truth():
+    from att3d.eval.shape_errors import offset_occupancy
+
+    sphere = WorldObject(shape="sphere", colour="red")
+    truth = metrics.ground_truth_occupancy(sphere, 32)
+    assert torch.equal(offset_occupancy(sphere, 0.0, 32), truth)
+    out, inward = offset_occupancy(sphere, 0.1, 32), offset_occupancy(sphere, -0.1, 32)
+    assert (out & truth).sum() == truth.sum() and out.sum() > truth.sum()  # a superset
+    assert (inward & ~truth).sum() == 0 and inward.sum() < truth.sum()  # a subset
+    # the sphere of radius 0.5 grown by 0.1: (0.6 / 0.5)^3 = 1.728 times the volume, to the voxels' precision
+    assert float(out.sum()) / float(truth.sum()) == pytest.approx(1.728, rel=0.05)
+
+
+def test_equivalent_offset_inverts_the_volume_of_an_offset_surface():
+    from att3d.eval.shape_errors import equivalent_offset, offset_occupancy
+
+    sphere = WorldObject(shape="sphere", colour="red")
+    n_true = float(metrics.ground_truth_occupancy(sphere).sum())
+    for d in (-0.05, 0.04, 0.1):
+        ratio = float(offset_occupancy(sphere, d).sum()) / n_true
+        found = equivalent_offset(sphere, ratio)
+        assert abs(found - d) < 2.0 / 64  # the voxel count only changes at voxel spacing
+        assert float(offset_occupancy(sphere, found + 1e-6).sum()) / n_true >= ratio - 1e-9
+    assert equivalent_offset(sphere, 1.0) == pytest.approx(0.0, abs=2.0 / 64)
+    assert equivalent_offset(sphere, 100.0) == pytest.approx(0.25, abs=1e-6)  # clamped to the limit
+    with pytest.raises(ValueError):
+        equivalent_offset(sphere, 0.0)
+
+
+def test_offset_sensitivity_script_writes_its_tables_and_refuses_a_bad_model_file(tmp_path, capsys):
+    script = load_script("offset_sensitivity")
+    errors = tmp_path / "shape_errors.json"
+    errors.write_text(json.dumps({"per_shape": {"pyramid": {"volume_iou": 0.8, "volume_ratio": 1.2}}}))
+    out = tmp_path / "out"
+    assert script.main(["--shape-errors", str(errors), "--shapes", "cube", "pyramid", "--step", "0.1",
+                        "--max-pixels", "0.3", "--out", str(out)]) == 0
+    report = json.loads((out / "offset_sensitivity.json").read_text())
+    assert report["offsets_px"] == pytest.approx([-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])
+    assert report["volume_iou"]["cube"][3] == 1.0 and report["volume_iou"]["pyramid"][3] == 1.0
+    pyramid = report["per_shape"]["pyramid"]
+    assert pyramid["equivalent_offset"] > 0 and 0 < pyramid["offset_volume_iou"] < 1
+    assert "equivalent_offset" not in report["per_shape"]["cube"]  # not in the model's file
+    assert (out / "offset_sensitivity.png").stat().st_size > 0 and "| pyramid |" in (out / "offset_sensitivity.md"
+                                                                                     ).read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert script.main(["--shape-errors", str(bad), "--out", str(out)]) == 2
+    assert "cannot read" in capsys.readouterr().err

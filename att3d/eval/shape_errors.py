@@ -8,7 +8,11 @@ centres of :mod:`att3d.world.metrics`, the world's +y up):
   the prediction misses (``shortfall``) and the volume ratio;
 - :func:`best_azimuth`: the turn about +y that best aligns a mesh with the truth, and its IoU;
 - :func:`slice_image`: a horizontal cut of both occupancies as an image (shared voxels grey, excess red,
-  shortfall blue).
+  shortfall blue);
+- :func:`offset_occupancy`, :func:`equivalent_offset`: how far the true surface must move outward (every face
+  by the same distance) to hold a given volume, and what volume IoU such a surface scores: how sensitive each
+  shape's IoU is to a uniform error in where its surface sits, in world units or in pixels of the prior
+  (:func:`pixel_size`).
 
 ``python scripts/shape_errors.py --meshes EVAL/meshes --out DIR`` runs them over the GLBs that ``att3d eval model
 --meshes`` wrote.
@@ -23,8 +27,10 @@ import numpy as np
 import torch
 
 from att3d.world import metrics
+from att3d.world.render import voxel_centres
 
-__all__ = ["best_azimuth", "rotate_about_up", "slice_image", "volume_error_split"]
+__all__ = ["best_azimuth", "equivalent_offset", "offset_occupancy", "pixel_size", "rotate_about_up", "slice_image",
+           "volume_error_split"]
 
 
 def volume_error_split(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -99,3 +105,60 @@ def slice_image(pred: torch.Tensor, target: torch.Tensor, y_index: int | None = 
     img[p & ~t] = (220, 40, 40)
     img[~p & t] = (40, 80, 220)
     return img.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def pixel_size(resolution: int, radius: float | None = None, fov_deg: float | None = None) -> float:
+    """World units per pixel at the origin's depth in a ``resolution``-pixel image of the world's camera.
+
+    Args:
+        resolution: image height = width (the shapes prior's is 32).
+        radius, fov_deg: the camera's distance and vertical field of view (default: the world's, 2.2 and 40).
+
+    Returns:
+        ``2 radius tan(fov / 2) / resolution`` (0.050 at 32 px).
+    """
+    from att3d.render.cameras import DEFAULT_FOV_DEG, DEFAULT_RADIUS
+
+    radius = DEFAULT_RADIUS if radius is None else float(radius)
+    fov_deg = DEFAULT_FOV_DEG if fov_deg is None else float(fov_deg)
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    return 2.0 * radius * math.tan(math.radians(fov_deg) / 2.0) / resolution
+
+
+def offset_occupancy(obj, offset: float, resolution: int = metrics.VOXEL_RESOLUTION) -> torch.Tensor:
+    """(R, R, R) bool: the voxel centres where ``obj``'s signed distance is below ``offset``.
+
+    For the exact SDFs (sphere, cube, cylinder, cone, torus, capsule) that is the true surface moved ``offset``
+    along its normals (rounded at convex edges); for the pyramid and the octahedron, whose SDF is the largest
+    face-plane distance, every face plane moved by ``offset`` (corners stay sharp). ``offset`` > 0 grows the
+    object; 0 gives :func:`att3d.world.metrics.ground_truth_occupancy`.
+    """
+    return obj.sdf(voxel_centres(resolution)) < float(offset)
+
+
+def equivalent_offset(obj, volume_ratio: float, resolution: int = metrics.VOXEL_RESOLUTION,
+                      limit: float = 0.25, iterations: int = 40) -> float:
+    """The uniform outward offset of ``obj``'s surface at which it holds ``volume_ratio`` times its true volume.
+
+    The voxel count of :func:`offset_occupancy` grows with the offset, so the offset is found by bisection in
+    ``[-limit, limit]`` (world units); it is resolved to the spacing at which the voxel count changes.
+
+    Args:
+        obj: a shapes-world object; volume_ratio: > 0, e.g. a mesh's ``|pred| / |truth|``.
+
+    Returns:
+        the offset in world units (> 0: larger than the truth), clamped to ``[-limit, limit]``.
+    """
+    if not volume_ratio > 0:
+        raise ValueError(f"volume_ratio must be > 0, got {volume_ratio}")
+    sdf = obj.sdf(voxel_centres(resolution))
+    target = volume_ratio * float((sdf < 0).sum())
+    lo, hi = -float(limit), float(limit)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if float((sdf < mid).sum()) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)

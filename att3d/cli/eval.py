@@ -141,6 +141,7 @@ def prior_main(argv: list[str]) -> int:
 
 def model_parser() -> CommandParser:
     from att3d.mesh.extract import SURFACES
+    from att3d.mesh.marching_cubes import METHODS as ISO_METHODS
 
     ap = CommandParser("eval model")
     ap.add_argument("--checkpoint", required=True, help="model folder (att3d train's run_dir/model or a shipped one)")
@@ -153,6 +154,8 @@ def model_parser() -> CommandParser:
     ap.add_argument("--meshes", action="store_true", help="also export each GLB (to OUT/meshes) and score it")
     ap.add_argument("--head", choices=("auto", "nerf", "mesh"), default="auto",
                     help="with --meshes: the surface exported (auto: the mesh stage's if the model has one)")
+    ap.add_argument("--iso", choices=ISO_METHODS, default="lewiner",
+                    help="with --meshes: the iso-surface (lewiner: marching cubes; tets: marching tetrahedra)")
     ap.add_argument("--faces", type=int, default=20_000, help="with --meshes: the face budget (0: no limit)")
     ap.add_argument("--no-solid", action="store_true", help="with --meshes: do not fill hidden cavities")
     ap.add_argument("--surface", choices=SURFACES, default="opacity",
@@ -180,8 +183,8 @@ def model_main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--faces must be >= 0 (0: no limit), got {args.faces}")
     res = evaluate(model, prompts, heldout, args.resolution, threshold=args.threshold,
                    mesh_dir=out / "meshes" if args.meshes else None,
-                   mesh_kw={"head": args.head, "max_faces": args.faces, "solid": not args.no_solid,
-                            "surface": args.surface})
+                   mesh_kw={"head": args.head, "iso_method": args.iso, "max_faces": args.faces,
+                            "solid": not args.no_solid, "surface": args.surface})
     write_report(res, prompts, out)
     print(markdown_report(res), end="")
     print(f"wrote {out}/metrics.json, metrics.md, renders.png")

@@ -27,6 +27,7 @@ from typing import Any
 from att3d.cli._args import CommandParser, UsageError, add_max_memory
 from att3d.infer.generate import FORMATS
 from att3d.mesh.extract import DEFAULT_MAX_FACES, HEADS, SURFACES, UV_METHODS, GenerationError
+from att3d.mesh.marching_cubes import METHODS as ISO_METHODS
 from att3d.utils.paths import DEFAULT_MODEL
 
 #: Widest prompt column of the printed table (longer prompts are cut there; manifest.jsonl has them whole).
@@ -48,8 +49,12 @@ def build_parser() -> CommandParser:
     p.add_argument("--smooth", type=int, default=10, help="Taubin smoothing iterations (default: 10)")
     p.add_argument("--uv", default="box", choices=UV_METHODS, help="UV atlas: box (fast) or xatlas (slow)")
     p.add_argument("--head", default="auto", choices=HEADS,
-                   help="surface: mesh (the mesh stage's DMTet surface), nerf (marching cubes of the density), "
+                   help="surface: mesh (the mesh stage's surface, coloured where it trained), nerf (the density's "
+                        "iso-surface), "
                         "auto (mesh for a model trained by the mesh stage; default)")
+    p.add_argument("--iso", default="lewiner", choices=ISO_METHODS,
+                   help="iso-surface algorithm: lewiner (marching cubes, fewer triangles; default) or tets (marching "
+                        "tetrahedra, the mesh stage's own extraction)")
     p.add_argument("--faces", type=int, default=DEFAULT_MAX_FACES,
                    help=f"face budget (quadric decimation before texturing; 0: no limit; default: {DEFAULT_MAX_FACES})")
     p.add_argument("--no-solid", action="store_true", help="keep hidden inner cavities (default: filled, one solid)")
@@ -78,7 +83,7 @@ def mesh_options(args: Any) -> dict[str, Any]:
         raise UsageError(f"--faces must be >= 0 (0: no limit), got {args.faces}")
     return {"grid_resolution": args.resolution, "threshold": args.threshold, "texture_size": args.texture_size,
             "smooth_iterations": args.smooth, "uv_method": args.uv, "head": args.head, "max_faces": args.faces,
-            "solid": not args.no_solid, "surface": args.surface}
+            "solid": not args.no_solid, "surface": args.surface, "iso_method": args.iso}
 
 
 def memory_estimate(args: Any, options: dict[str, Any], batch: int):

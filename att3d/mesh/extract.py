@@ -46,8 +46,9 @@ from att3d.utils.timing import StageTimer, maybe_timed
 DEFAULT_THRESHOLD = 5.0
 #: UV atlas methods.
 UV_METHODS = ("box", "xatlas")
-#: Surface extraction heads: ``nerf`` (marching cubes of the density) or ``mesh`` (the mesh stage's DMTet
-#: surface: marching tetrahedra of the same density, the level set the stage trained), both on the generation grid.
+#: Surface extraction heads: ``nerf`` (the density's iso-surface, coloured one grid cell inside) or ``mesh`` (the
+#: mesh stage's surface: the level set its DMTet trained, coloured where the stage read its colour), both extracted
+#: on the generation grid by ``iso_method``.
 HEADS = ("auto", "nerf", "mesh")
 #: The default face budget of generated meshes (0: no limit).
 DEFAULT_MAX_FACES = 20_000
@@ -168,10 +169,11 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             ``2 bound / (R - 1)``; 0: on the surface.
         uv_method: ``"box"`` (fast box-projection atlas) or ``"xatlas"`` (slow, fewer seams).
         texture_padding: gutter texels around charts (and dilation of the baked texture).
-        head: the surface (:func:`mesh_head`): ``nerf``, marching cubes of the density at ``grid_resolution``;
-            ``mesh``, the mesh stage's DMTet surface (marching tetrahedra of the density on a tet grid of
-            ``grid_resolution`` vertices per axis: the level set the stage trained, sampled as finely as the
-            ``nerf`` head's); both cleaned and smoothed alike; ``auto`` by the model.
+        head: the surface (:func:`mesh_head`): ``nerf``, the density's iso-surface at ``grid_resolution``, coloured
+            one grid cell inside; ``mesh``, the mesh stage's surface: the same level set that the stage's DMTet
+            trained (on its own tet grid), sampled at ``grid_resolution`` (or ``tet_resolution``) and coloured
+            where the stage read its colour (its ``colour_offset``); both extracted by ``iso_method``, cleaned
+            and smoothed alike; ``auto`` by the model.
         max_faces: the face budget (quadric decimation, :func:`att3d.mesh.decimate.decimate`, before the UV
             atlas so that the texture is baked on the final mesh); 0: no limit.
         tet_resolution: the DMTet grid of ``head="mesh"`` if it should differ from ``grid_resolution`` (e.g. the
@@ -182,8 +184,10 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             wide are shut; 0: enclosed cavities only), rounded to whole grid cells.
         coarse_step: the field is evaluated at full resolution only near the surface
             (:func:`att3d.mesh.density.surface_density_grid`: every ``coarse_step``-th sample first); 1: everywhere.
-        iso_method: the ``nerf`` head's iso-surface (:data:`att3d.mesh.marching_cubes.METHODS`): ``lewiner``
-            (scikit-image, a third of the triangles) or ``tets`` (the torch marching tetrahedra).
+        iso_method: the iso-surface algorithm (:data:`att3d.mesh.marching_cubes.METHODS`): ``lewiner``
+            (scikit-image's marching cubes: a third of the triangles, so the face budget rarely needs decimation)
+            or ``tets`` (the torch marching tetrahedra of the Kuhn-split grid cubes, the mesh stage's own
+            extraction). Both place their vertices on the same linearly interpolated level set.
         surface: which surface is extracted (:data:`SURFACES`): ``opacity`` (default), the density's solid
             trimmed to the visual hull of the field's own silhouettes along 49 lines
             (:func:`att3d.mesh.visibility.line_optical_depth`: where every line through a point is at least half
@@ -252,10 +256,6 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
                    max_faces=max_faces, iso_method=iso_method, texture_size=texture_size,
                    texture_padding=texture_padding, uv_method=uv_method, offset=offset,
                    colour_normals=colour_normals, timer=timer)
-    if head == "mesh":  # the tet grid's vertices (its tetrahedra are built per prompt, near the surface only)
-        from att3d.mesh.marching_tets import grid_vertices
-
-        job.tet_verts = grid_vertices(R, bound, device=next(iter(cond.values())).device)
     conds = [{k: v[b:b + 1] for k, v in cond.items()} for b in range(B)]
 
     def one(b: int) -> trimesh.Trimesh:
@@ -319,8 +319,6 @@ def _map_progress(fn: Callable[[int], Any], items: range, workers: int, desc: st
 class _MeshJob:
     """One prompt's density grid -> textured mesh (the per-prompt part of :func:`meshes_from_conditioning`)."""
 
-    tet_verts: torch.Tensor | None = None  # the tet grid's vertices, with head == "mesh"
-
     def __init__(self, **settings: Any):
         self.__dict__.update(settings)
 
@@ -329,7 +327,6 @@ class _MeshJob:
         from att3d.mesh.decimate import decimate
         from att3d.mesh.export import to_trimesh
         from att3d.mesh.marching_cubes import marching_cubes, marching_cubes_lewiner
-        from att3d.mesh.marching_tets import crossed_cell_tets, marching_tetrahedra
         from att3d.mesh.texture import bake_texture
 
         thr, timer = self.threshold, self.timer
@@ -348,17 +345,14 @@ class _MeshJob:
             found = float(vol.max()) > level
             verts = faces = None
             if found:
-                if self.head == "nerf":
-                    iso = marching_cubes_lewiner if self.iso_method == "lewiner" else marching_cubes
-                    verts, faces = iso(vol, level, self.bound, inside="above")
-                    verts, faces = clean_mesh(verts, faces, self.min_component_fraction,
-                                              smooth_iterations=self.smooth_iterations,
-                                              weld_tolerance=None if self.iso_method == "lewiner" else 1e-6)
-                else:  # the grid is indexed [x, y, z] like tet_grid's vertices; only its crossed cubes' tets
-                    tets = crossed_cell_tets(vol > level)
-                    verts, faces = marching_tetrahedra(self.tet_verts, tets, level - vol.reshape(-1))
-                    verts, faces = clean_mesh(verts, faces, self.min_component_fraction, weld_tolerance=None,
-                                              smooth_iterations=self.smooth_iterations)
+                # Both heads extract the same level set (the mesh stage trains the density's, on a tet grid);
+                # ``tets`` is the stage's own marching tetrahedra (Kuhn split of the grid cubes), ``lewiner`` the
+                # same surface in about a third of the triangles.
+                iso = marching_cubes_lewiner if self.iso_method == "lewiner" else marching_cubes
+                verts, faces = iso(vol, level, self.bound, inside="above")
+                verts, faces = clean_mesh(verts, faces, self.min_component_fraction,
+                                          smooth_iterations=self.smooth_iterations,
+                                          weld_tolerance=None if self.iso_method == "lewiner" else 1e-6)
             if faces is not None and faces.shape[0]:
                 meta["faces_before"] = int(faces.shape[0])
                 if self.max_faces and faces.shape[0] > self.max_faces:

@@ -191,14 +191,20 @@ def test_colour_gradients_reach_the_amortized_field_through_the_rasterizer(tiny_
     model.zero_grad()
 
 
-def test_geometry_mode_surface_is_the_same_mesh_and_differentiable(tiny_model):
-    model = tiny_model
-    R = 16
+def _one_prompt_grid(model, R: int = 16):
+    """A tet grid of R^3 vertices, its box-face mask, one prompt's conditioning and its no-grad sdf at threshold 2."""
     verts, tets = tet_grid(R)
     boundary = torch.zeros(R**3, dtype=torch.bool)
     boundary[mh.boundary_index(R, verts.device)] = True
     cond = model.conditioning(PROMPTS[:1])
     sdf = mh.grid_sdf(model.field, {k: v.detach() for k, v in cond.items()}, R, threshold=2.0)[0]
+    return verts, tets, boundary, cond, sdf
+
+
+def test_geometry_mode_surface_is_the_same_mesh_and_differentiable(tiny_model):
+    model = tiny_model
+    R = 16
+    verts, tets, boundary, cond, sdf = _one_prompt_grid(model, R)
     fixed = mh.surface_from_sdf(verts, tets, sdf)
     live = mh.differentiable_surface(model.field, cond, verts, tets, sdf, 2.0, boundary)
     assert torch.equal(live.faces, fixed.faces) and torch.allclose(live.verts, fixed.verts, atol=1e-6)
@@ -214,11 +220,7 @@ def test_geometry_mode_topology_is_the_given_sdfs_even_where_the_live_density_ro
     # given sdf's, every vertex stays on its edge (finite, inside the box) and near the exact surface.
     model = tiny_model
     R = 16
-    verts, tets = tet_grid(R)
-    boundary = torch.zeros(R**3, dtype=torch.bool)
-    boundary[mh.boundary_index(R, verts.device)] = True
-    cond = model.conditioning(PROMPTS[:1])
-    sdf = mh.grid_sdf(model.field, {k: v.detach() for k, v in cond.items()}, R, threshold=2.0)[0]
+    verts, tets, boundary, cond, sdf = _one_prompt_grid(model, R)
     off = sdf + 1e-3 * torch.randn(sdf.shape, generator=torch.Generator().manual_seed(0))
     off[boundary] = sdf[boundary]
     live = mh.differentiable_surface(model.field, cond, verts, tets, off, 2.0, boundary)

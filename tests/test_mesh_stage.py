@@ -214,6 +214,31 @@ def test_geometry_mode_surface_is_the_same_mesh_and_differentiable(tiny_model):
     model.zero_grad()
 
 
+def test_coarse_to_fine_sdf_gives_the_dense_grids_surface(tiny_model):
+    # grid_sdf(coarse_step=4) evaluates the field near the surface only; marching tetrahedra reads only the crossed
+    # cubes' corners, which it evaluates exactly: the same mesh as the dense grid's, at fewer field evaluations.
+    model = tiny_model
+    R = 24
+    verts, tets, boundary, cond, dense = _one_prompt_grid(model, R)
+    coarse = mh.grid_sdf(model.field, {k: v.detach() for k, v in cond.items()}, R, threshold=2.0, coarse_step=4)[0]
+    assert torch.equal(coarse < 0, dense < 0)
+    a, b = mh.surface_from_sdf(verts, tets, dense), mh.surface_from_sdf(verts, tets, coarse)
+    assert a.faces.shape[0] > 0 and torch.equal(a.faces, b.faces) and torch.allclose(a.verts, b.verts, atol=1e-5)
+    calls = []
+    density = model.field.density
+
+    def counting(points, c):
+        calls.append(points.shape[1])
+        return density(points, c)
+
+    model.field.density = counting
+    try:
+        mh.grid_sdf(model.field, {k: v.detach() for k, v in cond.items()}, R, threshold=2.0, coarse_step=4)
+    finally:
+        del model.field.density
+    assert 0 < sum(calls) < R**3  # fewer evaluations than the dense grid's
+
+
 def test_geometry_mode_topology_is_the_given_sdfs_even_where_the_live_density_rounds_differently(tiny_model):
     # The topology comes from the no-grad sdf; the re-evaluated density only places the vertices. Here the given
     # sdf is off by up to 1e-3 from the live density (as rounding could make it, far less): the faces are the
@@ -281,6 +306,7 @@ def test_views_per_prompt_render_several_views_of_each_mesh(files, tmp_path):
     (["+stage.colour=1"], "unexpected keyword argument 'colour'"),
     (["trainer.interpolation.prob=0.5"], "does not mix prompts"),
     (["stage.tet_resolution=2"], "tet_resolution must be an integer >= 4"),
+    (["stage.coarse_step=0"], "stage.coarse_step must be an integer >= 1"),
     (["nonsense=1"], "nonsense"),
     (["stage.anchor_points=many"], "stage.anchor_points must be an integer"),
 ])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from att3d.mesh.cleanup import vertex_normals
-from att3d.mesh.density import density_grid
+from att3d.mesh.density import density_grid, surface_density_grid
 from att3d.mesh.marching_tets import march_tets, marching_tetrahedra, tet_orientation
 from att3d.mesh.rasterize import RasterOutput, interpolate, project_vertices, rasterize_screen
 from att3d.mesh.rasterize import antialias as antialias_edges
@@ -75,7 +75,7 @@ def density_to_sdf(density: torch.Tensor, threshold: float) -> torch.Tensor:
 
 @torch.no_grad()
 def grid_sdf(field: torch.nn.Module, cond: dict[str, torch.Tensor], resolution: int, threshold: float,
-             bound: float = 1.0) -> torch.Tensor:
+             bound: float = 1.0, coarse_step: int = 1) -> torch.Tensor:
     """The signed function on the vertices of ``tet_grid(resolution, bound)`` for B prompts (no gradient).
 
     Args:
@@ -83,11 +83,19 @@ def grid_sdf(field: torch.nn.Module, cond: dict[str, torch.Tensor], resolution: 
         cond: conditioning of B prompts.
         resolution: R.
         threshold: the extraction threshold.
+        coarse_step: 1: the field at every vertex (:func:`~att3d.mesh.density.density_grid`); > 1: coarse to fine
+            (:func:`~att3d.mesh.density.surface_density_grid`), exact at the corners of every grid cube that the
+            level set crosses, which is all that marching tetrahedra reads; elsewhere interpolated, on the right
+            side of the threshold.
 
     Returns:
         (B, R^3) ``threshold - density``, with the box's boundary vertices set to ``threshold`` (outside).
     """
-    density = density_grid(field, cond, resolution, bound).reshape(next(iter(cond.values())).shape[0], -1)
+    B = next(iter(cond.values())).shape[0]
+    if coarse_step > 1:
+        density = surface_density_grid(field, cond, resolution, threshold, bound, step=coarse_step)[0].reshape(B, -1)
+    else:
+        density = density_grid(field, cond, resolution, bound).reshape(B, -1)
     density[:, boundary_index(resolution, density.device)] = 0.0
     return density_to_sdf(density, threshold)
 

@@ -89,6 +89,8 @@ class MeshSDS(Objective):
             None: one cell of generation's 128^3 grid (``2 bound / 127``), where generation reads the colour it
             bakes into the texture.
         min_resolution: the smallest mesh render size accepted.
+        coarse_step: the tet grid's density is evaluated coarse to fine (:func:`~att3d.mesh.surface.grid_sdf`): on every
+            ``coarse_step``-th vertex first, then only near the surface (exact there; 1: at every vertex).
         shading: ``"none"``: a pixel is the colour field's value (radiance, as the NeRF stage learnt it);
             ``"lambert"``: the colour field becomes an albedo lit by the world's light with the mesh's
             differentiable normals (:func:`att3d.mesh.surface.render_surfaces`), so the prior's view of the
@@ -101,7 +103,7 @@ class MeshSDS(Objective):
 
     def __init__(self, tet_resolution: int = 64, geometry: bool = False, anchor_weight: float = 1.0,
                  anchor_points: int = 2048, anchor_band: float = 2.0, colour_offset: float | None = None,
-                 min_resolution: int = 8, shading: str = "none", antialias: bool = True):
+                 min_resolution: int = 8, shading: str = "none", antialias: bool = True, coarse_step: int = 4):
         if not isinstance(tet_resolution, int) or isinstance(tet_resolution, bool) or tet_resolution < 4:
             raise MeshStageError(f"stage.tet_resolution must be an integer >= 4, got {tet_resolution!r}")
         if not isinstance(geometry, bool):
@@ -115,12 +117,15 @@ class MeshSDS(Objective):
             raise MeshStageError(f"stage.anchor_band must be >= 0, got {anchor_band!r}")
         if colour_offset is not None and not (isinstance(colour_offset, (int, float)) and colour_offset >= 0):
             raise MeshStageError(f"stage.colour_offset must be >= 0 (or null), got {colour_offset!r}")
+        if not isinstance(coarse_step, int) or isinstance(coarse_step, bool) or coarse_step < 1:
+            raise MeshStageError(f"stage.coarse_step must be an integer >= 1, got {coarse_step!r}")
         if not isinstance(antialias, bool):
             raise MeshStageError(f"stage.antialias must be true or false, got {antialias!r}")
         if shading not in SHADINGS:
             raise MeshStageError(f"stage.shading must be one of {', '.join(SHADINGS)}, got {shading!r}")
         self.shading = shading
         self.antialias = antialias
+        self.coarse_step = int(coarse_step)
         self.tet_resolution = int(tet_resolution)
         self.geometry = geometry
         self.anchor_weight = float(anchor_weight)
@@ -135,7 +140,8 @@ class MeshSDS(Objective):
         """The stage's arguments (recorded in the output folder)."""
         return {"tet_resolution": self.tet_resolution, "geometry": self.geometry, "anchor_weight": self.anchor_weight,
                 "anchor_points": self.anchor_points, "anchor_band": self.anchor_band,
-                "colour_offset": self.colour_offset, "shading": self.shading, "antialias": self.antialias}
+                "colour_offset": self.colour_offset, "shading": self.shading, "antialias": self.antialias,
+                "coarse_step": self.coarse_step}
 
     # -- set-up --------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -166,7 +172,8 @@ class MeshSDS(Objective):
             idx = torch.arange(s, min(n, s + batch), device=trainer.device)
             with torch.no_grad():
                 cond = self.reference.mapping(trainer.text_emb.index(idx))
-                sdf = grid_sdf(self.reference.field, cond, self.tet_resolution, self.threshold, self.bound)
+                sdf = grid_sdf(self.reference.field, cond, self.tet_resolution, self.threshold, self.bound,
+                               self.coarse_step)
                 meshes += [surface_from_sdf(self.tet_verts, self.crossed_tets(s_b), s_b) for s_b in sdf]
         empty = [p for p, m in zip(trainer.prompts.prompts, meshes) if m.empty]
         if len(empty) == n:
@@ -189,7 +196,7 @@ class MeshSDS(Objective):
             return [self.reference_meshes[int(i)] for i in idx]
         field = self.trainer.model.field
         sdf = grid_sdf(field, {k: v.detach() for k, v in cond.items()}, self.tet_resolution, self.threshold,
-                       self.bound)
+                       self.bound, self.coarse_step)
         return [differentiable_surface(field, {k: v[b:b + 1] for k, v in cond.items()}, self.tet_verts,
                                        self.crossed_tets(sdf[b]), sdf[b], self.threshold, self.boundary)
                 for b in range(len(idx))]

@@ -112,10 +112,11 @@ class MeshOracle(MeshSDS):
     def __init__(self, mask_weight: float = 0.0, tet_resolution: int = 64, geometry: bool = False,
                  anchor_weight: float = 1.0, anchor_points: int = 2048, anchor_band: float = 2.0,
                  colour_offset: float | None = None, min_resolution: int = 8, shading: str = "none",
-                 antialias: bool = True):
+                 antialias: bool = True, coarse_step: int = 4):
         super().__init__(tet_resolution=tet_resolution, geometry=geometry, anchor_weight=anchor_weight,
                          anchor_points=anchor_points, anchor_band=anchor_band, colour_offset=colour_offset,
-                         min_resolution=min_resolution, shading=shading, antialias=antialias)
+                         min_resolution=min_resolution, shading=shading, antialias=antialias,
+                         coarse_step=coarse_step)
         if not (isinstance(mask_weight, (int, float)) and mask_weight >= 0):
             raise OracleError(f"stage.mask_weight must be >= 0, got {mask_weight!r}")
         self.mask_weight = float(mask_weight)

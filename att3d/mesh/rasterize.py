@@ -275,43 +275,90 @@ def interpolate(attr: torch.Tensor, rast: RasterOutput, faces: torch.Tensor) -> 
     return out_p.new_zeros(B, H, W, attr.shape[-1]).index_put(idx, out_p)
 
 
-def _edge_crossing(tri: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Where the segment from ``a`` (inside the triangle) to ``b`` (outside) leaves the triangle.
+def face_neighbours(faces: torch.Tensor) -> torch.Tensor:
+    """The face across each edge of each face.
 
     Args:
-        tri: (N, 3, 2) screen triangles; a, b: (N, 2) points, ``a`` inside (or on) its triangle.
+        faces: (F, 3) long; edge ``k`` of a face runs from its corner ``k`` to corner ``k + 1``.
 
     Returns:
-        (N,) ``t`` in [0, 1]: the exit point is ``a + t (b - a)``, the first of the edges whose side changes
-        (1 where none does); differentiable w.r.t. ``tri``.
+        (F, 3) long: the other face that has edge ``k`` of face ``f``, or -1 where the edge is on a boundary (one
+        face) or non-manifold (three or more).
     """
-    p0, p1 = tri, tri.roll(-1, dims=1)  # edge k from corner k to corner k + 1: (N, 3, 2)
-    d = p1 - p0
+    F = faces.shape[0]
+    out = torch.full((F, 3), -1, dtype=torch.long, device=faces.device)
+    if F == 0:
+        return out
+    a, b = faces, faces.roll(-1, dims=1)
+    n = int(faces.max()) + 1
+    keys = (torch.minimum(a, b) * n + torch.maximum(a, b)).reshape(-1)  # (3F,) slot 3 f + k
+    order = torch.argsort(keys)
+    sk = keys[order]
+    same = sk[1:] == sk[:-1]  # sorted slots i, i + 1 share an edge
+    alone_before = torch.ones_like(same)
+    alone_before[1:] = ~same[:-1]
+    alone_after = torch.ones_like(same)
+    alone_after[:-1] = ~same[1:]
+    pair = same & alone_before & alone_after  # exactly two slots on this edge
+    i = pair.nonzero().squeeze(1)
+    s0, s1 = order[i], order[i + 1]
+    flat = out.reshape(-1)
+    flat[s0] = torch.div(s1, 3, rounding_mode="floor")
+    flat[s1] = torch.div(s0, 3, rounding_mode="floor")
+    return flat.reshape(F, 3)
 
-    def side(q: torch.Tensor) -> torch.Tensor:  # (N, 3): the edge function of q for every edge
+
+def _segment_exit(tri: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the line from ``a`` to ``b`` leaves a triangle that it is in (Cyrus-Beck), and through which edge.
+
+    Args:
+        tri: (N, 3, 2) screen triangles (either winding); a, b: (N, 2) points.
+
+    Returns:
+        t: (N,) the exit point ``a + t (b - a)``: the smallest crossing, along the line, of the edges whose inside
+        the line leaves (``inf`` where it leaves none); differentiable w.r.t. ``tri``. edge: (N,) long, the edge
+        ``k`` (corner ``k`` to ``k + 1``) crossed there.
+    """
+    p0 = tri
+    d = tri.roll(-1, dims=1) - p0  # edge k from corner k to corner k + 1: (N, 3, 2)
+    e1, e2 = d[:, 0], -d[:, 2]
+    orient = torch.where(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0] >= 0, 1.0, -1.0).to(tri.dtype)[:, None]
+
+    def inside(q: torch.Tensor) -> torch.Tensor:  # (N, 3): >= 0 on the inner side of every edge
         r = q[:, None, :] - p0
-        return d[..., 0] * r[..., 1] - d[..., 1] * r[..., 0]
+        return orient * (d[..., 0] * r[..., 1] - d[..., 1] * r[..., 0])
 
-    ea, eb = side(a), side(b)
-    crosses = (ea * eb < 0) | ((ea == 0) & (eb != 0))
-    denom = torch.where(crosses, ea - eb, torch.ones_like(ea))
-    t = torch.where(crosses, ea / denom, torch.ones_like(ea))
-    return t.clamp(0.0, 1.0).min(dim=-1).values
+    ga, gb = inside(a), inside(b)
+    leaves = gb < ga  # the line goes towards the outer side of this edge
+    t = torch.where(leaves, ga / torch.where(leaves, ga - gb, torch.ones_like(ga)), torch.full_like(ga, float("inf")))
+    t_exit, edge = t.min(dim=-1)
+    return t_exit, edge
+
+
+#: Triangles that :func:`antialias` walks through from a pixel's face towards the silhouette edge.
+MAX_WALK = 24
 
 
 def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, depth: torch.Tensor,
-              faces: torch.Tensor, depth_gap: float = 0.05) -> torch.Tensor:
+              faces: torch.Tensor, depth_gap: float = 0.05, neighbours: torch.Tensor | None = None) -> torch.Tensor:
     """Analytic antialiasing of occlusion edges (nvdiffrast's ``antialias``): silhouette gradients.
 
     For every pair of horizontally or vertically adjacent pixels ``(o, n)`` separated by an occlusion edge (``o``
     covered by a face ``f``, ``n`` by the background or by a surface more than ``depth_gap`` farther), the point
-    ``t`` in [0, 1] where the segment from ``o``'s centre to ``n``'s leaves ``f`` is found (:func:`_edge_crossing`,
-    a function of ``f``'s screen corners). The pixel that the edge leaves short of the midpoint takes a share of
-    the other's colour: ``n += (t - 1/2) (c_o - c_n)`` when ``f`` reaches past the midpoint (``t > 1/2``), else
-    ``o += (1/2 - t) (c_n - c_o)``. The image changes little (only edge pixels, by at most half the step), but
-    its derivative w.r.t. the corners of the edge is the colour step times the edge's motion across the pixel
-    line, so a loss on the image moves silhouettes. Pixels on a shared edge of a continuous surface (no depth
-    gap) are left alone.
+    ``t`` in [0, 1] where the segment from ``o``'s centre to ``n``'s crosses the *silhouette* is found: starting in
+    ``f``, the segment is followed across the faces it passes through (:func:`face_neighbours`) until it leaves
+    one through a silhouette edge, an edge whose other face is turned away from the camera, or that has none (at
+    most :data:`MAX_WALK` faces; a pair whose silhouette is not found so is left alone). The pixel that the edge
+    leaves short of the midpoint takes a share of the other's colour: ``n += (t - 1/2) (c_o - c_n)`` when the
+    surface reaches past the midpoint (``t > 1/2``), else ``o += (1/2 - t) (c_n - c_o)``: along a line of pixels,
+    each pixel's colour is then the share of it that the surface covers. The image changes little (only edge
+    pixels, by at most half the step), but its derivative w.r.t. the corners of the silhouette edge is the colour
+    step times the edge's motion across the pixel line, so a loss on the image moves silhouettes. Pixels on a
+    shared edge of a continuous surface (no depth gap) are left alone.
+
+    Taking the edge of ``f`` itself instead, as a mesh with faces about a pixel large would often give an inner
+    edge, shrinks the silhouettes: the exact meshes of the shapes world then lose 5-8% of their covered area at
+    64 px, and a model fitted through such renders grows to make up for it.
 
     Args:
         colour: (B, H, W, C) the rendered image (e.g. :func:`interpolate` + background), differentiable.
@@ -320,6 +367,7 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
         depth: (B, H, W) the rasterizer's depth map (no gradient needed).
         faces: (F, 3) long.
         depth_gap: the depth difference (world units) above which two surfaces' pixels are an occlusion edge.
+        neighbours: (F, 3) :func:`face_neighbours` of ``faces``, if already known.
 
     Returns:
         (B, H, W, C) the antialiased image, differentiable w.r.t. ``colour`` and ``xy``.
@@ -327,6 +375,14 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
     B, H, W = face_id.shape
     delta = torch.zeros_like(colour)
     depth = depth.detach()
+    if neighbours is None:
+        neighbours = face_neighbours(faces)
+    with torch.no_grad():  # which way each face turns, per image (its screen-space signed area)
+        tri_all = xy.detach()[:, faces]  # (B, F, 3, 2)
+        u, v = tri_all[:, :, 1] - tri_all[:, :, 0], tri_all[:, :, 2] - tri_all[:, :, 0]
+        area2 = u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+        # +1 / -1: turned one way or the other; 0: degenerate on screen (a sliver seen edge-on), walked through
+        facing = torch.where(area2.abs() <= 1e-6, 0, torch.where(area2 > 0, 1, -1))  # (B, F)
     for dim in (2, 1):  # horizontal pairs (o, o + 1 column), then vertical ones (o, o + 1 row)
         n_a = W if dim == 2 else H
         fa, fb = face_id.narrow(dim, 0, n_a - 1), face_id.narrow(dim, 1, n_a - 1)
@@ -341,19 +397,51 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
             rn, cn = (r, c + 1) if dim == 2 else (r + 1, c)  # its neighbour n
             if sign < 0:
                 ro, co, rn, cn = rn, cn, ro, co
-            f = faces[face_id[bi, ro, co]]  # (P, 3)
-            tri = xy[bi[:, None], f]  # (P, 3, 2)
             po = torch.stack([co, ro], -1).to(xy.dtype) + 0.5
             pn = torch.stack([cn, rn], -1).to(xy.dtype) + 0.5
-            t = _edge_crossing(tri, po, pn)[:, None].to(colour.dtype)  # (P, 1)
+            t = _silhouette_crossing(xy, faces, neighbours, facing, bi, face_id[bi, ro, co], po, pn)
+            t = t[:, None].to(colour.dtype)  # (P, 1)
             c_o, c_n = colour[bi, ro, co], colour[bi, rn, cn]
             past = t > 0.5
-            # f reaches past the midpoint: n takes (t - 1/2) of o's colour; else o takes (1/2 - t) of n's
+            # the surface reaches past the midpoint: n takes (t - 1/2) of o's colour; else o takes (1/2 - t) of n's
             share_n = torch.where(past, t - 0.5, torch.zeros_like(t)) * (c_o - c_n)
             share_o = torch.where(past, torch.zeros_like(t), 0.5 - t) * (c_n - c_o)
             delta = delta.index_put((bi, rn, cn), share_n, accumulate=True)
             delta = delta.index_put((bi, ro, co), share_o, accumulate=True)
     return colour + delta
+
+
+def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torch.Tensor, facing: torch.Tensor,
+                         bi: torch.Tensor, face: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(P,) where the segments ``a -> b`` cross the silhouette, walking from ``face`` (which covers ``a``) across
+    the faces they pass through; in [0, 1], or 0.5 (no blend) where the walk reaches ``b`` on the surface (no
+    silhouette between them) or finds no silhouette edge within :data:`MAX_WALK` faces. Differentiable w.r.t. ``xy`` (the crossed edge's
+    corners)."""
+    P = face.shape[0]
+    t = torch.full((P,), 0.5, dtype=xy.dtype, device=xy.device)
+    cur = face.clone()
+    todo = torch.arange(P, device=face.device)
+    own = facing[bi, face].clone()  # the visible face's turn (0 while only degenerate faces were met)
+    for _ in range(MAX_WALK):
+        if todo.numel() == 0:
+            break
+        f = cur[todo]
+        tri = xy[bi[todo, None], faces[f]]  # (N, 3, 2), differentiable
+        t_exit, edge = _segment_exit(tri, a[todo], b[todo])
+        nb = neighbours[f, edge]
+        # the face holds b: the surface runs on, unbroken, from a to b (a steep stretch of it, not an occlusion
+        # edge, that the depth gap took for one): no blend
+        beyond = ~torch.isfinite(t_exit) | (t_exit >= 1.0)
+        turn = facing[bi[todo], nb.clamp_min(0)]
+        silhouette = beyond | (nb < 0) | ((turn != own[todo]) & (turn != 0) & (own[todo] != 0))
+        done = todo[silhouette]
+        t = t.index_put((done,), torch.where(beyond[silhouette], torch.full_like(t_exit[silhouette], 0.5),
+                                             t_exit[silhouette].clamp(0.0, 1.0)))
+        walk = todo[~silhouette]
+        cur = cur.index_put((walk,), nb[~silhouette])
+        own = own.index_put((walk,), torch.where(own[walk] == 0, turn[~silhouette], own[walk]))  # first real turn
+        todo = walk
+    return t
 
 
 _antialias = antialias  # for render_mesh, whose argument of that name shadows it

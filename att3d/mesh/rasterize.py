@@ -336,7 +336,7 @@ def _segment_exit(tri: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[
 
 
 #: Triangles that :func:`antialias` walks through from a pixel's face towards the silhouette edge.
-MAX_WALK = 24
+MAX_WALK = 64
 
 
 def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, depth: torch.Tensor,
@@ -383,6 +383,7 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
         area2 = u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
         # +1 / -1: turned one way or the other; 0: degenerate on screen (a sliver seen edge-on), walked through
         facing = torch.where(area2.abs() <= 1e-6, 0, torch.where(area2 > 0, 1, -1))  # (B, F)
+    pairs = []  # (b, o row, o col, n row, n col) of every occlusion edge, all four kinds walked at once
     for dim in (2, 1):  # horizontal pairs (o, o + 1 column), then vertical ones (o, o + 1 row)
         n_a = W if dim == 2 else H
         fa, fb = face_id.narrow(dim, 0, n_a - 1), face_id.narrow(dim, 1, n_a - 1)
@@ -391,23 +392,22 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
         b_front = (fb >= 0) & ((fa < 0) | (za - zb > depth_gap))
         for front, sign in ((a_front, 1), (b_front, -1)):
             bi, r, c = front.nonzero(as_tuple=True)
-            if bi.numel() == 0:
-                continue
-            ro, co = r, c  # the front pixel o
-            rn, cn = (r, c + 1) if dim == 2 else (r + 1, c)  # its neighbour n
-            if sign < 0:
-                ro, co, rn, cn = rn, cn, ro, co
-            po = torch.stack([co, ro], -1).to(xy.dtype) + 0.5
-            pn = torch.stack([cn, rn], -1).to(xy.dtype) + 0.5
-            t = _silhouette_crossing(xy, faces, neighbours, facing, bi, face_id[bi, ro, co], po, pn)
-            t = t[:, None].to(colour.dtype)  # (P, 1)
-            c_o, c_n = colour[bi, ro, co], colour[bi, rn, cn]
-            past = t > 0.5
-            # the surface reaches past the midpoint: n takes (t - 1/2) of o's colour; else o takes (1/2 - t) of n's
-            share_n = torch.where(past, t - 0.5, torch.zeros_like(t)) * (c_o - c_n)
-            share_o = torch.where(past, torch.zeros_like(t), 0.5 - t) * (c_n - c_o)
-            delta = delta.index_put((bi, rn, cn), share_n, accumulate=True)
-            delta = delta.index_put((bi, ro, co), share_o, accumulate=True)
+            rn, cn = (r, c + 1) if dim == 2 else (r + 1, c)  # the neighbour of (r, c)
+            pairs.append((bi, r, c, rn, cn) if sign > 0 else (bi, rn, cn, r, c))
+    bi, ro, co, rn, cn = (torch.cat(k) for k in zip(*pairs))
+    if bi.numel() == 0:
+        return colour
+    po = torch.stack([co, ro], -1).to(xy.dtype) + 0.5
+    pn = torch.stack([cn, rn], -1).to(xy.dtype) + 0.5
+    t = _silhouette_crossing(xy, faces, neighbours, facing, bi, face_id[bi, ro, co], po, pn)
+    t = t[:, None].to(colour.dtype)  # (P, 1)
+    c_o, c_n = colour[bi, ro, co], colour[bi, rn, cn]
+    past = t > 0.5
+    # the surface reaches past the midpoint: n takes (t - 1/2) of o's colour; else o takes (1/2 - t) of n's
+    share_n = torch.where(past, t - 0.5, torch.zeros_like(t)) * (c_o - c_n)
+    share_o = torch.where(past, torch.zeros_like(t), 0.5 - t) * (c_n - c_o)
+    delta = delta.index_put((bi, rn, cn), share_n, accumulate=True)
+    delta = delta.index_put((bi, ro, co), share_o, accumulate=True)
     return colour + delta
 
 
@@ -415,13 +415,15 @@ def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torc
                          bi: torch.Tensor, face: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(P,) where the segments ``a -> b`` cross the silhouette, walking from ``face`` (which covers ``a``) across
     the faces they pass through; in [0, 1], or 0.5 (no blend) where the walk reaches ``b`` on the surface (no
-    silhouette between them) or finds no silhouette edge within :data:`MAX_WALK` faces. Differentiable w.r.t. ``xy`` (the crossed edge's
-    corners)."""
+    silhouette between them) or finds no silhouette edge within :data:`MAX_WALK` faces. Differentiable w.r.t.
+    ``xy`` (the crossed edge's corners)."""
     P = face.shape[0]
     t = torch.full((P,), 0.5, dtype=xy.dtype, device=xy.device)
     cur = face.clone()
     todo = torch.arange(P, device=face.device)
     own = facing[bi, face].clone()  # the visible face's turn (0 while only degenerate faces were met)
+    found_at: list[torch.Tensor] = []
+    found_t: list[torch.Tensor] = []
     for _ in range(MAX_WALK):
         if todo.numel() == 0:
             break
@@ -434,13 +436,15 @@ def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torc
         beyond = ~torch.isfinite(t_exit) | (t_exit >= 1.0)
         turn = facing[bi[todo], nb.clamp_min(0)]
         silhouette = beyond | (nb < 0) | ((turn != own[todo]) & (turn != 0) & (own[todo] != 0))
-        done = todo[silhouette]
-        t = t.index_put((done,), torch.where(beyond[silhouette], torch.full_like(t_exit[silhouette], 0.5),
-                                             t_exit[silhouette].clamp(0.0, 1.0)))
+        found_at.append(todo[silhouette])
+        found_t.append(torch.where(beyond[silhouette], torch.full_like(t_exit[silhouette], 0.5),
+                                   t_exit[silhouette].clamp(0.0, 1.0)))
         walk = todo[~silhouette]
         cur = cur.index_put((walk,), nb[~silhouette])
         own = own.index_put((walk,), torch.where(own[walk] == 0, turn[~silhouette], own[walk]))  # first real turn
         todo = walk
+    if found_at:
+        t = t.index_put((torch.cat(found_at),), torch.cat(found_t))
     return t
 
 

@@ -308,16 +308,18 @@ def face_neighbours(faces: torch.Tensor) -> torch.Tensor:
     return flat.reshape(F, 3)
 
 
-def _segment_exit(tri: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segment_exit(tri: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t_min: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the line from ``a`` to ``b`` leaves a triangle that it is in (Cyrus-Beck), and through which edge.
 
     Args:
         tri: (N, 3, 2) screen triangles (either winding); a, b: (N, 2) points.
+        t_min: (N,) where the line entered the triangle (crossings before it are not exits); None: 0.
 
     Returns:
-        t: (N,) the exit point ``a + t (b - a)``: the smallest crossing, along the line, of the edges whose inside
-        the line leaves (``inf`` where it leaves none); differentiable w.r.t. ``tri``. edge: (N,) long, the edge
-        ``k`` (corner ``k`` to ``k + 1``) crossed there.
+        t: (N,) the exit point ``a + t (b - a)``: the smallest crossing from ``t_min`` on, along the line, of the
+        edges whose inside the line leaves (``inf`` where it leaves none); differentiable w.r.t. ``tri``.
+        edge: (N,) long, the edge ``k`` (corner ``k`` to ``k + 1``) crossed there.
     """
     p0 = tri
     d = tri.roll(-1, dims=1) - p0  # edge k from corner k to corner k + 1: (N, 3, 2)
@@ -331,6 +333,8 @@ def _segment_exit(tri: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[
     ga, gb = inside(a), inside(b)
     leaves = gb < ga  # the line goes towards the outer side of this edge
     t = torch.where(leaves, ga / torch.where(leaves, ga - gb, torch.ones_like(ga)), torch.full_like(ga, float("inf")))
+    if t_min is not None:  # an edge whose line was left before the entry point is behind: not the exit
+        t = torch.where(t < t_min[:, None].to(t.dtype) - 1e-6, torch.full_like(t, float("inf")), t)
     t_exit, edge = t.min(dim=-1)
     return t_exit, edge
 
@@ -348,7 +352,8 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
     ``t`` in [0, 1] where the segment from ``o``'s centre to ``n``'s crosses the *silhouette* is found: starting in
     ``f``, the segment is followed across the faces it passes through (:func:`face_neighbours`) until it leaves
     one through a silhouette edge, an edge whose other face is turned away from the camera, or that has none (at
-    most :data:`MAX_WALK` faces; a pair whose silhouette is not found so is left alone). The pixel that the edge
+    most :data:`MAX_WALK` faces). A pair is left alone when the walk reaches ``n``'s centre on the surface (a steep
+    stretch of one surface that the depth gap took for an occlusion) or finds no silhouette. The pixel that the edge
     leaves short of the midpoint takes a share of the other's colour: ``n += (t - 1/2) (c_o - c_n)`` when the
     surface reaches past the midpoint (``t > 1/2``), else ``o += (1/2 - t) (c_n - c_o)``: along a line of pixels,
     each pixel's colour is then the share of it that the surface covers. The image changes little (only edge
@@ -424,12 +429,13 @@ def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torc
     own = facing[bi, face].clone()  # the visible face's turn (0 while only degenerate faces were met)
     found_at: list[torch.Tensor] = []
     found_t: list[torch.Tensor] = []
+    entered = torch.zeros(P, dtype=xy.dtype, device=xy.device)  # where the walk entered its current face (no grad)
     for _ in range(MAX_WALK):
         if todo.numel() == 0:
             break
         f = cur[todo]
         tri = xy[bi[todo, None], faces[f]]  # (N, 3, 2), differentiable
-        t_exit, edge = _segment_exit(tri, a[todo], b[todo])
+        t_exit, edge = _segment_exit(tri, a[todo], b[todo], entered[todo])
         nb = neighbours[f, edge]
         # the face holds b: the surface runs on, unbroken, from a to b (a steep stretch of it, not an occlusion
         # edge, that the depth gap took for one): no blend
@@ -440,6 +446,7 @@ def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torc
         found_t.append(torch.where(beyond[silhouette], torch.full_like(t_exit[silhouette], 0.5),
                                    t_exit[silhouette].clamp(0.0, 1.0)))
         walk = todo[~silhouette]
+        entered = entered.index_put((walk,), t_exit[~silhouette].detach())
         cur = cur.index_put((walk,), nb[~silhouette])
         own = own.index_put((walk,), torch.where(own[walk] == 0, turn[~silhouette], own[walk]))  # first real turn
         todo = walk

@@ -20,6 +20,7 @@ centres of :mod:`att3d.world.metrics`, the world's +y up):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -126,6 +127,15 @@ def pixel_size(resolution: int, radius: float | None = None, fov_deg: float | No
     return 2.0 * radius * math.tan(math.radians(fov_deg) / 2.0) / resolution
 
 
+@functools.lru_cache(maxsize=16)
+def _voxel_sdf(shape: str, resolution: int) -> torch.Tensor:
+    """(R, R, R) a shape's signed distance on the metric's voxel centres (cached: it depends on the shape alone;
+    do not modify the returned tensor)."""
+    from att3d.world.shapes import SDFS
+
+    return SDFS[shape](voxel_centres(resolution))
+
+
 def offset_occupancy(obj, offset: float, resolution: int = metrics.VOXEL_RESOLUTION) -> torch.Tensor:
     """(R, R, R) bool: the voxel centres where ``obj``'s signed distance is below ``offset``.
 
@@ -134,7 +144,7 @@ def offset_occupancy(obj, offset: float, resolution: int = metrics.VOXEL_RESOLUT
     face-plane distance, every face plane moved by ``offset`` (corners stay sharp). ``offset`` > 0 grows the
     object; 0 gives :func:`att3d.world.metrics.ground_truth_occupancy`.
     """
-    return obj.sdf(voxel_centres(resolution)) < float(offset)
+    return _voxel_sdf(obj.shape, int(resolution)) < float(offset)
 
 
 def equivalent_offset(obj, volume_ratio: float, resolution: int = metrics.VOXEL_RESOLUTION,
@@ -152,7 +162,7 @@ def equivalent_offset(obj, volume_ratio: float, resolution: int = metrics.VOXEL_
     """
     if not volume_ratio > 0:
         raise ValueError(f"volume_ratio must be > 0, got {volume_ratio}")
-    sdf = obj.sdf(voxel_centres(resolution))
+    sdf = _voxel_sdf(obj.shape, int(resolution))
     target = volume_ratio * float((sdf < 0).sum())
     lo, hi = -float(limit), float(limit)
     for _ in range(iterations):

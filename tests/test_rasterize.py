@@ -392,3 +392,24 @@ def test_rasterize_cuda_matches_cpu():
     a = rasterize(verts, faces, 64, cams)
     b = rasterize(verts.cuda(), faces.cuda(), 64, cams.to("cuda"))
     assert (a.face_id == b.face_id.cpu()).float().mean() > 0.999
+
+
+def test_antialias_walk_matches_the_session_21_walk(tmp_path):
+    """The walk runs without autograd and recomputes only the silhouette crossing with it: the same images and
+    vertex gradients as the walk of 4d6e9ff, which built the graph through every face it crossed
+    (scripts/bench_antialias.py, which also times both)."""
+    import json
+
+    from _tiny import load_script
+
+    script = load_script("bench_antialias")
+    out = tmp_path / "aa.md"
+    assert script.main(["--baseline", "4d6e9ff", "--shapes", "torus", "pyramid", "--grid", "32", "--resolution",
+                        "32", "--views", "2", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    for shape in ("torus", "pyramid"):
+        assert report["shapes"][shape]["image_max_abs_diff"] == 0.0
+        assert report["shapes"][shape]["grad_max_rel_diff"] < 1e-5
+    assert "| torus |" in out.read_text()
+    with pytest.raises(SystemExit, match="cannot read"):
+        script.main(["--baseline", "no-such-revision", "--shapes", "torus"])

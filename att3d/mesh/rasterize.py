@@ -424,34 +424,34 @@ def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torc
     ``xy`` (the crossed edge's corners)."""
     P = face.shape[0]
     t = torch.full((P,), 0.5, dtype=xy.dtype, device=xy.device)
-    cur = face.clone()
-    todo = torch.arange(P, device=face.device)
-    own = facing[bi, face].clone()  # the visible face's turn (0 while only degenerate faces were met)
-    found_at: list[torch.Tensor] = []
-    found_t: list[torch.Tensor] = []
-    entered = torch.zeros(P, dtype=xy.dtype, device=xy.device)  # where the walk entered its current face (no grad)
-    for _ in range(MAX_WALK):
-        if todo.numel() == 0:
-            break
-        f = cur[todo]
-        tri = xy[bi[todo, None], faces[f]]  # (N, 3, 2), differentiable
-        t_exit, edge = _segment_exit(tri, a[todo], b[todo], entered[todo])
-        nb = neighbours[f, edge]
-        # the face holds b: the surface runs on, unbroken, from a to b (a steep stretch of it, not an occlusion
-        # edge, that the depth gap took for one): no blend
-        beyond = ~torch.isfinite(t_exit) | (t_exit >= 1.0)
-        turn = facing[bi[todo], nb.clamp_min(0)]
-        silhouette = beyond | (nb < 0) | ((turn != own[todo]) & (turn != 0) & (own[todo] != 0))
-        found_at.append(todo[silhouette])
-        found_t.append(torch.where(beyond[silhouette], torch.full_like(t_exit[silhouette], 0.5),
-                                   t_exit[silhouette].clamp(0.0, 1.0)))
-        walk = todo[~silhouette]
-        entered = entered.index_put((walk,), t_exit[~silhouette].detach())
-        cur = cur.index_put((walk,), nb[~silhouette])
-        own = own.index_put((walk,), torch.where(own[walk] == 0, turn[~silhouette], own[walk]))  # first real turn
-        todo = walk
-    if found_at:
-        t = t.index_put((torch.cat(found_at),), torch.cat(found_t))
+    with torch.no_grad():  # the walk: which face each segment leaves through the silhouette, and where it entered
+        xy_walk = xy.detach()
+        cur = face.clone()
+        todo = torch.arange(P, device=face.device)
+        own = facing[bi, face].clone()  # the visible face's turn (0 while only degenerate faces were met)
+        entered = torch.zeros(P, dtype=xy.dtype, device=xy.device)  # where the walk entered its current face
+        exits: list[torch.Tensor] = []  # segments that leave their current face through the silhouette
+        for _ in range(MAX_WALK):
+            if todo.numel() == 0:
+                break
+            f = cur[todo]
+            t_exit, edge = _segment_exit(xy_walk[bi[todo, None], faces[f]], a[todo], b[todo], entered[todo])
+            nb = neighbours[f, edge]
+            # the face holds b: the surface runs on, unbroken, from a to b (a steep stretch of it, not an
+            # occlusion edge, that the depth gap took for one): no blend
+            beyond = ~torch.isfinite(t_exit) | (t_exit >= 1.0)
+            turn = facing[bi[todo], nb.clamp_min(0)]
+            silhouette = beyond | (nb < 0) | ((turn != own[todo]) & (turn != 0) & (own[todo] != 0))
+            exits.append(todo[silhouette & ~beyond])
+            walk = todo[~silhouette]
+            entered = entered.index_put((walk,), t_exit[~silhouette])
+            cur = cur.index_put((walk,), nb[~silhouette])
+            own = own.index_put((walk,), torch.where(own[walk] == 0, turn[~silhouette], own[walk]))  # first turn
+            todo = walk
+    if exits:  # the crossing again, differentiably, on the face that the walk left through the silhouette only
+        k = torch.cat(exits)
+        t_exit, _ = _segment_exit(xy[bi[k, None], faces[cur[k]]], a[k], b[k], entered[k])
+        t = t.index_put((k,), t_exit.clamp(0.0, 1.0))
     return t
 
 

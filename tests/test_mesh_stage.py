@@ -494,3 +494,20 @@ def test_oracle_refuses_prompts_that_are_not_captions(files, tmp_path, capsys):
             if not a.startswith(("stage=", "init_from=", "stage.", "prompts.train="))]
     assert cli_main(["train", "stage=oracle", f"prompts.train={tmp_path / 'p.txt'}", *args]) == 2
     assert "shapes-world captions" in capsys.readouterr().err
+
+
+def test_coarse_to_fine_sdf_is_exact_next_to_the_box_where_the_object_touches_it():
+    # A density that is inside at the box's faces (a ball of radius 1.3 around a corner-ward centre): grid_sdf
+    # forces the box's vertices outside, so the cubes between them and the layer inside are crossed although the
+    # field's own level set is not there. The coarse-to-fine grid must evaluate that layer exactly too.
+    class OffsetBall(torch.nn.Module):
+        def density(self, points, cond):
+            return 5.0 + 20.0 * (1.3 - (points - torch.tensor([0.2, -0.1, 0.3])).norm(dim=-1))
+
+    R = 24
+    verts, tets = tet_grid(R)
+    dense = mh.grid_sdf(OffsetBall(), {"latent": torch.zeros(1, 1)}, R, threshold=5.0)[0]
+    coarse = mh.grid_sdf(OffsetBall(), {"latent": torch.zeros(1, 1)}, R, threshold=5.0, coarse_step=4)[0]
+    a, b = mh.surface_from_sdf(verts, tets, dense), mh.surface_from_sdf(verts, tets, coarse)
+    assert a.faces.shape[0] > 0 and torch.equal(a.faces, b.faces)
+    assert torch.allclose(a.verts, b.verts, atol=1e-5)

@@ -142,7 +142,7 @@ def _lattice(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return mask.index_select(1, idx).index_select(2, idx).index_select(3, idx)
 
 
-def _evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torch.Tensor, where: torch.Tensor,
+def evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torch.Tensor, where: torch.Tensor,
                  chunk: int) -> list[torch.Tensor | None]:
     """The field's density at the grid points ``lin[i], lin[j], lin[k]`` of each prompt's ``where`` (B, n, n, n)
     bool: per prompt, (count,) float or None (nothing to evaluate)."""
@@ -203,7 +203,7 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
         grid = torch.einsum("jb,nabk->najk", w, grid)
         grid = torch.einsum("ia,najk->nijk", w, grid).contiguous()
         where = _lattice(mask, nxt_d)  # the next lattice's samples inside crossed cells
-        for b, vals in enumerate(_evaluate_at(field, cond, lin[nxt_d], where, chunk)):
+        for b, vals in enumerate(evaluate_at(field, cond, lin[nxt_d], where, chunk)):
             if vals is not None:
                 grid[b][where[b]] = vals
         evaluated[:, nxt_d[:, None, None], nxt_d[None, :, None], nxt_d[None, None, :]] |= where

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from att3d.mesh.cleanup import vertex_normals
-from att3d.mesh.density import density_grid, surface_density_grid
+from att3d.mesh.density import density_grid, evaluate_at, surface_density_grid
 from att3d.mesh.marching_tets import march_tets, marching_tetrahedra, tet_orientation
 from att3d.mesh.rasterize import RasterOutput, interpolate, project_vertices, rasterize_screen
 from att3d.mesh.rasterize import antialias as antialias_edges
@@ -85,15 +85,30 @@ def grid_sdf(field: torch.nn.Module, cond: dict[str, torch.Tensor], resolution: 
         threshold: the extraction threshold.
         coarse_step: 1: the field at every vertex (:func:`~att3d.mesh.density.density_grid`); > 1: coarse to fine
             (:func:`~att3d.mesh.density.surface_density_grid`), exact at the corners of every grid cube that the
-            level set crosses, which is all that marching tetrahedra reads; elsewhere interpolated, on the right
-            side of the threshold.
+            returned function's level set crosses (also next to the box's faces, which are forced outside), which
+            is all that marching tetrahedra reads; elsewhere interpolated, on the right side of the threshold.
 
     Returns:
         (B, R^3) ``threshold - density``, with the box's boundary vertices set to ``threshold`` (outside).
     """
     B = next(iter(cond.values())).shape[0]
     if coarse_step > 1:
-        density = surface_density_grid(field, cond, resolution, threshold, bound, step=coarse_step)[0].reshape(B, -1)
+        grid, evaluated = surface_density_grid(field, cond, resolution, threshold, bound, step=coarse_step)
+        # The box's vertices are forced outside below, so an inside sample next to them is a corner of a crossed
+        # cube even where the field's own level set is not: evaluate those exactly too (an object touching the box)
+        R = resolution
+        i = torch.arange(R, device=grid.device)
+        layer = (i == 1) | (i == R - 2)
+        inner = ~torch.isin(i, torch.tensor([0, R - 1], device=grid.device))
+        next_to_box = ((layer[:, None, None] | layer[None, :, None] | layer[None, None, :])
+                       & inner[:, None, None] & inner[None, :, None] & inner[None, None, :])
+        where = next_to_box & (grid > threshold) & ~evaluated
+        if where.any():
+            lin = torch.linspace(-bound, bound, R, device=grid.device)
+            for b, vals in enumerate(evaluate_at(field, cond, lin, where, chunk=1 << 18)):
+                if vals is not None:
+                    grid[b][where[b]] = vals
+        density = grid.reshape(B, -1)
     else:
         density = density_grid(field, cond, resolution, bound).reshape(B, -1)
     density[:, boundary_index(resolution, density.device)] = 0.0

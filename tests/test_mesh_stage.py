@@ -296,6 +296,35 @@ def test_geometry_mode_trains(files, tmp_path):
     assert json.loads((run / "model" / "model_config.json").read_text())["extra"]["mesh"]["geometry"] is True
 
 
+def test_area_downsampling_gives_the_prior_the_block_means_of_the_render(files, tmp_path, monkeypatch):
+    # stage.downsample=area: a 64 px render reaches the 32 px prior as the mean of each 2 x 2 block (supersampling),
+    # not through the prior's own (tent-filtered) resize.
+    from att3d.guidance.sds import ScoreDistillation
+    from att3d.train import mesh_stage
+
+    seen = {}
+    encode = ScoreDistillation.__call__
+
+    def spy(self, images, *args, **kwargs):
+        seen["images"] = images.detach().clone()
+        return encode(self, images, *args, **kwargs)
+
+    render = mesh_stage.render_surfaces
+
+    def keep(*args, **kwargs):
+        out = render(*args, **kwargs)
+        seen["render"] = out["rgb"].detach().permute(0, 3, 1, 2).clone()
+        return out
+
+    monkeypatch.setattr(ScoreDistillation, "__call__", spy)
+    monkeypatch.setattr(mesh_stage, "render_surfaces", keep)
+    run = tmp_path / "area"
+    assert train_main(argv(files, run, "trainer.max_steps=1", "trainer.resolution=64", "stage.downsample=area")) == 0
+    assert seen["render"].shape[-1] == 64 and seen["images"].shape[-1] == 32
+    assert torch.allclose(seen["images"], seen["render"].unflatten(2, (32, 2)).unflatten(4, (32, 2)).mean((3, 5)))
+    assert json.loads((run / "model" / "model_config.json").read_text())["extra"]["mesh"]["downsample"] == "area"
+
+
 def test_views_per_prompt_render_several_views_of_each_mesh(files, tmp_path):
     run = tmp_path / "views"
     assert train_main(argv(files, run, "trainer.max_steps=1", "trainer.views_per_prompt=3")) == 0
@@ -307,6 +336,8 @@ def test_views_per_prompt_render_several_views_of_each_mesh(files, tmp_path):
     (["trainer.interpolation.prob=0.5"], "does not mix prompts"),
     (["stage.tet_resolution=2"], "tet_resolution must be an integer >= 4"),
     (["stage.coarse_step=0"], "stage.coarse_step must be an integer >= 1"),
+    (["stage.downsample=box"], "stage.downsample must be one of prior, area"),
+    (["stage.downsample=area"], "needs a render size that is a multiple of the prior's 32 px"),  # 48 px renders
     (["nonsense=1"], "nonsense"),
     (["stage.anchor_points=many"], "stage.anchor_points must be an integer"),
 ])

@@ -276,15 +276,19 @@ class TextEncoder(torch.nn.Module):
         self.kind = kind
         self.max_length = int(max_length)
         kwargs = {"local_files_only": local_files_only}
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **kwargs)
-        if kind == "bert":
-            self.model = transformers.AutoModel.from_pretrained(self.path, **kwargs)
-        elif kind == "clip":
-            self.model = transformers.CLIPTextModel.from_pretrained(self.path, **kwargs)
-        elif kind == "t5":
-            self.model = transformers.T5EncoderModel.from_pretrained(self.path, **kwargs)
-        else:
+        classes = {"bert": transformers.AutoModel, "clip": transformers.CLIPTextModel,
+                   "t5": transformers.T5EncoderModel}
+        if kind not in classes:
             raise ValueError(f"unknown text encoder kind {kind!r} (expected bert, clip or t5)")
+        # transformers draws a bar for the few milliseconds that loading takes: noise before a run's own output
+        bar = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **kwargs)
+            self.model = classes[kind].from_pretrained(self.path, **kwargs)
+        finally:
+            if bar:
+                transformers.utils.logging.enable_progress_bar()
         self.model.eval().requires_grad_(False)
         config = self.model.config
         self.dim = int(config.hidden_size if hasattr(config, "hidden_size") else config.d_model)

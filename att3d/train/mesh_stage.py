@@ -67,6 +67,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: How a render reaches the prior's resolution (:class:`MeshSDS`'s ``downsample``).
+DOWNSAMPLES = ("prior", "area")
+
 #: The grid resolution of generation by default (its colour is read one cell of it inside the surface).
 GENERATE_GRID_RESOLUTION = 128
 
@@ -95,6 +98,11 @@ class MeshSDS(Objective):
             ``"lambert"``: the colour field becomes an albedo lit by the world's light with the mesh's
             differentiable normals (:func:`att3d.mesh.surface.render_surfaces`), so the prior's view of the
             shading moves the geometry too; generation then bakes the albedo as the PBR base colour.
+        downsample: how a render larger than the prior's images reaches the prior's resolution: ``"prior"``, the
+            prior's own resize (antialiased bilinear: a tent filter two render pixels wide per prior pixel);
+            ``"area"``, the mean of each block of render pixels (supersampling: each prior pixel is the
+            surface's coverage of it, as sharp as the prior's aliased training renders; the render size must be a
+            multiple of the prior's).
     """
 
     name = "mesh"
@@ -103,7 +111,8 @@ class MeshSDS(Objective):
 
     def __init__(self, tet_resolution: int = 64, geometry: bool = False, anchor_weight: float = 1.0,
                  anchor_points: int = 2048, anchor_band: float = 2.0, colour_offset: float | None = None,
-                 min_resolution: int = 8, shading: str = "none", antialias: bool = True, coarse_step: int = 4):
+                 min_resolution: int = 8, shading: str = "none", antialias: bool = True, coarse_step: int = 4,
+                 downsample: str = "prior"):
         if not isinstance(tet_resolution, int) or isinstance(tet_resolution, bool) or tet_resolution < 4:
             raise MeshStageError(f"stage.tet_resolution must be an integer >= 4, got {tet_resolution!r}")
         if not isinstance(geometry, bool):
@@ -123,8 +132,11 @@ class MeshSDS(Objective):
             raise MeshStageError(f"stage.antialias must be true or false, got {antialias!r}")
         if shading not in SHADINGS:
             raise MeshStageError(f"stage.shading must be one of {', '.join(SHADINGS)}, got {shading!r}")
+        if downsample not in DOWNSAMPLES:
+            raise MeshStageError(f"stage.downsample must be one of {', '.join(DOWNSAMPLES)}, got {downsample!r}")
         self.shading = shading
         self.antialias = antialias
+        self.downsample = downsample
         self.coarse_step = int(coarse_step)
         self.tet_resolution = int(tet_resolution)
         self.geometry = geometry
@@ -141,13 +153,17 @@ class MeshSDS(Objective):
         return {"tet_resolution": self.tet_resolution, "geometry": self.geometry, "anchor_weight": self.anchor_weight,
                 "anchor_points": self.anchor_points, "anchor_band": self.anchor_band,
                 "colour_offset": self.colour_offset, "shading": self.shading, "antialias": self.antialias,
-                "coarse_step": self.coarse_step}
+                "coarse_step": self.coarse_step, "downsample": self.downsample}
 
     # -- set-up --------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
         if trainer.cfg.resolution < self.min_resolution:
             raise MeshStageError(f"the mesh render resolution must be >= {self.min_resolution}, got "
                                  f"{trainer.cfg.resolution}")
+        prior_res = int(trainer.guidance.prior.resolution)
+        if self.downsample == "area" and trainer.cfg.resolution % prior_res:
+            raise MeshStageError(f"stage.downsample=area needs a render size that is a multiple of the prior's "
+                                 f"{prior_res} px, got trainer.resolution={trainer.cfg.resolution}")
         self.trainer = trainer
         model, device = trainer.model, trainer.device
         self.threshold = extraction_threshold(model)
@@ -253,8 +269,11 @@ class MeshSDS(Objective):
         stats = {"anchor": anchor.detach(), "opacity": out["mask"].mean(),
                  "faces": float(sum(m.faces.shape[0] for m in meshes)) / len(idx),
                  "empty": float(sum(m.empty for m in meshes))}
-        return {"idx": idx, "cond": cond, "meshes": meshes, "images": out["rgb"].permute(0, 3, 1, 2),
-                "mask": out["mask"], "anchor": anchor, "stats": stats}
+        images = out["rgb"].permute(0, 3, 1, 2)
+        if self.downsample == "area" and images.shape[-1] != trainer.guidance.prior.resolution:
+            images = torch.nn.functional.avg_pool2d(images, images.shape[-1] // int(trainer.guidance.prior.resolution))
+        return {"idx": idx, "cond": cond, "meshes": meshes, "images": images, "mask": out["mask"], "anchor": anchor,
+                "stats": stats}
 
     def step(self, trainer: Trainer, batch: Batch) -> StepResult:
         r = self.render_batch(trainer, batch)  # images (B, 3, H, W); the prior resizes them to its resolution

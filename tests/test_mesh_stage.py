@@ -142,12 +142,15 @@ def test_silhouette_gradient_moves_the_surface_through_the_density():
     target = mh.render_surfaces(Ball(0.55), cond, [mh.surface_from_sdf(verts, tets, s) for s in
                                                   mh.grid_sdf(Ball(0.55), cond, R, 5.0)], cams, 48)["rgb"].detach()
 
-    def loss(ball: torch.nn.Module, antialias: bool) -> torch.Tensor:
+    def render(ball: torch.nn.Module, antialias: bool, aliased_forward: bool = False) -> torch.Tensor:
         sdf = mh.grid_sdf(ball, cond, R, 5.0)
         meshes = [mh.differentiable_surface(ball, {"latent": cond["latent"][b:b + 1]}, verts, tets, sdf[b], 5.0,
                                             boundary) for b in range(2)]
-        rgb = mh.render_surfaces(ball, cond, meshes, cams, 48, antialias=antialias)["rgb"]
-        return (rgb - target).square().sum()
+        return mh.render_surfaces(ball, cond, meshes, cams, 48, antialias=antialias,
+                                  aliased_forward=aliased_forward)["rgb"]
+
+    def loss(ball: torch.nn.Module, antialias: bool, aliased_forward: bool = False) -> torch.Tensor:
+        return (render(ball, antialias, aliased_forward) - target).square().sum()
 
     hard = Ball(0.45)
     value = loss(hard, antialias=False)
@@ -160,6 +163,26 @@ def test_silhouette_gradient_moves_the_surface_through_the_density():
         opt.zero_grad()
         value = loss(ball, antialias=True)
         value.backward()
+        opt.step()
+    assert abs(float(ball.radius.detach()) - 0.55) < 0.02
+    # aliased_forward: the aliased image's values with the antialiased image's gradient (straight through)
+    weight = torch.rand(2, 48, 48, 3, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for aliased_forward in (False, True):
+        ball = Ball(0.45)
+        rgb = render(ball, True, aliased_forward)
+        (rgb * weight).sum().backward()
+        grads.append(float(ball.radius.grad))
+        if aliased_forward:
+            assert torch.equal(rgb.detach(), render(Ball(0.45), False).detach())
+        else:
+            assert not torch.equal(rgb.detach(), render(Ball(0.45), False).detach())
+    assert grads[0] != 0 and abs(grads[1] - grads[0]) < 1e-5 * abs(grads[0])
+    ball = Ball(0.45)
+    opt = torch.optim.Adam(ball.parameters(), lr=0.01)
+    for _ in range(25):
+        opt.zero_grad()
+        loss(ball, True, aliased_forward=True).backward()
         opt.step()
     assert abs(float(ball.radius.detach()) - 0.55) < 0.02
 
@@ -337,6 +360,7 @@ def test_views_per_prompt_render_several_views_of_each_mesh(files, tmp_path):
     (["stage.tet_resolution=2"], "tet_resolution must be an integer >= 4"),
     (["stage.coarse_step=0"], "stage.coarse_step must be an integer >= 1"),
     (["stage.downsample=box"], "stage.downsample must be one of prior, area"),
+    (["stage.aliased_forward=maybe"], "stage.aliased_forward must be true or false"),
     (["stage.downsample=area"], "needs a render size that is a multiple of the prior's 32 px"),  # 48 px renders
     (["nonsense=1"], "nonsense"),
     (["stage.anchor_points=many"], "stage.anchor_points must be an integer"),

@@ -125,10 +125,11 @@ def test_silhouette_gradient_moves_the_surface_through_the_density():
         def __init__(self, radius: float):
             super().__init__()
             self.radius = torch.nn.Parameter(torch.tensor(radius))
+            self.colour = torch.nn.Parameter(torch.zeros(3))
 
         def forward(self, points, cond):
             d = 10.0 * torch.sigmoid((self.radius - points.norm(dim=-1)) * 40.0)  # 5 at the radius
-            return d, torch.zeros(*points.shape[:-1], 3).expand(*points.shape[:-1], 3)
+            return d, self.colour.expand(*points.shape[:-1], 3)
 
         def density(self, points, cond):
             return self.forward(points, cond)[0]
@@ -142,15 +143,15 @@ def test_silhouette_gradient_moves_the_surface_through_the_density():
     target = mh.render_surfaces(Ball(0.55), cond, [mh.surface_from_sdf(verts, tets, s) for s in
                                                   mh.grid_sdf(Ball(0.55), cond, R, 5.0)], cams, 48)["rgb"].detach()
 
-    def render(ball: torch.nn.Module, antialias: bool, aliased_forward: bool = False) -> torch.Tensor:
+    def render(ball: torch.nn.Module, antialias: bool, aliased_share: float = 0.0) -> torch.Tensor:
         sdf = mh.grid_sdf(ball, cond, R, 5.0)
         meshes = [mh.differentiable_surface(ball, {"latent": cond["latent"][b:b + 1]}, verts, tets, sdf[b], 5.0,
                                             boundary) for b in range(2)]
         return mh.render_surfaces(ball, cond, meshes, cams, 48, antialias=antialias,
-                                  aliased_forward=aliased_forward)["rgb"]
+                                  aliased_share=aliased_share)["rgb"]
 
-    def loss(ball: torch.nn.Module, antialias: bool, aliased_forward: bool = False) -> torch.Tensor:
-        return (render(ball, antialias, aliased_forward) - target).square().sum()
+    def loss(ball: torch.nn.Module, antialias: bool, aliased_share: float = 0.0) -> torch.Tensor:
+        return (render(ball, antialias, aliased_share) - target).square().sum()
 
     hard = Ball(0.45)
     value = loss(hard, antialias=False)
@@ -165,24 +166,25 @@ def test_silhouette_gradient_moves_the_surface_through_the_density():
         value.backward()
         opt.step()
     assert abs(float(ball.radius.detach()) - 0.55) < 0.02
-    # aliased_forward: the aliased image's values with the antialiased image's gradient (straight through)
+    # aliased_share: the values move from the antialiased image's to the aliased one's; the gradients (of the
+    # silhouette and of the colour) stay the antialiased image's, whatever the share
     weight = torch.rand(2, 48, 48, 3, generator=torch.Generator().manual_seed(0))
+    aliased, blended = render(Ball(0.45), False).detach(), render(Ball(0.45), True).detach()
+    assert not torch.equal(aliased, blended)
     grads = []
-    for aliased_forward in (False, True):
+    for share in (0.0, 0.5, 1.0):
         ball = Ball(0.45)
-        rgb = render(ball, True, aliased_forward)
+        rgb = render(ball, True, share)
+        assert torch.allclose(rgb.detach(), blended + share * (aliased - blended), atol=1e-6)
         (rgb * weight).sum().backward()
-        grads.append(float(ball.radius.grad))
-        if aliased_forward:
-            assert torch.equal(rgb.detach(), render(Ball(0.45), False).detach())
-        else:
-            assert not torch.equal(rgb.detach(), render(Ball(0.45), False).detach())
-    assert grads[0] != 0 and abs(grads[1] - grads[0]) < 1e-5 * abs(grads[0])
+        grads.append(torch.cat([ball.radius.grad[None], ball.colour.grad]))
+    assert grads[0].abs().min() > 0
+    assert torch.allclose(grads[1], grads[0], rtol=1e-5) and torch.allclose(grads[2], grads[0], rtol=1e-5)
     ball = Ball(0.45)
     opt = torch.optim.Adam(ball.parameters(), lr=0.01)
     for _ in range(25):
         opt.zero_grad()
-        loss(ball, True, aliased_forward=True).backward()
+        loss(ball, True, aliased_share=1.0).backward()
         opt.step()
     assert abs(float(ball.radius.detach()) - 0.55) < 0.02
 
@@ -360,7 +362,7 @@ def test_views_per_prompt_render_several_views_of_each_mesh(files, tmp_path):
     (["stage.tet_resolution=2"], "tet_resolution must be an integer >= 4"),
     (["stage.coarse_step=0"], "stage.coarse_step must be an integer >= 1"),
     (["stage.downsample=box"], "stage.downsample must be one of prior, area"),
-    (["stage.aliased_forward=maybe"], "stage.aliased_forward must be true or false"),
+    (["stage.aliased_share=1.5"], "stage.aliased_share must be a number in [0, 1]"),
     (["stage.downsample=area"], "needs a render size that is a multiple of the prior's 32 px"),  # 48 px renders
     (["nonsense=1"], "nonsense"),
     (["stage.anchor_points=many"], "stage.anchor_points must be an integer"),

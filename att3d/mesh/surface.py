@@ -182,7 +182,7 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
                     cameras: OrbitCameras, resolution: int,
                     background: tuple[float, float, float] | torch.Tensor = (1.0, 1.0, 1.0),
                     colour_offset: float = 0.0, shading: str = "none", antialias: bool = True,
-                    aliased_forward: bool = False
+                    aliased_share: float = 0.0
                     ) -> dict[str, torch.Tensor]:
     """Render B prompts' meshes, each from its own camera, coloured by the (amortized) colour field.
 
@@ -205,10 +205,10 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         shading: ``"none"`` or ``"lambert"`` (see above).
         antialias: antialias the occlusion edges (:func:`att3d.mesh.rasterize.antialias`): the image then has
             silhouette gradients w.r.t. the mesh vertices; False: the hard, aliased coverage (no such gradient).
-        aliased_forward: with ``antialias``, the image's values are the aliased render's (each pixel the surface at
-            its centre, or the background: what the shapes world's renderer, and so its prior's training images,
-            show) and only its gradient is the antialiased one's (straight through:
-            ``aliased + (blended - blended.detach())``).
+        aliased_share: with ``antialias``, the share of the aliased render (each pixel the surface at its centre, or
+            the background: what the shapes world's renderer, and so its prior's training images, show) in the
+            image's values; the gradient stays the antialiased image's (straight through:
+            ``blended + share (aliased - blended).detach()``). 0: the antialiased image; 1: the aliased values.
 
     Returns:
         ``rgb`` (B, H, W, 3) differentiable w.r.t. the field, ``cond`` and the mesh vertices;
@@ -267,5 +267,5 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         for b, rast, xy, faces in edges:
             rows[b] = antialias_edges(rows[b][None], rast.face_id, xy.to(dtype), rast.depth, faces)[0]
         blended = torch.stack(rows)
-        image = image + (blended - blended.detach()) if aliased_forward else blended
+        image = blended + aliased_share * (image - blended).detach() if aliased_share else blended
     return {"rgb": image, "mask": mask.to(dtype), "points": counts}

@@ -103,9 +103,10 @@ class MeshSDS(Objective):
             ``"area"``, the mean of each block of render pixels (supersampling: each prior pixel is the
             surface's coverage of it, as sharp as the prior's aliased training renders; the render size must be a
             multiple of the prior's).
-        aliased_forward: with ``antialias``, the prior sees the aliased render (each pixel the surface at its
-            centre, as in the shapes world's renders that its prior learnt from) while the silhouette gradients
-            are still the antialiased render's (straight through; :func:`~att3d.mesh.surface.render_surfaces`).
+        aliased_share: with ``antialias``, the share of the aliased render (each pixel the surface at its centre,
+            as in the shapes world's renders that its prior learnt from) in the values the prior sees, in [0, 1];
+            the gradients stay the antialiased render's (straight through;
+            :func:`~att3d.mesh.surface.render_surfaces`). 0: the antialiased render.
     """
 
     name = "mesh"
@@ -115,7 +116,7 @@ class MeshSDS(Objective):
     def __init__(self, tet_resolution: int = 64, geometry: bool = False, anchor_weight: float = 1.0,
                  anchor_points: int = 2048, anchor_band: float = 2.0, colour_offset: float | None = None,
                  min_resolution: int = 8, shading: str = "none", antialias: bool = True, coarse_step: int = 4,
-                 downsample: str = "prior", aliased_forward: bool = False):
+                 downsample: str = "prior", aliased_share: float = 0.0):
         if not isinstance(tet_resolution, int) or isinstance(tet_resolution, bool) or tet_resolution < 4:
             raise MeshStageError(f"stage.tet_resolution must be an integer >= 4, got {tet_resolution!r}")
         if not isinstance(geometry, bool):
@@ -135,14 +136,15 @@ class MeshSDS(Objective):
             raise MeshStageError(f"stage.antialias must be true or false, got {antialias!r}")
         if shading not in SHADINGS:
             raise MeshStageError(f"stage.shading must be one of {', '.join(SHADINGS)}, got {shading!r}")
-        if not isinstance(aliased_forward, bool):
-            raise MeshStageError(f"stage.aliased_forward must be true or false, got {aliased_forward!r}")
+        if isinstance(aliased_share, bool) or not isinstance(aliased_share, (int, float)) \
+                or not 0.0 <= aliased_share <= 1.0:
+            raise MeshStageError(f"stage.aliased_share must be a number in [0, 1], got {aliased_share!r}")
         if downsample not in DOWNSAMPLES:
             raise MeshStageError(f"stage.downsample must be one of {', '.join(DOWNSAMPLES)}, got {downsample!r}")
         self.shading = shading
         self.antialias = antialias
         self.downsample = downsample
-        self.aliased_forward = aliased_forward
+        self.aliased_share = float(aliased_share)
         self.coarse_step = int(coarse_step)
         self.tet_resolution = int(tet_resolution)
         self.geometry = geometry
@@ -160,7 +162,7 @@ class MeshSDS(Objective):
                 "anchor_points": self.anchor_points, "anchor_band": self.anchor_band,
                 "colour_offset": self.colour_offset, "shading": self.shading, "antialias": self.antialias,
                 "coarse_step": self.coarse_step, "downsample": self.downsample,
-                "aliased_forward": self.aliased_forward}
+                "aliased_share": self.aliased_share}
 
     # -- set-up --------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -269,7 +271,7 @@ class MeshSDS(Objective):
         meshes = self.meshes(idx, cond)
         out = render_surfaces(trainer.model.field, cond, meshes, batch.cameras, trainer.cfg.resolution,
                               background=trainer.background, colour_offset=self.offset, shading=self.shading,
-                              antialias=self.antialias, aliased_forward=self.aliased_forward)
+                              antialias=self.antialias, aliased_share=self.aliased_share)
         anchor = torch.zeros((), device=trainer.device)
         if self.anchor_weight > 0:
             anchor = self.anchor_loss(idx, cond)

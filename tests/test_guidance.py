@@ -131,6 +131,47 @@ def test_low_noise_guidance_scale_per_item():
     assert ScoreDistillation(prior, guidance_scale=3.0).scales(t) == 3.0  # off by default: one scalar
 
 
+class ViewToyPrior(ToyPrior):
+    """ToyPrior plus ``k cos(4 phi)`` from the camera's azimuth (a view-conditioned prior whose objects have the
+    4-fold turn of a pyramid), or nothing when ``k`` is 0 (every view looks the same)."""
+
+    uses_cameras = True
+
+    def __init__(self, k: float):
+        super().__init__(resolution=16)
+        self.k = k
+
+    def _denoise(self, x_t, t, tokens, mask, cameras):
+        eps = super()._denoise(x_t, t, tokens, mask, cameras)
+        phi = cameras.phi.repeat(x_t.shape[0] // len(cameras))  # CFG stacks the batch
+        return eps + self.k * torch.cos(4 * phi).view(-1, 1, 1, 1)
+
+
+def test_view_guidance_adds_the_contrast_with_the_turned_views():
+    """eps_hat += w (eps_c(view) - mean eps_c(view turned by +-d)); nothing when no view differs."""
+    b, w, d = 3, 2.0, 30.0
+    cams = OrbitCameras.from_angles([0.1, 1.0, 2.5], 0.3)
+    noise, t = torch.zeros(b, 3, 16, 16), torch.tensor([100, 400, 900])
+    for k in (0.0, 0.7):
+        prior = ViewToyPrior(k)
+        cond = prior.encode_prompts(["a red cube", "a blue sphere", "a gray cone"])
+        grads = []
+        for vg in (0.0, w):
+            images = _images(b, 16)
+            sds = ScoreDistillation(prior, guidance_scale=5.0, view_guidance=vg, view_guidance_azimuth=d)
+            sds(images, cond, cams, t=t, noise=noise).loss.backward()
+            grads.append(images.grad)
+        a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+        r = torch.deg2rad(torch.tensor(d))
+        contrast = k * (torch.cos(4 * cams.phi) - 0.5 * (torch.cos(4 * (cams.phi + r)) + torch.cos(4 * (cams.phi - r))))
+        expected = (2 * (1 - a) * w * contrast.view(-1, 1, 1, 1) / b).expand_as(grads[0])
+        torch.testing.assert_close(grads[1] - grads[0], expected, rtol=1e-4, atol=1e-6)
+        assert (grads[1] - grads[0]).abs().max() > 0 if k else torch.equal(grads[1], grads[0])
+    for bad in ({"view_guidance": -1.0}, {"view_guidance_azimuth": 0.0}, {"view_guidance_azimuth": 200.0}):
+        with pytest.raises(ValueError, match="view_guidance"):
+            ScoreDistillation(ViewToyPrior(0.0), **bad)
+
+
 def test_replace_makes_a_validated_copy_on_the_same_prior():
     prior = ToyPrior()
     sds = ScoreDistillation(prior, guidance_scale=7.0, t_range=(0.1, 0.9), weighting="uniform")

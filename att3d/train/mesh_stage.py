@@ -31,7 +31,9 @@ is a plain model folder that ``att3d.load`` / ``att3d generate`` read (the stage
 
 **Resolution.** The mesh is rendered at ``trainer.resolution`` (64 in ``configs/stage/mesh.yaml``, twice the
 NeRF stage's 32); the prior's ``encode_images`` resizes every render to the prior's own resolution with
-antialiased bilinear filtering, inside the SDS loss, so the downsampling is differentiable.
+antialiased bilinear filtering, inside the SDS loss, so the downsampling is differentiable
+(``stage.downsample=area``: the stage averages each block of render pixels itself). ``stage.aliased_share`` shows
+the prior the aliased render (as the shapes world's renders are) while the gradients stay the antialiased one's.
 
 The loop, checkpoints, exact resume, signals, non-finite skipping, ``metrics.jsonl`` and TensorBoard are the
 :class:`~att3d.train.trainer.Trainer`'s. One process only (no ``torchrun``) and no interpolation mixing (a

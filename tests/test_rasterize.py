@@ -399,11 +399,10 @@ def test_antialias_walk_matches_the_session_21_walk(tmp_path):
     vertex gradients as the walk of 4d6e9ff, which built the graph through every face it crossed
     (scripts/bench_antialias.py, which also times both)."""
     import json
-
-    from _tiny import load_script
-
     import subprocess
     from pathlib import Path
+
+    from _tiny import load_script
 
     script = load_script("bench_antialias")
     out = tmp_path / "aa.md"

@@ -404,7 +404,7 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
         return colour
     po = torch.stack([co, ro], -1).to(xy.dtype) + 0.5
     pn = torch.stack([cn, rn], -1).to(xy.dtype) + 0.5
-    t = _silhouette_crossing(xy, faces, neighbours, facing, bi, face_id[bi, ro, co], po, pn)
+    t = _silhouette_crossing(xy, faces, neighbours, facing, tri_all, bi, face_id[bi, ro, co], po, pn)
     t = t[:, None].to(colour.dtype)  # (P, 1)
     c_o, c_n = colour[bi, ro, co], colour[bi, rn, cn]
     past = t > 0.5
@@ -417,15 +417,15 @@ def antialias(colour: torch.Tensor, face_id: torch.Tensor, xy: torch.Tensor, dep
 
 
 def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torch.Tensor, facing: torch.Tensor,
-                         bi: torch.Tensor, face: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                         tri_all: torch.Tensor, bi: torch.Tensor, face: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                         ) -> torch.Tensor:
     """(P,) where the segments ``a -> b`` cross the silhouette, walking from ``face`` (which covers ``a``) across
     the faces they pass through; in [0, 1], or 0.5 (no blend) where the walk reaches ``b`` on the surface (no
     silhouette between them) or finds no silhouette edge within :data:`MAX_WALK` faces. Differentiable w.r.t.
-    ``xy`` (the crossed edge's corners)."""
+    ``xy`` (the crossed edge's corners); ``tri_all`` (B, F, 3, 2) is ``xy[:, faces]`` without gradient."""
     P = face.shape[0]
     t = torch.full((P,), 0.5, dtype=xy.dtype, device=xy.device)
     with torch.no_grad():  # the walk: which face each segment leaves through the silhouette, and where it entered
-        xy_walk = xy.detach()
         cur = face.clone()
         todo = torch.arange(P, device=face.device)
         own = facing[bi, face].clone()  # the visible face's turn (0 while only degenerate faces were met)
@@ -435,7 +435,7 @@ def _silhouette_crossing(xy: torch.Tensor, faces: torch.Tensor, neighbours: torc
             if todo.numel() == 0:
                 break
             f = cur[todo]
-            t_exit, edge = _segment_exit(xy_walk[bi[todo, None], faces[f]], a[todo], b[todo], entered[todo])
+            t_exit, edge = _segment_exit(tri_all[bi[todo], f], a[todo], b[todo], entered[todo])
             nb = neighbours[f, edge]
             # the face holds b: the surface runs on, unbroken, from a to b (a steep stretch of it, not an
             # occlusion edge, that the depth gap took for one): no blend

@@ -41,11 +41,12 @@ def load_baseline(rev: str, repo: Path) -> object:
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         sys.exit(f"error: cannot read att3d/mesh/rasterize.py at {rev!r}: {getattr(e, 'stderr', e)}".strip())
-    path = Path(tempfile.mkdtemp()) / "rasterize_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("rasterize_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as tmp:  # the module keeps nothing of its file once executed
+        path = Path(tmp) / "rasterize_baseline.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("rasterize_baseline", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 

@@ -97,11 +97,9 @@ def grid_sdf(field: torch.nn.Module, cond: dict[str, torch.Tensor], resolution: 
         # The box's vertices are forced outside below, so an inside sample next to them is a corner of a crossed
         # cube even where the field's own level set is not: evaluate those exactly too (an object touching the box)
         R = resolution
-        i = torch.arange(R, device=grid.device)
-        layer = (i == 1) | (i == R - 2)
-        inner = ~torch.isin(i, torch.tensor([0, R - 1], device=grid.device))
-        next_to_box = ((layer[:, None, None] | layer[None, :, None] | layer[None, None, :])
-                       & inner[:, None, None] & inner[None, :, None] & inner[None, None, :])
+        next_to_box = torch.zeros(R, R, R, dtype=torch.bool, device=grid.device)
+        next_to_box[1:-1, 1:-1, 1:-1] = True  # inside the box's faces ...
+        next_to_box[2:-2, 2:-2, 2:-2] = False  # ... and not further in than the first layer
         where = next_to_box & (grid > threshold) & ~evaluated
         if where.any():
             lin = torch.linspace(-bound, bound, R, device=grid.device)

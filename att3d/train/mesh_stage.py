@@ -281,8 +281,9 @@ class MeshSDS(Objective):
                  "faces": float(sum(m.faces.shape[0] for m in meshes)) / len(idx),
                  "empty": float(sum(m.empty for m in meshes))}
         images = out["rgb"].permute(0, 3, 1, 2)
-        if self.downsample == "area" and images.shape[-1] != trainer.guidance.prior.resolution:
-            images = torch.nn.functional.avg_pool2d(images, images.shape[-1] // int(trainer.guidance.prior.resolution))
+        prior_res = int(trainer.guidance.prior.resolution)
+        if self.downsample == "area" and images.shape[-1] != prior_res:
+            images = torch.nn.functional.avg_pool2d(images, images.shape[-1] // prior_res)
         return {"idx": idx, "cond": cond, "meshes": meshes, "images": images, "mask": out["mask"], "anchor": anchor,
                 "stats": stats}
 

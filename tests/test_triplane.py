@@ -208,6 +208,31 @@ def test_code_from_text_reads_the_pooled_embedding_in_one_linear_layer():
     assert plain(emb)["planes"].shape == texted(emb)["planes"].shape == (3, 3, 4, 8, 8)
 
 
+def test_position_embedding_starts_at_zero_and_places_features_where_it_is_set():
+    kw = dict(width=16, min_width=8, context_dim=8, heads=2, min_head_dim=4)
+    shapes = {"planes": (3, 4, 16, 16), "latent": (3,)}
+    torch.manual_seed(0)
+    plain = TriplaneGenerator(5, 12, shapes, **kw).eval()
+    torch.manual_seed(0)
+    placed = TriplaneGenerator(5, 12, shapes, positions=True, **kw).eval()
+    assert placed.position_embed is not None and plain.position_embed is None
+    assert [tuple(p.shape) for p in placed.position_embed] == [(3, 16, 4, 4), (3, 8, 8, 8), (3, 8, 16, 16)]
+    emb = _emb(2)
+    out_plain, out_placed = plain(emb), placed(emb)
+    assert all(torch.equal(out_plain[k], out_placed[k]) for k in out_plain)  # zero at the start: the same generator
+    # an embedding set at one pixel of the last level of plane 1 changes that plane there, not the other planes
+    # (and elsewhere on it only through the GroupNorms' statistics)
+    with torch.no_grad():
+        placed.position_embed[-1][1, :, 3, 12] = 0.5
+        moved = placed(emb)
+    diff = (moved["planes"] - out_placed["planes"]).abs().amax(dim=2)  # (B, 3, R, R)
+    assert diff[:, 0].max() == 0 and diff[:, 2].max() == 0
+    far = diff[:, 1].clone()
+    far[:, 1:6, 10:15] = 0  # the conv block's two 3x3 convolutions reach two pixels away
+    assert (diff[:, 1, 3, 12] > 10 * far.amax(dim=(1, 2))).all()
+    assert torch.equal(moved["latent"], out_placed["latent"])  # the code reads level 0 only
+
+
 def test_default_size_and_initial_state():
     """Defaults at the shapes world (MiniLM tokens 16 x 384): a few hundred thousand parameters; fresh planes and
     codes of RMS ~0.3-0.6 that differ between prompts (the hypernetwork's grid: ~0.5); the field's starting

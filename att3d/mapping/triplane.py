@@ -10,6 +10,7 @@ same convolutions; a learned per-plane embedding in every block tells them apart
 
     seed (3, W_0, r, r), learned (std 0.25) + Linear(LN(pooled)) (B, 3, W_0) per-plane channel shift
     level k = 0..K  (resolution r 2^k, width W_k = max(min_width, width / 2^k)):
+        [+ learned position embedding (3, W_k, r 2^k, r 2^k), zero at the start (``positions``)]
         blocks_per_level x [ residual conv block (GroupNorm, SiLU, 3x3 conv, twice)
                              + residual multi-head cross-attention from the pixels to the projected tokens ]
         k < K: nearest 2x upsampling + 3x3 conv W_k -> W_{k+1}
@@ -141,6 +142,11 @@ class TriplaneGenerator(nn.Module):
         code_from_text: the per-prompt vector head also reads the (layer-normed) pooled text embedding, beside
             the level-0 features, so a global property such as the colour reaches the field's code in one
             linear layer, as in the hypernetwork (False: the features alone).
+        positions: add a learned position embedding ``(3, W_k, r_k, r_k)`` to the features at every level (per
+            plane and pixel; zero at initialisation, so the generator starts as without it). Convolutions are
+            translation-equivariant, so without it only the seed's 4^2 pixels (and the zero padding) tell a pixel
+            where on the plane it lies; with it every level can place a feature at a position directly, as each
+            grid value of the hypernetwork's output is its own parameter.
 
     Shapes: ``forward(emb)`` with ``emb.tokens (B, text_len, text_dim)``, ``emb.mask (B, text_len)`` and
     ``emb.pooled (B, text_dim)`` gives ``{name: (B, *shape)}`` for every entry of ``out_shapes``.
@@ -149,7 +155,7 @@ class TriplaneGenerator(nn.Module):
     def __init__(self, text_len: int, text_dim: int, out_shapes: dict[str, tuple[int, ...]], width: int = 64,
                  min_width: int = 16, seed_resolution: int = 4, blocks_per_level: int = 1, heads: int = 4,
                  min_head_dim: int = 16, context_dim: int = 64, use_tokens: bool = True, layer_norm: bool = True,
-                 output_scale: float = 1.0, code_from_text: bool = False):
+                 output_scale: float = 1.0, code_from_text: bool = False, positions: bool = False):
         super().__init__()
         self.text_len, self.text_dim = int(text_len), int(text_dim)
         self.out_shapes = {k: tuple(int(d) for d in v) for k, v in out_shapes.items()}
@@ -198,6 +204,10 @@ class TriplaneGenerator(nn.Module):
                                                        self.vector_dim))
         else:
             self.vector_head = None
+        self.positions = bool(positions)
+        self.position_embed = nn.ParameterList(
+            [nn.Parameter(torch.zeros(3, w, r * 2**k, r * 2**k)) for k, w in enumerate(self.widths)]
+        ) if self.positions else None
 
     def text_context(self, emb: TextEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens every block attends to: context (B, L', context_dim) and mask (B, L') bool
@@ -235,6 +245,8 @@ class TriplaneGenerator(nn.Module):
         for k, blocks in enumerate(self.blocks):
             w = self.widths[k]
             x = x + self.plane_embed[k].repeat(B, 1).reshape(B * 3, w, 1, 1)
+            if self.position_embed is not None:
+                x = x + self.position_embed[k].repeat(B, 1, 1, 1)
             for conv, attn in blocks:
                 x = attn(conv(x), context, mask)
             if k == 0 and self.vector_head is not None:
@@ -264,7 +276,8 @@ class TriplaneGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"planes={self.plane_keys} at {self.resolution}^2, widths={self.widths}, "
-                f"seed={self.seed_resolution}^2, vectors={self.vector_dim}, output_scale={self.output_scale}")
+                f"seed={self.seed_resolution}^2, vectors={self.vector_dim}, output_scale={self.output_scale}"
+                f"{', positions' if self.positions else ''}")
 
 
 __all__ = ["ConvBlock", "CrossAttention", "TriplaneGenerator", "is_plane_shape", "level_heads", "level_widths",

@@ -204,10 +204,9 @@ class TriplaneGenerator(nn.Module):
                                                        self.vector_dim))
         else:
             self.vector_head = None
-        self.positions = bool(positions)
         self.position_embed = nn.ParameterList(
             [nn.Parameter(torch.zeros(3, w, r * 2**k, r * 2**k)) for k, w in enumerate(self.widths)]
-        ) if self.positions else None
+        ) if positions else None
 
     def text_context(self, emb: TextEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens every block attends to: context (B, L', context_dim) and mask (B, L') bool
@@ -277,7 +276,7 @@ class TriplaneGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (f"planes={self.plane_keys} at {self.resolution}^2, widths={self.widths}, "
                 f"seed={self.seed_resolution}^2, vectors={self.vector_dim}, output_scale={self.output_scale}"
-                f"{', positions' if self.positions else ''}")
+                f"{', positions' if self.position_embed is not None else ''}")
 
 
 __all__ = ["ConvBlock", "CrossAttention", "TriplaneGenerator", "is_plane_shape", "level_heads", "level_widths",

@@ -99,6 +99,17 @@ def test_line_depth_matches_walking_every_line(monkeypatch, backend):
         assert np.allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2, 5), (3, 1, 2), (2, 5, 1), (4, 3, 2)])
+def test_line_depth_of_grids_thinner_than_a_step(shape):
+    # The compiled kernel splits each row into the samples whose ray enters there and the rest; on a grid
+    # narrower than a line's step (2) along an axis every sample is an entry, and nothing is read outside.
+    g = torch.Generator().manual_seed(sum(shape))
+    dens = torch.rand(*shape, generator=g) * 3.0 + 0.5
+    got = line_optical_depth(dens, 0.3)
+    want = _brute_line_depth(dens.numpy().astype(np.float64), LINES_49, 0.3)
+    assert np.allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_and_torch_line_depths_agree(monkeypatch):
     g = torch.Generator().manual_seed(1)
     lin = torch.linspace(-1, 1, 24)

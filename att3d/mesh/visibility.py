@@ -24,8 +24,8 @@ is zero outside the grid). :data:`LINES_13` are the lines to the 26 neighbours (
 :data:`LINES_49` every primitive step with components in ``-2..2`` (the default: 49 silhouettes, about 15 degrees
 apart).
 
-On a CPU a kernel compiled by numba does the sums (float32, like the torch path; the two agree to rounding);
-elsewhere, without numba, or with ``ATT3D_VISIBILITY=torch``, a torch sweep does.
+On a CPU a kernel compiled by numba does the sums row by row (float32, like the torch path; the two agree to
+rounding); elsewhere, without numba, or with ``ATT3D_VISIBILITY=torch``, a torch sweep does.
 """
 
 from __future__ import annotations
@@ -121,39 +121,89 @@ def _kernel():
     except ImportError:  # pragma: no cover - numba is a dependency; the torch sweep is the fallback
         return None
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
     def line_depth_min(sigma, steps, spacing, out):  # pragma: no cover - compiled
+        # Row by row (the last axis contiguous): a ray's previous sample x - d lies in row (i - sx, j - sy), an
+        # earlier row of the sweep, so each row is one branch-free loop that the compiler vectorises; the rows
+        # of a line along the last axis alone (sx = sy = 0) are a sequential sum. Same sums, same order, as
+        # walking sample by sample (bit for bit), about 1.5x faster.
         R0, R1, R2 = sigma.shape
         tau = np.empty_like(sigma)
         for n in range(steps.shape[0]):
             sx, sy, sz = steps[n, 0], steps[n, 1], steps[n, 2]
             half = np.float32(0.5 * spacing * np.sqrt(float(sx * sx + sy * sy + sz * sz)))
-            # a sweep order in which x - d comes before x: ascending along positive components
+            # tau(x) = tau(x - d) + (sigma(x - d) + sigma(x)) / 2 * |d| spacing, or half a step where the ray
+            # enters; the sweep is ascending along positive components. Row k's x - d is k - sz, inside for
+            # k in [klo, khi).
+            klo = min(max(0, sz), R2)
+            khi = max(min(R2, R2 + sz), klo)
             for a in range(R0):
                 i = a if sx >= 0 else R0 - 1 - a
+                pi = i - sx
                 for b in range(R1):
                     j = b if sy >= 0 else R1 - 1 - b
-                    for c in range(R2):
-                        k = c if sz >= 0 else R2 - 1 - c
-                        pi, pj, pk = i - sx, j - sy, k - sz
-                        if 0 <= pi < R0 and 0 <= pj < R1 and 0 <= pk < R2:
-                            tau[i, j, k] = (tau[pi, pj, pk] + sigma[pi, pj, pk] * half) + sigma[i, j, k] * half
+                    pj = j - sy
+                    row = tau[i, j]
+                    srow = sigma[i, j]
+                    if pi < 0 or pi >= R0 or pj < 0 or pj >= R1:
+                        for k in range(R2):
+                            row[k] = srow[k] * half
+                        continue
+                    for k in range(klo):
+                        row[k] = srow[k] * half
+                    for k in range(khi, R2):
+                        row[k] = srow[k] * half
+                    if sx == 0 and sy == 0:  # along the row itself
+                        if sz >= 0:
+                            for k in range(klo, khi):
+                                row[k] = (row[k - sz] + srow[k - sz] * half) + srow[k] * half
                         else:
-                            tau[i, j, k] = sigma[i, j, k] * half
+                            for k in range(khi - 1, klo - 1, -1):
+                                row[k] = (row[k - sz] + srow[k - sz] * half) + srow[k] * half
+                    else:
+                        prow = tau[pi, pj]
+                        psrow = sigma[pi, pj]
+                        for k in range(klo, khi):
+                            row[k] = (prow[k - sz] + psrow[k - sz] * half) + srow[k] * half
             # the whole line's depth is its last sample's tau plus half a step; carry it back along the line
+            # (x + d is row (i + sx, j + sy), k + sz, inside for k in [klo, khi))
+            klo = min(max(0, -sz), R2)
+            khi = max(min(R2, R2 - sz), klo)
             for a in range(R0 - 1, -1, -1):
                 i = a if sx >= 0 else R0 - 1 - a
+                ni = i + sx
                 for b in range(R1 - 1, -1, -1):
                     j = b if sy >= 0 else R1 - 1 - b
-                    for c in range(R2 - 1, -1, -1):
-                        k = c if sz >= 0 else R2 - 1 - c
-                        ni, nj, nk = i + sx, j + sy, k + sz
-                        if 0 <= ni < R0 and 0 <= nj < R1 and 0 <= nk < R2:
-                            tau[i, j, k] = tau[ni, nj, nk]
+                    nj = j + sy
+                    row = tau[i, j]
+                    srow = sigma[i, j]
+                    orow = out[i, j]
+                    last = ni < 0 or ni >= R0 or nj < 0 or nj >= R1  # the whole row ends its lines
+                    for k in range(R2 if last else klo):
+                        v = row[k] + srow[k] * half
+                        row[k] = v
+                        orow[k] = min(orow[k], v)
+                    if last:
+                        continue
+                    for k in range(khi, R2):
+                        v = row[k] + srow[k] * half
+                        row[k] = v
+                        orow[k] = min(orow[k], v)
+                    if sx == 0 and sy == 0:
+                        if sz >= 0:
+                            for k in range(khi - 1, klo - 1, -1):
+                                row[k] = row[k + sz]
+                                orow[k] = min(orow[k], row[k])
                         else:
-                            tau[i, j, k] = tau[i, j, k] + sigma[i, j, k] * half
-                        if tau[i, j, k] < out[i, j, k]:
-                            out[i, j, k] = tau[i, j, k]
+                            for k in range(klo, khi):
+                                row[k] = row[k + sz]
+                                orow[k] = min(orow[k], row[k])
+                    else:
+                        nrow = tau[ni, nj]
+                        for k in range(klo, khi):
+                            v = nrow[k + sz]
+                            row[k] = v
+                            orow[k] = min(orow[k], v)
 
     return line_depth_min
 

@@ -18,6 +18,7 @@ from att3d.field.triplane import (
     TriplaneField,
     combine_planes,
     plane_coords,
+    plane_lattice,
     triplane_sample,
     triplane_sample_reference,
 )
@@ -139,6 +140,58 @@ def test_field_contract_shapes_and_initial_density():
         torch.zeros(1, 5, 3), {"planes": torch.zeros(1, 3, 4, 32, 32)}).shape == (1, 5, 16 + 3)
     with pytest.raises(ValueError, match="combine"):
         TriplaneField(combine="max")
+
+
+@pytest.mark.parametrize("combine,position,latent_mode", [
+    ("concat", True, "input"), ("sum", False, "input"), ("product", True, "colour"),
+    ("concat_product", False, "input"), ("concat", True, "colour")])
+def test_lattice_evaluation_equals_the_field_at_the_lattice_points(combine, position, latent_mode):
+    # mesh extraction evaluates the field on a regular lattice: the plane tables give the same density (and the
+    # same gradient), in every combine mode, for a batch of prompts
+    g = torch.Generator().manual_seed(3)
+    field = TriplaneField(channels=4, resolution=9, combine=combine, hidden_dim=8, include_position=position,
+                          latent_dim=3, latent_mode=latent_mode, bound=1.5)
+    with torch.no_grad():
+        for prm in field.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
+    planes = torch.randn(2, 3, 4, 9, 9, generator=g).requires_grad_()
+    cond = {"planes": planes, "latent": torch.randn(2, 3, generator=g)}
+    axis = torch.linspace(-1.5, 1.5, 13)
+    table = plane_lattice(planes.detach() / 1.0, axis / 1.5)
+    i, j, k = (torch.randint(0, 13, (300,), generator=g) for _ in range(3))
+    points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)
+    sampled = triplane_sample(planes.detach(), (points / 1.5)[None].expand(2, -1, -1))
+    for p_, (a, b) in enumerate(PLANE_AXES):
+        torch.testing.assert_close(table[:, p_, (i, j, k)[a], (i, j, k)[b]], sampled[:, :, p_])
+    want = field.density(points[None].expand(2, -1, -1), cond)
+    got = field.lattice(axis, cond).density(i, j, k)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (grad_want,) = torch.autograd.grad(want.sum(), planes)
+    (grad_got,) = torch.autograd.grad(got.sum(), planes)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="axis"):
+        field.lattice(torch.zeros(2, 2), cond)
+
+
+def test_mesh_extraction_grids_read_the_triplane_lattice(monkeypatch):
+    from att3d.mesh.density import density_grid, surface_density_grid
+
+    torch.manual_seed(0)
+    field = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3)
+    cond = {"planes": torch.randn(2, 3, 4, 8, 8), "latent": torch.randn(2, 3)}
+    calls = []
+    original = TriplaneField.lattice
+    monkeypatch.setattr(TriplaneField, "lattice",
+                        lambda self, axis, c: calls.append(len(axis)) or original(self, axis, c))
+    dense = density_grid(field, cond, 20)
+    assert calls == [20]
+    lin = torch.linspace(-1, 1, 20)
+    x, y, z = torch.meshgrid(lin, lin, lin, indexing="ij")
+    want = field.density(torch.stack([x, y, z], -1).reshape(1, -1, 3).expand(2, -1, -1), cond).reshape(2, 20, 20, 20)
+    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
+    coarse_to_fine, evaluated = surface_density_grid(field, cond, 20, threshold=3.0, step=4)
+    assert len(calls) > 1 and set(calls) == {20}
+    torch.testing.assert_close(coarse_to_fine[evaluated], dense[evaluated], rtol=1e-5, atol=1e-5)
 
 
 # -- the generator --------------------------------------------------------------------------------------------

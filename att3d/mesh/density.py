@@ -20,6 +20,8 @@ and the exported GLBs score the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,33 @@ def batch_of(cond: dict[str, torch.Tensor]) -> tuple[int, torch.device]:
         raise GenerationError("empty conditioning: the mapping produced no tensors")
     first = next(iter(cond.values()))
     return int(first.shape[0]), first.device
+
+
+def lattice_density(field: torch.nn.Module, cond: dict[str, torch.Tensor], axis: torch.Tensor
+                    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The field's density at the lattice points ``(axis[i], axis[j], axis[k])``, as a function of the indices.
+
+    A field with a ``lattice(axis, cond)`` method (:meth:`att3d.field.triplane.TriplaneField.lattice`: plane tables
+    gathered instead of sampled per point) evaluates there; any other field is called at the points.
+
+    Args:
+        field: ``field.density(points (B, N, 3), cond) -> (B, N)``.
+        cond: conditioning of B prompts.
+        axis: (L,) world coordinates shared by the three axes.
+
+    Returns:
+        ``density(i, j, k)``: (N,) long indices each -> (B, N) density.
+    """
+    lattice = getattr(field, "lattice", None)
+    if callable(lattice):
+        return lattice(axis, cond).density
+    B, _ = batch_of(cond)
+
+    def density(i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)[None]
+        return field.density(points.expand(B, -1, -1), cond)
+
+    return density
 
 
 @torch.no_grad()
@@ -52,16 +81,16 @@ def density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], resoluti
     """
     from tqdm import tqdm
 
-    from att3d.mesh.marching_cubes import grid_points
-
     B, device = batch_of(cond)
-    pts = grid_points(resolution, bound, device=device).reshape(1, -1, 3)
-    n = pts.shape[1]
+    R = int(resolution)
+    density = lattice_density(field, cond, torch.linspace(-bound, bound, R, device=device))
+    n = R**3
     step = max(1024, chunk // max(B, 1))
     out = []
     for s in tqdm(range(0, n, step), desc="field", disable=not progress, leave=False):
-        out.append(field.density(pts[:, s:s + step].expand(B, -1, -1), cond).float())
-    return torch.cat(out, dim=1).reshape(B, resolution, resolution, resolution)
+        idx = torch.arange(s, min(s + step, n), device=device)
+        out.append(density(idx // (R * R), (idx // R) % R, idx % R).float())
+    return torch.cat(out, dim=1).reshape(B, R, R, R)
 
 
 def coarse_indices(resolution: int, step: int) -> torch.Tensor:
@@ -143,19 +172,21 @@ def _lattice(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torch.Tensor, where: torch.Tensor,
-                 chunk: int) -> list[torch.Tensor | None]:
+                chunk: int, index: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """The field's density at the grid points ``lin[i], lin[j], lin[k]`` of each prompt's ``where`` (B, n, n, n)
-    bool: per prompt, (count,) float or None (nothing to evaluate)."""
+    bool: per prompt, (count,) float or None (nothing to evaluate). ``index`` (n,) (default: all of ``lin``) maps
+    ``where``'s indices into ``lin``."""
     out: list[torch.Tensor | None] = []
     for b in range(where.shape[0]):
         i, j, k = where[b].nonzero(as_tuple=True)
         if i.numel() == 0:
             out.append(None)
             continue
-        p = torch.stack([lin[i], lin[j], lin[k]], dim=-1)
-        cond_b = {key: v[b:b + 1] for key, v in cond.items()}
-        out.append(torch.cat([field.density(p[s:s + chunk][None], cond_b)[0].float()
-                              for s in range(0, p.shape[0], chunk)]))
+        if index is not None:
+            i, j, k = index[i], index[j], index[k]
+        density = lattice_density(field, {key: v[b:b + 1] for key, v in cond.items()}, lin)
+        out.append(torch.cat([density(i[s:s + chunk], j[s:s + chunk], k[s:s + chunk])[0].float()
+                              for s in range(0, i.shape[0], chunk)]))
     return out
 
 
@@ -188,11 +219,11 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     steps = refinement_steps(step)
     lin = torch.linspace(-bound, bound, R, device=device)  # the fine samples per axis
     coarse = coarse_indices(R, steps[0])
-    clin = lin[coarse.to(device)]
-    gx, gy, gz = torch.meshgrid(clin, clin, clin, indexing="ij")
-    cpts = torch.stack([gx, gy, gz], -1).reshape(1, -1, 3).expand(B, -1, -1)
+    cidx = coarse.to(device)
+    ci, cj, ck = torch.meshgrid(cidx, cidx, cidx, indexing="ij")
     rc = coarse.shape[0]
-    cdens = field.density(cpts, cond).float().reshape(B, rc, rc, rc)  # the current lattice's values
+    cdens = lattice_density(field, cond, lin)(ci.reshape(-1), cj.reshape(-1), ck.reshape(-1))
+    cdens = cdens.float().reshape(B, rc, rc, rc)  # the current lattice's values
     evaluated = torch.zeros(B, R, R, R, dtype=torch.bool, device=device)
     for s in steps[1:]:
         mask = refine_mask(cdens, threshold, R, coarse.to(device), margin)  # fine samples of the crossed cells
@@ -203,7 +234,7 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
         grid = torch.einsum("jb,nabk->najk", w, grid)
         grid = torch.einsum("ia,najk->nijk", w, grid).contiguous()
         where = _lattice(mask, nxt_d)  # the next lattice's samples inside crossed cells
-        for b, vals in enumerate(evaluate_at(field, cond, lin[nxt_d], where, chunk)):
+        for b, vals in enumerate(evaluate_at(field, cond, lin, where, chunk, index=nxt_d)):
             if vals is not None:
                 grid[b][where[b]] = vals
         evaluated[:, nxt_d[:, None, None], nxt_d[None, :, None], nxt_d[None, None, :]] |= where

@@ -221,3 +221,51 @@ def test_a_field_no_render_shows_gives_an_empty_mesh_that_says_why():
     assert len(empty.faces) == 0 and meta["empty"] and "half opaque" in meta["reason"]
     (iso,) = meshes_from_conditioning(duck, cond, grid_resolution=48, texture_size=0, surface="density")
     assert len(iso.faces) > 0
+
+
+class BallAndCornerFloater(torch.nn.Module):
+    """A dense ball of radius 0.4 at the centre, and a dense cube in a corner of the box, outside the unit ball
+    (where the default renderer never samples, as a triplane's untrained plane borders leave one)."""
+
+    bound = 1.0
+
+    def forward(self, points, cond):
+        ball = points.norm(dim=-1) < 0.4
+        corner = (points > 0.8).all(dim=-1)
+        return torch.where(ball | corner, 50.0, 0.0), torch.full_like(points, 0.5)
+
+    def density(self, points, cond):
+        return self.forward(points, cond)[0]
+
+
+class RenderedModel:
+    def __init__(self, renderer):
+        self.field = BallAndCornerFloater()
+        self.renderer = renderer
+        self.config = {"extraction": {"threshold": 1.0}}
+
+
+def test_extraction_keeps_only_what_the_renders_can_sample():
+    from att3d.mesh.density import density_grid
+    from att3d.mesh.extract import rendered_radius
+    from att3d.render.volume import VolumeRenderer
+
+    sphere, box = VolumeRenderer(), VolumeRenderer(region="box")
+    assert sphere.region_radius(1.0) == 1.0 and box.region_radius(1.0) is None
+    assert VolumeRenderer(sphere_radius=None).region_radius(2.0) == pytest.approx(2.0 * math.sqrt(3.0))
+    assert rendered_radius(RenderedModel(sphere), 1.0) == 1.0 and rendered_radius(Duck(), 1.0) is None
+    cond = {"scale": torch.tensor([1.0])}
+    # the density grid is zero outside the ball, the field's inside it
+    field = BallAndCornerFloater()
+    full, masked = density_grid(field, cond, 24), density_grid(field, cond, 24, radius=1.0)
+    lin = torch.linspace(-1, 1, 24)
+    r = (lin[:, None, None] ** 2 + lin[None, :, None] ** 2 + lin[None, None, :] ** 2).sqrt()
+    assert torch.equal(masked[0][r <= 1.0], full[0][r <= 1.0]) and (masked[0][r > 1.0] == 0).all()
+    assert (full[0][r > 1.0] > 0).any()
+    # the mesh of the default renderer's model is the ball alone; a box renderer's model keeps the corner
+    for coarse_step in (1, 4):
+        (ball,) = meshes_from_conditioning(RenderedModel(sphere), cond, grid_resolution=48, texture_size=0,
+                                           coarse_step=coarse_step, min_component_fraction=0.0)
+        (both,) = meshes_from_conditioning(RenderedModel(box), cond, grid_resolution=48, texture_size=0,
+                                           coarse_step=coarse_step, min_component_fraction=0.0)
+        assert ball.bounds[1].max() < 0.5 and both.bounds[1].min() > 0.8

@@ -37,8 +37,8 @@ def batch_of(cond: dict[str, torch.Tensor]) -> tuple[int, torch.device]:
     return int(first.shape[0]), first.device
 
 
-def lattice_density(field: torch.nn.Module, cond: dict[str, torch.Tensor], axis: torch.Tensor
-                    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def lattice_density(field: torch.nn.Module, cond: dict[str, torch.Tensor], axis: torch.Tensor,
+                    radius: float | None = None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The field's density at the lattice points ``(axis[i], axis[j], axis[k])``, as a function of the indices.
 
     A field with a ``lattice(axis, cond)`` method (:meth:`att3d.field.triplane.TriplaneField.lattice`: plane tables
@@ -48,25 +48,37 @@ def lattice_density(field: torch.nn.Module, cond: dict[str, torch.Tensor], axis:
         field: ``field.density(points (B, N, 3), cond) -> (B, N)``.
         cond: conditioning of B prompts.
         axis: (L,) world coordinates shared by the three axes.
+        radius: zero density outside the ball of this radius at the origin (the region the renders sample:
+            :meth:`att3d.render.volume.VolumeRenderer.region_radius`); None: none.
 
     Returns:
         ``density(i, j, k)``: (N,) long indices each -> (B, N) density.
     """
     lattice = getattr(field, "lattice", None)
     if callable(lattice):
-        return lattice(axis, cond).density
-    B, _ = batch_of(cond)
+        evaluate = lattice(axis, cond).density
+    else:
+        B, _ = batch_of(cond)
 
-    def density(i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)[None]
-        return field.density(points.expand(B, -1, -1), cond)
+        def evaluate(i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)[None]
+            return field.density(points.expand(B, -1, -1), cond)
 
-    return density
+    if radius is None:
+        return evaluate
+    r2 = axis.square()
+    limit = float(radius) ** 2
+
+    def masked(i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        inside = (r2[i] + r2[j] + r2[k]) <= limit
+        return evaluate(i, j, k) * inside.to(axis.dtype)
+
+    return masked
 
 
 @torch.no_grad()
 def density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], resolution: int, bound: float = 1.0,
-                 chunk: int = 1 << 18, progress: bool = False) -> torch.Tensor:
+                 chunk: int = 1 << 18, progress: bool = False, radius: float | None = None) -> torch.Tensor:
     """The field's density at every :func:`att3d.mesh.grid_points` sample (the sampling of
     :func:`att3d.mesh.marching_cubes`).
 
@@ -75,6 +87,7 @@ def density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], resoluti
         cond: conditioning of B prompts, ``{name: (B, ...)}``.
         resolution: R samples per axis over ``[-bound, bound]``.
         chunk: points evaluated per call, summed over the batch.
+        radius: zero outside the ball of this radius (:func:`lattice_density`); None: the field everywhere.
 
     Returns:
         (B, R, R, R) float density indexed ``[x, y, z]``.
@@ -83,7 +96,7 @@ def density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], resoluti
 
     B, device = batch_of(cond)
     R = int(resolution)
-    density = lattice_density(field, cond, torch.linspace(-bound, bound, R, device=device))
+    density = lattice_density(field, cond, torch.linspace(-bound, bound, R, device=device), radius)
     n = R**3
     step = max(1024, chunk // max(B, 1))
     out = []
@@ -172,10 +185,11 @@ def _lattice(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torch.Tensor, where: torch.Tensor,
-                chunk: int, index: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                chunk: int, index: torch.Tensor | None = None, radius: float | None = None
+                ) -> list[torch.Tensor | None]:
     """The field's density at the grid points ``lin[i], lin[j], lin[k]`` of each prompt's ``where`` (B, n, n, n)
     bool: per prompt, (count,) float or None (nothing to evaluate). ``index`` (n,) (default: all of ``lin``) maps
-    ``where``'s indices into ``lin``."""
+    ``where``'s indices into ``lin``; ``radius`` as :func:`lattice_density`."""
     out: list[torch.Tensor | None] = []
     for b in range(where.shape[0]):
         i, j, k = where[b].nonzero(as_tuple=True)
@@ -184,7 +198,7 @@ def evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torc
             continue
         if index is not None:
             i, j, k = index[i], index[j], index[k]
-        density = lattice_density(field, {key: v[b:b + 1] for key, v in cond.items()}, lin)
+        density = lattice_density(field, {key: v[b:b + 1] for key, v in cond.items()}, lin, radius)
         out.append(torch.cat([density(i[s:s + chunk], j[s:s + chunk], k[s:s + chunk])[0].float()
                               for s in range(0, i.shape[0], chunk)]))
     return out
@@ -192,8 +206,8 @@ def evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torc
 
 @torch.no_grad()
 def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], resolution: int, threshold: float,
-                         bound: float = 1.0, step: int = 4, margin: int = 1, chunk: int = 1 << 18
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         bound: float = 1.0, step: int = 4, margin: int = 1, chunk: int = 1 << 18,
+                         radius: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The density grid of :func:`density_grid`, evaluated at full resolution only near the surface.
 
     See the module docstring: the field is evaluated on every ``step``-th sample, then on the finer lattices of
@@ -202,7 +216,7 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     trilinear in the corners of its cell at the finest level evaluated there (so its occupancy is that cell's).
 
     Args:
-        field, cond, resolution, bound, chunk: as :func:`density_grid`.
+        field, cond, resolution, bound, chunk, radius: as :func:`density_grid`.
         threshold: the iso value (inside: above).
         step: fine cells per cell of the first, coarsest lattice (1: the dense grid).
         margin: cells (of each level) refined around the crossed ones.
@@ -214,7 +228,7 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     B, device = batch_of(cond)
     R = int(resolution)
     if step <= 1 or R <= 2 * step:
-        dense = density_grid(field, cond, R, bound, chunk=chunk)
+        dense = density_grid(field, cond, R, bound, chunk=chunk, radius=radius)
         return dense, torch.ones_like(dense, dtype=torch.bool)
     steps = refinement_steps(step)
     lin = torch.linspace(-bound, bound, R, device=device)  # the fine samples per axis
@@ -222,7 +236,7 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     cidx = coarse.to(device)
     ci, cj, ck = torch.meshgrid(cidx, cidx, cidx, indexing="ij")
     rc = coarse.shape[0]
-    cdens = lattice_density(field, cond, lin)(ci.reshape(-1), cj.reshape(-1), ck.reshape(-1))
+    cdens = lattice_density(field, cond, lin, radius)(ci.reshape(-1), cj.reshape(-1), ck.reshape(-1))
     cdens = cdens.float().reshape(B, rc, rc, rc)  # the current lattice's values
     evaluated = torch.zeros(B, R, R, R, dtype=torch.bool, device=device)
     for s in steps[1:]:
@@ -234,7 +248,7 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
         grid = torch.einsum("jb,nabk->najk", w, grid)
         grid = torch.einsum("ia,najk->nijk", w, grid).contiguous()
         where = _lattice(mask, nxt_d)  # the next lattice's samples inside crossed cells
-        for b, vals in enumerate(evaluate_at(field, cond, lin, where, chunk, index=nxt_d)):
+        for b, vals in enumerate(evaluate_at(field, cond, lin, where, chunk, index=nxt_d, radius=radius)):
             if vals is not None:
                 grid[b][where[b]] = vals
         evaluated[:, nxt_d[:, None, None], nxt_d[None, :, None], nxt_d[None, None, :]] |= where

@@ -64,6 +64,15 @@ def extraction_threshold(model: Any) -> float:
     return float((config.get("extraction") or {}).get("threshold", DEFAULT_THRESHOLD))
 
 
+def rendered_radius(model: Any, bound: float) -> float | None:
+    """The radius of the ball that the model's renders sample (``model.renderer.region_radius``), or None (no such
+    ball: the whole box). Extraction treats the field as empty outside it: no render ever showed that density, so
+    score distillation never shaped it (a triplane's planes are free there, and leave floaters in the box's
+    corners)."""
+    region_radius = getattr(getattr(model, "renderer", None), "region_radius", None)
+    return region_radius(bound) if callable(region_radius) else None
+
+
 def mesh_head(model: Any, head: str = "auto") -> str:
     """Which surface a model's meshes come from: ``"nerf"`` or ``"mesh"``.
 
@@ -202,6 +211,9 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             per-prompt stages are charged their wall time, which overlaps).
         progress: progress bars.
 
+    The field counts as empty outside the ball that the model's renders sample (:func:`rendered_radius`; the
+    default renderer's unit ball), where nothing trained it.
+
     Returns:
         B ``trimesh.Trimesh`` in the field's frame: ``TextureVisuals`` (PBR material with the baked
         texture; the per-vertex colours are kept in ``mesh.vertex_attributes["color"]``, (V, 4)
@@ -244,12 +256,13 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
             "colour_offset")
         colour_offset = 2.0 * bound / 127 if stage_offset is None else float(stage_offset)
     offset = 2.0 * bound / (R - 1) if colour_offset is None else float(colour_offset)
+    radius = rendered_radius(model, bound)
     B, _ = batch_of(cond)
 
     density = None
     if coarse_step == 1:  # the dense grid, batched
         with maybe_timed(timer, "field"):
-            density = _close_box(density_grid(field, cond, R, bound, progress=progress))
+            density = _close_box(density_grid(field, cond, R, bound, progress=progress, radius=radius))
     job = _MeshJob(field=field, head=head, threshold=thr, bound=bound, R=R, shading=colour_shading(model),
                    surface=surface, solid=solid, close_voxels=int(round(close_radius * (R - 1) / (2.0 * bound))),
                    min_component_fraction=min_component_fraction, smooth_iterations=smooth_iterations,
@@ -262,7 +275,8 @@ def meshes_from_conditioning(model: Any, cond: dict[str, torch.Tensor], grid_res
         if density is not None:
             return job(density[b], conds[b])
         with maybe_timed(timer, "field"):  # near the surface only, per prompt (in the prompt's thread)
-            vol = _close_box(surface_density_grid(field, conds[b], R, thr, bound, step=coarse_step)[0])[0]
+            vol = _close_box(surface_density_grid(field, conds[b], R, thr, bound, step=coarse_step,
+                                                  radius=radius)[0])[0]
         return job(vol, conds[b])
 
     n_workers = (1 if B == 1 else 2) if workers is None else max(1, int(workers))

@@ -100,6 +100,13 @@ class VolumeRenderer(nn.Module):
 
     # -- rendering ---------------------------------------------------------------------------
 
+    def region_radius(self, bound: float) -> float | None:
+        """The radius of the ball that every ray sample lies in (``region="sphere"``), or None (``box``: the whole
+        box is sampled). A field's density outside it is never rendered, so nothing trains it."""
+        if self.region != "sphere":
+            return None
+        return float(self.sphere_radius) if self.sphere_radius is not None else math.sqrt(3.0) * float(bound)
+
     def ray_segments(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
                      bound: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R, 3) rays -> near, far (B, R) of the sampled region (``near == far`` on a miss)."""

@@ -257,13 +257,18 @@ class TriplaneField(nn.Module):
             parts.append(latent[:, None, :].expand(B, N, self.latent_dim))
         return torch.cat(parts, dim=-1)
 
-    def _parts(self, points: torch.Tensor, cond: dict[str, torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(plane features (B, N, 3C | C), normalised points (B, N, 3) or None, latent (B|1, latent_dim) or None)."""
+    def checked_planes(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``cond["planes"]`` (B, 3, C, R, R), or a ValueError naming the shape this field needs."""
         planes = cond["planes"]
         expected = (3, self.channels, self.resolution, self.resolution)
         if tuple(planes.shape[1:]) != expected:
             raise ValueError(f"cond['planes'] must be (B, {', '.join(map(str, expected))}), got {tuple(planes.shape)}")
+        return planes
+
+    def _parts(self, points: torch.Tensor, cond: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(plane features (B, N, 3C | C), normalised points (B, N, 3) or None, latent (B|1, latent_dim) or None)."""
+        planes = self.checked_planes(cond)
         x = encoding.normalize_points(points, self.bound)
         feats = combine_planes(triplane_sample(planes, x), self.combine)
         if self.feature_scale != 1.0:
@@ -343,10 +348,7 @@ class TriplaneLattice:
     """
 
     def __init__(self, field: TriplaneField, axis: torch.Tensor, cond: dict[str, torch.Tensor]):
-        planes = cond["planes"]
-        expected = (3, field.channels, field.resolution, field.resolution)
-        if tuple(planes.shape[1:]) != expected:
-            raise ValueError(f"cond['planes'] must be (B, {', '.join(map(str, expected))}), got {tuple(planes.shape)}")
+        planes = field.checked_planes(cond)
         if axis.dim() != 1 or axis.shape[0] < 1:
             raise ValueError(f"axis must be (L,) with L >= 1, got {tuple(axis.shape)}")
         self.field = field

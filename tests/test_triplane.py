@@ -17,6 +17,7 @@ from att3d.field.triplane import (
     PLANE_AXES,
     TriplaneField,
     combine_planes,
+    diagonal_lattice,
     plane_coords,
     plane_lattice,
     triplane_sample,
@@ -112,6 +113,43 @@ def test_sampling_hits_vertices_matches_the_reference_and_clamps_outside():
     torch.testing.assert_close(shared[1], triplane_sample(planes[:1], points[1:])[0])
 
 
+def test_diagonal_planes_by_hand_against_the_reference_and_as_a_turn():
+    # R = 3: vertices at -1, 0, 1. Plane uy has a spike of 10 at (u = 1, y = 0), plane vy 4 at (v = 0, y = 0).
+    planes = torch.zeros(1, 5, 1, 3, 3)
+    planes[0, 3, 0, 2, 1] = 10.0
+    planes[0, 4, 0, 1, 1] = 4.0
+    h = 0.5**0.5
+    pts = torch.tensor([[[0.5, 0.0, 0.5], [0.5, 0.0, -0.5], [0.0, 0.5, 0.0]]])  # u, v = (h, 0), (0, h), (0, 0)
+    out = triplane_sample(planes, pts)  # (1, 3, 5, 1)
+    assert out.shape == (1, 3, 5, 1) and (out[0, :, :3] == 0).all()
+    torch.testing.assert_close(out[0, :, 3:, 0], torch.tensor([[10 * h, 4.0], [0.0, 4 * (1 - h)], [0.0, 2.0]]))
+    torch.testing.assert_close(plane_coords(pts, 5)[0, 3:, 0], torch.tensor([[h, 0.0], [0.0, 0.0]]))
+    g = torch.Generator().manual_seed(1)
+    rnd, p = torch.randn(2, 5, 3, 7, 7, generator=g), torch.rand(2, 100, 3, generator=g) * 2 - 1
+    torch.testing.assert_close(triplane_sample(rnd, p), triplane_sample_reference(rnd, p), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(triplane_sample(rnd, p)[:, :, :3], triplane_sample(rnd[:, :3], p))
+    # what the axis planes xy and yz hold, the diagonal planes uy and vy hold turned 45 degrees about y: a shape
+    # and its turn are equally easy (the reason for the option)
+    field = TriplaneField(channels=3, resolution=7, combine="sum", diagonal_planes=True, hidden_dim=8,
+                          include_position=False, latent_dim=0)
+    with torch.no_grad():
+        for prm in field.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g))
+    axes, turned = torch.zeros(1, 5, 3, 7, 7), torch.zeros(1, 5, 3, 7, 7)
+    axes[:, 0], axes[:, 2] = rnd[:1, 0], rnd[:1, 2]
+    # yz is stored [c, i_y, i_z], vy [c, i_v, i_y]
+    turned[:, 3], turned[:, 4] = rnd[:1, 0], rnd[:1, 2].transpose(-1, -2)
+    ball = torch.nn.functional.normalize(p[:1], dim=-1) * p[:1].norm(dim=-1, keepdim=True).clamp(max=1) * 0.99
+    x, y, z = ball.unbind(-1)
+    turn = torch.stack([(x + z) * h, y, (x - z) * h], dim=-1)  # (u, y, v): where the point lands
+    torch.testing.assert_close(field.density(ball, {"planes": turned}), field.density(turn, {"planes": axes}),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="or \\(B, 5, C, R, R\\)"):
+        triplane_sample(torch.zeros(1, 4, 1, 3, 3), pts)
+    with pytest.raises(ValueError, match="evenly spaced"):
+        diagonal_lattice(rnd[:, 3:], torch.tensor([-1.0, -0.5, 0.8, 1.0]))
+
+
 def test_field_contract_shapes_and_initial_density():
     torch.manual_seed(0)
     field = TriplaneField(channels=4, resolution=8, hidden_dim=8, latent_dim=3)
@@ -142,27 +180,32 @@ def test_field_contract_shapes_and_initial_density():
         TriplaneField(combine="max")
 
 
-@pytest.mark.parametrize("combine,position,latent_mode", [
-    ("concat", True, "input"), ("sum", False, "input"), ("product", True, "colour"),
-    ("concat_product", False, "input"), ("concat", True, "colour")])
-def test_lattice_evaluation_equals_the_field_at_the_lattice_points(combine, position, latent_mode):
+@pytest.mark.parametrize("combine,position,latent_mode,diagonal", [
+    ("concat", True, "input", False), ("sum", False, "input", False), ("product", True, "colour", False),
+    ("concat_product", False, "input", False), ("concat", True, "colour", False), ("concat", True, "input", True),
+    ("sum", True, "input", True), ("concat_product", True, "colour", True)])
+def test_lattice_evaluation_equals_the_field_at_the_lattice_points(combine, position, latent_mode, diagonal):
     # mesh extraction evaluates the field on a regular lattice: the plane tables give the same density (and the
-    # same gradient), in every combine mode, for a batch of prompts
+    # same gradient), in every combine mode, with or without the diagonal planes, for a batch of prompts
     g = torch.Generator().manual_seed(3)
-    field = TriplaneField(channels=4, resolution=9, combine=combine, hidden_dim=8, include_position=position,
-                          latent_dim=3, latent_mode=latent_mode, bound=1.5)
+    field = TriplaneField(channels=4, resolution=9, combine=combine, diagonal_planes=diagonal, hidden_dim=8,
+                          include_position=position, latent_dim=3, latent_mode=latent_mode, bound=1.5)
     with torch.no_grad():
         for prm in field.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
-    planes = torch.randn(2, 3, 4, 9, 9, generator=g).requires_grad_()
+    planes = torch.randn(2, field.num_planes, 4, 9, 9, generator=g).requires_grad_()
     cond = {"planes": planes, "latent": torch.randn(2, 3, generator=g)}
     axis = torch.linspace(-1.5, 1.5, 13)
-    table = plane_lattice(planes.detach() / 1.0, axis / 1.5)
+    table = plane_lattice(planes.detach()[:, :3], axis / 1.5)
     i, j, k = (torch.randint(0, 13, (300,), generator=g) for _ in range(3))
     points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)
     sampled = triplane_sample(planes.detach(), (points / 1.5)[None].expand(2, -1, -1))
     for p_, (a, b) in enumerate(PLANE_AXES):
         torch.testing.assert_close(table[:, p_, (i, j, k)[a], (i, j, k)[b]], sampled[:, :, p_])
+    if diagonal:  # uy at (i + k, j), vy at (i - k + L - 1, j)
+        diag = diagonal_lattice(planes.detach()[:, 3:], axis / 1.5)
+        torch.testing.assert_close(diag[:, 0, i + k, j], sampled[:, :, 3], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(diag[:, 1, i - k + 12, j], sampled[:, :, 4], atol=1e-5, rtol=1e-5)
     want = field.density(points[None].expand(2, -1, -1), cond)
     got = field.lattice(axis, cond).density(i, j, k)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -216,6 +259,15 @@ def test_generator_output_shapes_and_structure():
     assert out["a"].shape == (2, 3, 2, 12, 12) and out["b"].shape == (2, 3, 1, 12, 12)
     with pytest.raises(ValueError, match="share one resolution"):
         TriplaneGenerator(5, 12, {"a": (3, 2, 8, 8), "b": (3, 2, 16, 16)})
+    # five planes (a triplane field with the diagonal planes): one batch of 5B images, its own embeddings
+    five = TriplaneGenerator(5, 12, {"planes": (5, 2, 8, 8), "latent": (3,)}, width=16, min_width=8, context_dim=8,
+                             heads=2, min_head_dim=4)
+    out = five(_emb(2))
+    assert five.num_planes == 5 and five.seed.shape[0] == 5 and five.plane_embed[0].shape[0] == 5
+    assert out["planes"].shape == (2, 5, 2, 8, 8) and out["latent"].shape == (2, 3)
+    assert not torch.allclose(out["planes"][:, 3], out["planes"][:, 4])
+    with pytest.raises(ValueError, match="same number of planes"):
+        TriplaneGenerator(5, 12, {"a": (3, 2, 8, 8), "b": (5, 2, 8, 8)})
     with pytest.raises(ValueError, match="tokens of shape"):
         m(_emb(2, length=6))
     assert num_upsamplings(32, 4) == 3 and num_upsamplings(24, 4) == 3 and num_upsamplings(4, 4) == 0
@@ -358,6 +410,27 @@ def test_save_load_round_trip_records_every_argument(model, model_dir):
         pts = torch.rand(4, 64, 3) * 2 - 1
         for x, y in zip(model.field(pts, a), again.field(pts, b)):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mapping", ["triplane", "hypernetwork"])
+def test_diagonal_planes_model_round_trip_and_meshes_from_the_lattice(mapping, tmp_path):
+    # either mapping writes the five planes; the folder records the option; extraction's lattice equals the field
+    torch.manual_seed(0)
+    config = {**TINY, "field": {**TINY_FIELD, "diagonal_planes": True},
+              "mapping": TINY_MAPPING if mapping == "triplane" else {"name": "hypernetwork", "hidden_dim": 8}}
+    model = AmortizedModel(config).eval()
+    folder = model.save_pretrained(tmp_path / "model")
+    assert json.loads((folder / "model_config.json").read_text())["field"]["diagonal_planes"] is True
+    again = att3d.load(folder)
+    with torch.no_grad():
+        cond, cond2 = model.conditioning(PROMPTS[:2]), again.conditioning(PROMPTS[:2])
+        assert cond["planes"].shape == (2, 5, 4, 8, 8) and torch.equal(cond["planes"], cond2["planes"])
+        from att3d.mesh.density import density_grid
+        lin = torch.linspace(-1, 1, 12)
+        x, y, z = torch.meshgrid(lin, lin, lin, indexing="ij")
+        want = again.field.density(torch.stack([x, y, z], -1).reshape(1, -1, 3).expand(2, -1, -1), cond2)
+        torch.testing.assert_close(density_grid(again.field, cond2, 12), want.reshape(2, 12, 12, 12),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_hydra_groups_compose_the_triplane():

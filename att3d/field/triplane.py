@@ -4,22 +4,30 @@ LATTE3D (Xie et al., "LATTE3D: Large-scale Amortized Text-To-Enhanced3D Synthesi
 replaces ATT3D's hypernetwork-generated grid by a triplane that a text-conditioned convolutional network
 generates (:class:`att3d.mapping.triplane.TriplaneGenerator`); a small MLP shared by all prompts decodes the
 sampled plane features into density and colour. The planes are the per-prompt conditioning:
-``cond["planes"]`` (B, 3, C, R, R), plus an optional per-prompt code ``cond["latent"]`` (B, latent_dim).
+``cond["planes"]`` (B, P, C, R, R) (P = 3, or 5 with ``diagonal_planes``), plus an optional per-prompt code
+``cond["latent"]`` (B, latent_dim).
 
 Conventions (shared by every function here):
 
 - Points are normalised to ``[-1, 1]^3`` (``points / bound``). Plane ``p`` spans the axes ``PLANE_AXES[p]``:
   0 = xy, 1 = xz, 2 = yz. A plane is stored as ``(C, R, R)`` indexed ``[c, i_a, i_b]`` where ``a, b`` are its
   two axes in that order (first axis first, like the grid field's ``[f, ix, iy, iz]`` volumes).
+- Optionally (``diagonal_planes``) two more vertical planes stand at 45 degrees about the vertical (y) axis:
+  plane 3 spans ``(u, y)`` and plane 4 ``(v, y)`` with ``u = (x + z) / sqrt(2)`` and ``v = (x - z) / sqrt(2)``
+  (:data:`DIAGONAL_AXES`; the unit ball's points have ``|u|, |v| <= 1``). Three axis-aligned planes favour
+  shapes whose horizontal sections are axis-aligned: a square section ``max(|x|, |z|) <= r(y)`` is the
+  intersection of two extrusions the xy and yz planes hold, a diamond ``|x| + |z| <= r(y)`` needs the xz plane
+  and the decoder to work together. With the diagonal planes a diamond is ``max(|u|, |v|) <= r(y) / sqrt(2)``,
+  as easy as the square, so a shape and its copy turned 45 degrees about the vertical are equally easy.
 - Vertex ``i`` of a plane sits at ``-1 + 2 i / (R - 1)`` (``align_corners=True``): the corner vertices lie on
   the box faces, as in :mod:`att3d.field.encoding`; outside the box the features are clamped to the border
   (the density is zero there anyway).
-- Sampling is bilinear (:func:`torch.nn.functional.grid_sample`); the three planes' features are combined by
-  ``concat`` (B, N, 3C; the default), ``sum`` (B, N, C; EG3D-style aggregation), ``product`` (B, N, C; the
-  Hadamard product of K-planes, Fridovich-Keil et al. 2023) or ``concat_product`` (B, N, 4C: the three planes and
-  their product). A sum or concatenation can only add the planes' evidence, so a small decoder MLP makes
-  intersections of extrusions (a cube) easily but not shapes whose cross-section depends on the height (a cone,
-  a pyramid, a torus's tube); the product gives it the interaction of the three planes directly.
+- Sampling is bilinear (:func:`torch.nn.functional.grid_sample`); the P planes' features (P = 3, or 5 with the
+  diagonal planes) are combined by ``concat`` (B, N, PC; the default), ``sum`` (B, N, C; EG3D-style aggregation),
+  ``product`` (B, N, C; the Hadamard product of K-planes, Fridovich-Keil et al. 2023) or ``concat_product``
+  (B, N, (P + 1)C: the planes and their product). A sum or concatenation can only add the planes' evidence, so a
+  small decoder MLP makes intersections of extrusions (a cube) easily but not shapes whose cross-section depends
+  on the height (a cone, a pyramid, a torus's tube); the product gives it the interaction of the planes directly.
 
 Output conventions are the grid field's (:class:`att3d.field.grid_field.GridField`): density
 ``act(raw + bump(x) + density_bias)`` with the same Magic3D-style centre bump and ``softplus`` (or ``exp``)
@@ -53,62 +61,90 @@ from att3d.registry import FIELDS
 
 #: The two world axes (0 = x, 1 = y, 2 = z) spanned by each plane, in storage order ``[c, i_a, i_b]``.
 PLANE_AXES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
-#: Each way of combining the three planes' features, and the MLP input it gives, in multiples of C.
+#: The optional diagonal planes' axes: ``u = (x + z) / sqrt(2)`` and ``v = (x - z) / sqrt(2)``, each with y.
+DIAGONAL_AXES: tuple[str, ...] = ("uy", "vy")
+#: The supported numbers of planes: the three axis-aligned ones, or those and the two diagonal ones.
+NUM_PLANES: tuple[int, ...] = (3, 5)
+#: Each way of combining the planes' features.
+COMBINE_MODES: tuple[str, ...] = ("concat", "sum", "product", "concat_product")
+#: The MLP input each combine gives with three planes, in multiples of C (:func:`combine_width` for any P).
 COMBINE_WIDTHS: dict[str, int] = {"concat": 3, "sum": 1, "product": 1, "concat_product": 4}
-COMBINE_MODES = tuple(COMBINE_WIDTHS)
+
+_HALF_SQRT2 = 0.5 ** 0.5
 
 
-def plane_coords(points: torch.Tensor) -> torch.Tensor:
-    """Each point's 2-D coordinates on the three planes.
+def combine_width(mode: str, num_planes: int = 3) -> int:
+    """The MLP input that ``combine_planes(feats (B, N, P, C), mode)`` gives, in multiples of C."""
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
+    return {"concat": num_planes, "sum": 1, "product": 1, "concat_product": num_planes + 1}[mode]
+
+
+def check_num_planes(num_planes: int) -> int:
+    """``num_planes`` if supported (3: xy, xz, yz; 5: and the diagonal uy, vy), else a ValueError."""
+    if num_planes not in NUM_PLANES:
+        raise ValueError(f"a triplane has 3 planes (or 5 with the diagonal planes), got {num_planes}")
+    return int(num_planes)
+
+
+def plane_coords(points: torch.Tensor, num_planes: int = 3) -> torch.Tensor:
+    """Each point's 2-D coordinates on the planes.
 
     Args:
         points: (B, N, 3) in ``[-1, 1]^3``.
+        num_planes: P, 3 (the axis-aligned planes) or 5 (and the diagonal ones).
 
     Returns:
-        (B, 3, N, 2): ``[..., p, :, :] = (points[..., a], points[..., b])`` for ``(a, b) = PLANE_AXES[p]``.
+        (B, P, N, 2): ``[..., p, :, :] = (points[..., a], points[..., b])`` for ``(a, b) = PLANE_AXES[p]``
+        (p < 3); ``(u, y)`` and ``(v, y)`` for p = 3, 4 (:data:`DIAGONAL_AXES`).
     """
     B, N, _ = points.shape
     index = torch.tensor([i for ab in PLANE_AXES for i in ab], device=points.device)
-    return points.index_select(-1, index).reshape(B, N, 3, 2).transpose(1, 2)
+    coords = points.index_select(-1, index).reshape(B, N, 3, 2)
+    if check_num_planes(num_planes) == 5:
+        x, y, z = points.unbind(-1)
+        u, v = (x + z) * _HALF_SQRT2, (x - z) * _HALF_SQRT2
+        coords = torch.cat([coords, torch.stack([u, y, v, y], dim=-1).reshape(B, N, 2, 2)], dim=2)
+    return coords.transpose(1, 2)
 
 
 def triplane_sample(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear interpolation of per-prompt triplanes (one ``grid_sample`` call for all planes).
 
     Args:
-        planes: (B, 3, C, R, R) or (1, 3, C, R, R) (one triplane shared by all B point sets); plane ``p``
-            spans ``PLANE_AXES[p]`` and is indexed ``[c, i_a, i_b]``.
+        planes: (B, P, C, R, R) or (1, P, C, R, R) (one triplane shared by all B point sets), P = 3 or 5; plane
+            ``p`` spans ``PLANE_AXES[p]`` (p < 3) or :data:`DIAGONAL_AXES` ``[p - 3]`` and is indexed
+            ``[c, i_a, i_b]``.
         points: (B, N, 3) in ``[-1, 1]^3`` (outside: clamped to the border).
 
     Returns:
-        (B, N, 3, C): the features of each plane at each point (a view of ``grid_sample``'s output: flattening
+        (B, N, P, C): the features of each plane at each point (a view of ``grid_sample``'s output: flattening
         the last two dimensions, as ``combine_planes(..., "concat")`` does, copies nothing).
     """
     B, N, _ = points.shape
-    if planes.dim() != 5 or planes.shape[1] != 3:
-        raise ValueError(f"planes must be (B, 3, C, R, R), got {tuple(planes.shape)}")
+    if planes.dim() != 5 or planes.shape[1] not in NUM_PLANES:
+        raise ValueError(f"planes must be (B, 3, C, R, R) or (B, 5, C, R, R), got {tuple(planes.shape)}")
     if planes.shape[0] == 1 and B != 1:
-        return triplane_sample(planes, points.reshape(1, B * N, 3)).reshape(B, N, 3, -1)
+        return triplane_sample(planes, points.reshape(1, B * N, 3)).reshape(B, N, planes.shape[1], -1)
     if planes.shape[0] != B:
         raise ValueError(f"planes batch {planes.shape[0]} does not match points batch {B}")
-    _, _, C, H, W = planes.shape
+    _, P, C, H, W = planes.shape
     # grid_sample reads the last coordinate as the index along W (the plane's second axis b) and the first
     # along H (its first axis a): pass (b, a).
-    index = torch.tensor([i for ab in PLANE_AXES for i in reversed(ab)], device=points.device)
-    coords = points.to(planes.dtype).index_select(-1, index).reshape(B, N, 3, 2).transpose(1, 2)
-    out = F.grid_sample(planes.reshape(B * 3, C, H, W), coords.reshape(B * 3, N, 1, 2), mode="bilinear",
-                        padding_mode="border", align_corners=True)  # (B * 3, C, N, 1)
-    return out.reshape(B, 3, C, N).permute(0, 3, 1, 2)
+    coords = plane_coords(points.to(planes.dtype), P).flip(-1)  # (B, P, N, 2)
+    out = F.grid_sample(planes.reshape(B * P, C, H, W), coords.reshape(B * P, N, 1, 2), mode="bilinear",
+                        padding_mode="border", align_corners=True)  # (B * P, C, N, 1)
+    return out.reshape(B, P, C, N).permute(0, 3, 1, 2)
 
 
 def plane_lattice(planes: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
-    """Each plane sampled (bilinearly) at every pair of values of one axis lattice.
+    """Each axis-aligned plane sampled (bilinearly) at every pair of values of one axis lattice.
 
     The points ``(axis[i], axis[j], axis[k])`` of a regular lattice meet plane ``p`` at only ``L^2`` places, so
     their features are gathers from this table (:class:`TriplaneLattice`) instead of ``3 L^3`` bilinear samples.
 
     Args:
-        planes: (B, 3, C, R, R) (see :func:`triplane_sample`).
+        planes: (B, 3, C, R, R) (see :func:`triplane_sample`; the diagonal planes: :func:`diagonal_lattice`).
         axis: (L,) coordinates in ``[-1, 1]`` shared by the three axes.
 
     Returns:
@@ -126,25 +162,64 @@ def plane_lattice(planes: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, 3, C, L, L).permute(0, 1, 3, 4, 2)
 
 
+def diagonal_lattice(planes: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """The two diagonal planes sampled (bilinearly) where an evenly spaced lattice meets them.
+
+    On the lattice ``(axis[i], axis[j], axis[k])`` with ``axis[n] = a_0 + n d``, ``u = (x + z) / sqrt(2)`` depends
+    on ``i + k`` alone and ``v = (x - z) / sqrt(2)`` on ``i - k``: each diagonal plane meets the lattice at
+    ``(2L - 1) L`` places.
+
+    Args:
+        planes: (B, 2, C, R, R), the diagonal planes (``cond["planes"][:, 3:]``).
+        axis: (L,) evenly spaced coordinates in ``[-1, 1]`` (a ValueError otherwise).
+
+    Returns:
+        (B, 2, 2L - 1, L, C): ``out[b, 0, s, j]`` is plane uy at the points with ``i + k = s`` and ``y = axis[j]``;
+        ``out[b, 1, t, j]`` plane vy at those with ``i - k = t - (L - 1)`` (equal to :func:`triplane_sample` there
+        up to the rounding of ``x + z``).
+    """
+    B, _, C, R, _ = planes.shape
+    L = axis.shape[0]
+    a = axis.to(planes.dtype)
+    if L > 2:
+        step = a[1:] - a[:-1]
+        if (step - step.mean()).abs().max() > 1e-5 * float((a[-1] - a[0]).abs().clamp_min(1e-12)):
+            raise ValueError("the diagonal planes' lattice needs an evenly spaced axis")
+    n = torch.arange(2 * L - 1, device=axis.device)
+    first = n.clamp(max=L - 1)  # a pair (i, k) with i + k = n
+    u = (a[first] + a[n - first]) * _HALF_SQRT2
+    second = (n - (L - 1)).clamp(min=0)  # a pair (i, k) with i - k = n - (L - 1)
+    v = (a[second] - a[second - (n - (L - 1))]) * _HALF_SQRT2
+    y = a[None, :].expand(2 * L - 1, L)
+    grid = torch.stack([torch.stack([y, u[:, None].expand(-1, L)], dim=-1),
+                        torch.stack([y, v[:, None].expand(-1, L)], dim=-1)])  # (2, 2L-1, L, 2) = (y, u | v)
+    grid = grid[None].expand(B, 2, 2 * L - 1, L, 2).reshape(B * 2, 2 * L - 1, L, 2)
+    out = F.grid_sample(planes.reshape(B * 2, C, R, R), grid, mode="bilinear", padding_mode="border",
+                        align_corners=True)  # (B * 2, C, 2L - 1, L)
+    return out.reshape(B, 2, C, 2 * L - 1, L).permute(0, 1, 3, 4, 2)
+
+
 def triplane_sample_reference(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """The same as :func:`triplane_sample` by explicit corner gathering (the test's cross-check).
 
     Args:
-        planes: (B, 3, C, R, R); points: (B, N, 3) in ``[-1, 1]^3``.
+        planes: (B, P, C, R, R); points: (B, N, 3) in ``[-1, 1]^3``.
 
     Returns:
-        (B, N, 3, C).
+        (B, N, P, C).
     """
     B, N, _ = points.shape
     R = planes.shape[-1]
-    pos = ((points.clamp(-1.0, 1.0) + 1.0) * 0.5 * (R - 1))  # (B, N, 3) in vertex units
-    corner = pos.floor().long().clamp(0, R - 2)
-    frac = pos - corner.to(pos.dtype)
+    x, y, z = points.unbind(-1)
+    coords = [(x, y), (x, z), (y, z), (x / 2**0.5 + z / 2**0.5, y), (x / 2**0.5 - z / 2**0.5, y)]
     out = []
     bidx = torch.arange(B)[:, None].expand(B, N)
-    for p, (a, b) in enumerate(PLANE_AXES):
+    for p in range(planes.shape[1]):
         plane = planes[:, p]  # (B, C, R, R)
-        ia, ib, fa, fb = corner[..., a], corner[..., b], frac[..., a, None], frac[..., b, None]
+        pos = ((torch.stack(coords[p], dim=-1).clamp(-1.0, 1.0) + 1.0) * 0.5 * (R - 1))  # (B, N, 2) vertex units
+        corner = pos.floor().long().clamp(0, R - 2)
+        frac = pos - corner.to(pos.dtype)
+        ia, ib, fa, fb = corner[..., 0], corner[..., 1], frac[..., 0, None], frac[..., 1, None]
         v00 = plane[bidx, :, ia, ib]  # (B, N, C)
         v01 = plane[bidx, :, ia, ib + 1]
         v10 = plane[bidx, :, ia + 1, ib]
@@ -154,8 +229,8 @@ def triplane_sample_reference(planes: torch.Tensor, points: torch.Tensor) -> tor
 
 
 def combine_planes(feats: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, N, 3, C) per-plane features -> (B, N, 3C) (``concat``), (B, N, C) (``sum``, ``product``) or
-    (B, N, 4C) (``concat_product``: the three planes' features, then their product)."""
+    """(B, N, P, C) per-plane features -> (B, N, PC) (``concat``), (B, N, C) (``sum``, ``product``) or
+    (B, N, (P + 1)C) (``concat_product``: the planes' features, then their product)."""
     if mode == "concat":
         return feats.flatten(-2)
     if mode == "sum":
@@ -179,8 +254,10 @@ class TriplaneField(nn.Module):
     Args:
         channels: C, features per plane.
         resolution: R, vertices per plane axis.
-        combine: ``concat`` (MLP input 3C), ``sum`` (C), ``product`` (C) or ``concat_product`` (4C) of the three
-            planes' features (see the module's conventions).
+        combine: ``concat`` (MLP input PC), ``sum`` (C), ``product`` (C) or ``concat_product`` ((P + 1)C) of the
+            P planes' features (see the module's conventions).
+        diagonal_planes: two more vertical planes at 45 degrees about the y axis (P = 5; see the module's
+            conventions): no preferred horizontal orientation between a shape and its 45-degree turn.
         hidden_dim, num_hidden_layers: the shared MLP (SiLU).
         include_position: also feed the (normalised) point to the MLP.
         feature_scale: fixed multiplier of the sampled plane features.
@@ -193,14 +270,15 @@ class TriplaneField(nn.Module):
         blob_density, blob_radius: the initial density bump at the centre.
         bound: scene box ``[-bound, bound]^3``.
 
-    Shapes: ``conditioning_shapes()`` is ``{"planes": (3, C, R, R), "latent": (latent_dim,)}`` (no ``latent``
+    Shapes: ``conditioning_shapes()`` is ``{"planes": (P, C, R, R), "latent": (latent_dim,)}`` (no ``latent``
     with ``latent_dim=0``); ``forward(points (B, N, 3), cond)`` gives ``density (B, N) >= 0`` and
     ``rgb (B, N, 3)`` in [0, 1]; ``density(points, cond)`` is ``(B, N)``. A batch of 1 in ``cond`` is shared by
     all B point sets.
     """
 
-    def __init__(self, channels: int = 8, resolution: int = 32, combine: str = "concat", hidden_dim: int = 16,
-                 num_hidden_layers: int = 2, include_position: bool = True, feature_scale: float = 1.0,
+    def __init__(self, channels: int = 8, resolution: int = 32, combine: str = "concat", diagonal_planes: bool = False,
+                 hidden_dim: int = 16, num_hidden_layers: int = 2, include_position: bool = True,
+                 feature_scale: float = 1.0,
                  latent_dim: int = 16, latent_mode: str = "input", density_activation: str = "softplus",
                  density_bias: float = -4.0, blob_density: float = 10.0, blob_radius: float = 0.4,
                  bound: float = 1.0):
@@ -216,6 +294,8 @@ class TriplaneField(nn.Module):
         self.channels = int(channels)
         self.resolution = int(resolution)
         self.combine = combine
+        self.diagonal_planes = bool(diagonal_planes)
+        self.num_planes = 5 if self.diagonal_planes else 3
         self.include_position = bool(include_position)
         self.feature_scale = float(feature_scale)
         self.latent_dim = int(latent_dim)
@@ -226,7 +306,7 @@ class TriplaneField(nn.Module):
         self.blob_radius = float(blob_radius)
         self.bound = float(bound)
 
-        feat_dim = self.channels * COMBINE_WIDTHS[combine]
+        feat_dim = self.channels * combine_width(combine, self.num_planes)
         latent_in = self.latent_dim if latent_mode == "input" else 0
         in_dim = feat_dim + (3 if self.include_position else 0) + latent_in
         self.mlp = decoder_mlp(in_dim, hidden_dim, num_hidden_layers)
@@ -235,8 +315,8 @@ class TriplaneField(nn.Module):
     # -- contract ---------------------------------------------------------------------------
 
     def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
-        """What the field needs per prompt: ``{"planes": (3, C, R, R), "latent": (latent_dim,)}``."""
-        planes = (3, self.channels, self.resolution, self.resolution)
+        """What the field needs per prompt: ``{"planes": (P, C, R, R), "latent": (latent_dim,)}``."""
+        planes = (self.num_planes, self.channels, self.resolution, self.resolution)
         return {"planes": planes, **({"latent": (self.latent_dim,)} if self.latent_dim else {})}
 
     def bump(self, points: torch.Tensor) -> torch.Tensor:
@@ -258,16 +338,17 @@ class TriplaneField(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def checked_planes(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``cond["planes"]`` (B, 3, C, R, R), or a ValueError naming the shape this field needs."""
+        """``cond["planes"]`` (B, P, C, R, R), or a ValueError naming the shape this field needs."""
         planes = cond["planes"]
-        expected = (3, self.channels, self.resolution, self.resolution)
+        expected = (self.num_planes, self.channels, self.resolution, self.resolution)
         if tuple(planes.shape[1:]) != expected:
             raise ValueError(f"cond['planes'] must be (B, {', '.join(map(str, expected))}), got {tuple(planes.shape)}")
         return planes
 
     def _parts(self, points: torch.Tensor, cond: dict[str, torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(plane features (B, N, 3C | C), normalised points (B, N, 3) or None, latent (B|1, latent_dim) or None)."""
+        """(plane features (B, N, PC | C | (P + 1)C), normalised points (B, N, 3) or None, latent (B|1, latent_dim)
+        or None)."""
         planes = self.checked_planes(cond)
         x = encoding.normalize_points(points, self.bound)
         feats = combine_planes(triplane_sample(planes, x), self.combine)
@@ -326,7 +407,8 @@ class TriplaneField(nn.Module):
         return TriplaneLattice(self, axis, cond)
 
     def extra_repr(self) -> str:
-        return (f"planes=3x{self.channels}x{self.resolution}^2, combine={self.combine}, latent_dim={self.latent_dim} "
+        return (f"planes={self.num_planes}x{self.channels}x{self.resolution}^2, combine={self.combine}, "
+                f"latent_dim={self.latent_dim} "
                 f"({self.latent_mode}), bound={self.bound}")
 
 
@@ -334,12 +416,14 @@ class TriplaneLattice:
     """A triplane field's density on a regular lattice, from per-plane tables (exact; no ``grid_sample`` per point).
 
     At the lattice point ``(axis[i], axis[j], axis[k])`` plane xy is read at ``(i, j)``, xz at ``(i, k)`` and yz at
-    ``(j, k)``: :func:`plane_lattice` samples each plane once at the ``L^2`` pairs. With ``combine`` ``concat`` or
-    ``sum`` the decoder's first layer is linear in each plane's features, so the tables hold each plane's share of
-    the first hidden layer (B, L, L, hidden), and the position's and the code's shares are per axis value and per
-    prompt: a point costs three row gathers and the rest of the MLP. Other combines gather the features and apply
-    the first layer as :meth:`TriplaneField.raw` does. The result equals ``field.density`` at those points up to the
-    float rounding of the first layer's sum (about 1e-6 relative); it carries gradients like the field.
+    ``(j, k)``: :func:`plane_lattice` samples each plane once at the ``L^2`` pairs (the diagonal planes, if any, at
+    ``(i + k, j)`` and ``(i - k, j)``: :func:`diagonal_lattice`, which needs an evenly spaced axis). With
+    ``combine`` ``concat`` or ``sum`` the decoder's first layer is linear in each plane's features, so the tables
+    hold each plane's share of the first hidden layer (B, ., hidden), and the position's and the code's shares are
+    per axis value and per prompt: a point costs one row gather per plane and the rest of the MLP. Other combines
+    gather the features and apply the first layer as :meth:`TriplaneField.raw` does. The result equals
+    ``field.density`` at those points up to the float rounding of the first layer's sum (about 1e-6 relative); it
+    carries gradients like the field.
 
     Args:
         field: the :class:`TriplaneField`.
@@ -353,42 +437,48 @@ class TriplaneLattice:
             raise ValueError(f"axis must be (L,) with L >= 1, got {tuple(axis.shape)}")
         self.field = field
         self.axis = axis
-        self.L = int(axis.shape[0])
+        self.L = L = int(axis.shape[0])
         x = encoding.normalize_points(axis, field.bound)
-        table = plane_lattice(planes, x)  # (B, 3, L, L, C)
+        P, C = field.num_planes, field.channels
+        tables = list(plane_lattice(planes[:, :3], x).unbind(1))  # 3 x (B, L, L, C)
+        if P == 5:
+            tables += list(diagonal_lattice(planes[:, 3:], x).unbind(1))  # 2 x (B, 2L - 1, L, C)
+        tables = [t.flatten(1, 2) for t in tables]  # (B, rows, C)
         if field.feature_scale != 1.0:
-            table = table * field.feature_scale
+            tables = [t * field.feature_scale for t in tables]
         first = field.mlp[0]
-        C = field.channels
         self.projected = field.combine in ("concat", "sum")
-        B = planes.shape[0]
-        if self.projected:
-            weights = [first.weight[:, p * C:(p + 1) * C] if field.combine == "concat" else first.weight[:, :C]
-                       for p in range(3)]
-            # (B, L * L, hidden) per plane: its share of the first layer
-            self.tables = [F.linear(table[:, p], weights[p]).reshape(B, self.L * self.L, -1) for p in range(3)]
-        else:
-            self.tables = [table[:, p].reshape(B, self.L * self.L, C) for p in range(3)]
-        nf = C * COMBINE_WIDTHS[field.combine]
+        if self.projected:  # each plane's share of the first layer, (B, rows, hidden)
+            tables = [F.linear(t, first.weight[:, p * C:(p + 1) * C] if field.combine == "concat"
+                               else first.weight[:, :C]) for p, t in enumerate(tables)]
+        nf = C * combine_width(field.combine, P)
         position = None
         if field.include_position:  # (L, hidden) per axis: x[i] * W[:, nf + axis]
             wpos = first.weight[:, nf:nf + 3]
             position = [x.to(wpos.dtype)[:, None] * wpos[:, c] for c in range(3)]
             nf += 3
         bias = first.bias
-        latent = cond["latent"].to(table.dtype) if field.latent_dim else None
+        latent = cond["latent"].to(tables[0].dtype) if field.latent_dim else None
         if latent is not None and field.colour_shift is None:
             bias = F.linear(latent, first.weight[:, nf:], bias)  # (B|1, hidden)
         bias = bias if bias.dim() == 2 else bias[None]
         if self.projected:  # fold the position's and the code's shares into the tables: xy += x W_x + y W_y, ...
-            L = self.L
             if position is not None:
-                self.tables[0] = self.tables[0] + (position[0][:, None] + position[1][None, :]).reshape(1, L * L, -1)
-                self.tables[1] = self.tables[1] + position[2][None, :].expand(L, L, -1).reshape(1, L * L, -1)
-            self.tables[2] = self.tables[2] + bias[:, None, :]
+                tables[0] = tables[0] + (position[0][:, None] + position[1][None, :]).reshape(1, L * L, -1)
+                tables[1] = tables[1] + position[2][None, :].expand(L, L, -1).reshape(1, L * L, -1)
+            tables[2] = tables[2] + bias[:, None, :]
             position = None
+        self.tables = tables
         self.position = position
         self.bias = bias  # (B|1, hidden)
+
+    def rows(self, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+        """Each table's row for the lattice points ``(i, j, k)``: xy, xz, yz [, uy, vy], (N,) long each."""
+        L = self.L
+        rows = [i * L + j, i * L + k, j * L + k]
+        if len(self.tables) == 5:
+            rows += [(i + k) * L + j, (i - k + (L - 1)) * L + j]
+        return rows
 
     def density(self, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The density at the lattice points ``(axis[i], axis[j], axis[k])``.
@@ -399,11 +489,12 @@ class TriplaneLattice:
         Returns:
             (B, N) density, as :meth:`TriplaneField.density` at those points.
         """
-        field, L = self.field, self.L
-        ij, ik, jk = i * L + j, i * L + k, j * L + k
-        parts = [t.index_select(1, idx) for t, idx in zip(self.tables, (ij, ik, jk))]  # 3 x (B|1, N, D)
+        field = self.field
+        parts = [t.index_select(1, idx) for t, idx in zip(self.tables, self.rows(i, j, k))]  # P x (B|1, N, D)
         if self.projected:  # position and bias are in the tables
-            h = parts[0] + parts[1] + parts[2]
+            h = parts[0] + parts[1]
+            for part in parts[2:]:
+                h = h + part
         else:
             feats = combine_planes(torch.stack(parts, dim=2), field.combine)
             nf = feats.shape[-1]
@@ -419,5 +510,6 @@ class TriplaneLattice:
         return density
 
 
-__all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "PLANE_AXES", "TriplaneField", "TriplaneLattice", "combine_planes",
-           "density_bump", "plane_coords", "plane_lattice", "triplane_sample", "triplane_sample_reference"]
+__all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "DIAGONAL_AXES", "NUM_PLANES", "PLANE_AXES", "TriplaneField",
+           "TriplaneLattice", "check_num_planes", "combine_planes", "combine_width", "density_bump",
+           "diagonal_lattice", "plane_coords", "plane_lattice", "triplane_sample", "triplane_sample_reference"]

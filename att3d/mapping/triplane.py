@@ -5,7 +5,7 @@ ATT3D's amortization to 100k prompts by replacing the hypernetwork (one wide lin
 vector to every grid value) with a convolutional generator that cross-attends to the text tokens in every block
 and outputs a triplane, decoded by a small shared MLP (:class:`att3d.field.triplane.TriplaneField`).
 
-Architecture of :class:`TriplaneGenerator` (the three planes are processed as a batch of ``3 B`` images by the
+Architecture of :class:`TriplaneGenerator` (the P planes are processed as a batch of ``P B`` images by the
 same convolutions; a learned per-plane embedding in every block tells them apart)::
 
     seed (3, W_0, r, r), learned (std 0.25) + Linear(LN(pooled)) (B, 3, W_0) per-plane channel shift
@@ -17,11 +17,12 @@ same convolutions; a learned per-plane embedding in every block tells them apart
     head: GroupNorm, SiLU, 1x1 conv W_K -> C (resized bilinearly when R is not r 2^K)  -> planes (B, 3, C, R, R)
     per-prompt vectors (e.g. the field's ``latent``): Linear(LN(level-0 features averaged per plane)) (B, 3 W_0)
 
-Every plane-shaped entry ``(3, C, R, R)`` of ``out_shapes`` comes from the head (all must share R; their channels
-are stacked); every other entry (any shape) from the per-prompt vector head, so the mapping also serves fields
-that want a code beside their planes. Outputs are multiplied by ``output_scale``. (With ``field=grid`` the whole
-flat grid would come from the vector head, one wide linear layer: use this mapping with ``field=triplane``; the
-hypernetwork, in turn, can generate a triplane field's planes as an ablation.)
+Every plane-shaped entry ``(P, C, R, R)`` of ``out_shapes`` comes from the head (all must share P and R; their
+channels are stacked; P = 3, or 5 for a triplane field with ``diagonal_planes``); every other entry (any shape)
+from the per-prompt vector head, so the mapping also serves fields that want a code beside their planes. Outputs
+are multiplied by ``output_scale``. (With ``field=grid`` the whole flat grid would come from the vector head, one
+wide linear layer: use this mapping with ``field=triplane``; the hypernetwork, in turn, can generate a triplane
+field's planes as an ablation.)
 
 Initialisation: at the defaults (MiniLM prompts of the shapes world) the planes' RMS is about 0.4 and the code's
 about 0.5, and two prompts' planes differ by about 90% of that (the hypernetwork's grid: RMS 0.5, the same 90%, at
@@ -46,8 +47,9 @@ from att3d.text.encoders import TextEmbedding
 
 
 def is_plane_shape(shape: tuple[int, ...]) -> bool:
-    """Whether an output shape is a triplane ``(3, C, R, R)``."""
-    return len(shape) == 4 and shape[0] == 3 and shape[2] == shape[3] and shape[2] >= 1
+    """Whether an output shape is a set of feature planes ``(P, C, R, R)``: a triplane (P = 3) or one with the
+    diagonal planes (P = 5, :class:`att3d.field.triplane.TriplaneField`)."""
+    return len(shape) == 4 and shape[0] in (3, 5) and shape[2] == shape[3] and shape[2] >= 1
 
 
 def num_upsamplings(resolution: int, seed_resolution: int) -> int:
@@ -127,7 +129,8 @@ class TriplaneGenerator(nn.Module):
 
     Args:
         text_len, text_dim: L and D of the token embeddings.
-        out_shapes: ``{name: shape}`` per prompt, e.g. ``{"planes": (3, C, R, R), "latent": (16,)}``.
+        out_shapes: ``{name: shape}`` per prompt, e.g. ``{"planes": (3, C, R, R), "latent": (16,)}`` (planes
+            (5, C, R, R) with the diagonal planes).
         width: channels W_0 of the seed level.
         min_width: the floor of the per-level channels (halved at every upsampling).
         seed_resolution: r, the resolution of the learned seed planes.
@@ -167,6 +170,10 @@ class TriplaneGenerator(nn.Module):
         resolutions = {self.out_shapes[k][2] for k in self.plane_keys}
         if len(resolutions) > 1:
             raise ValueError(f"all plane outputs must share one resolution, got {sorted(resolutions)}")
+        counts = {self.out_shapes[k][0] for k in self.plane_keys}
+        if len(counts) > 1:
+            raise ValueError(f"all plane outputs must have the same number of planes, got {sorted(counts)}")
+        self.num_planes = P = counts.pop() if counts else 3
         self.seed_resolution = int(seed_resolution)
         if self.seed_resolution < 1 or blocks_per_level < 0:
             raise ValueError(f"need seed_resolution >= 1 and blocks_per_level >= 0, got {seed_resolution}, "
@@ -181,9 +188,9 @@ class TriplaneGenerator(nn.Module):
         w0, r = self.widths[0], self.seed_resolution
         # A small seed next to the text shift (RMS ~0.6): at initialisation the prompts' planes differ by about
         # 90% of their RMS, as the hypernetwork's grids do (seed std 1: 50%).
-        self.seed = nn.Parameter(torch.randn(3, w0, r, r) * 0.25)
-        self.seed_shift = nn.Linear(text_dim, 3 * w0)
-        self.plane_embed = nn.ParameterList([nn.Parameter(torch.randn(3, w) * 0.1) for w in self.widths])
+        self.seed = nn.Parameter(torch.randn(P, w0, r, r) * 0.25)
+        self.seed_shift = nn.Linear(text_dim, P * w0)
+        self.plane_embed = nn.ParameterList([nn.Parameter(torch.randn(P, w) * 0.1) for w in self.widths])
         self.blocks = nn.ModuleList(
             nn.ModuleList(nn.ModuleList([ConvBlock(w), CrossAttention(w, context_dim,
                                                                       level_heads(w, heads, min_head_dim))])
@@ -199,13 +206,13 @@ class TriplaneGenerator(nn.Module):
         self.vector_dim = total_size(self.vector_shapes)
         if self.vector_dim:
             # [0] normalises the features only (the pooled embedding has its own norm); [1] reads both
-            self.vector_head = nn.Sequential(nn.LayerNorm(3 * w0, elementwise_affine=False),
-                                             nn.Linear(3 * w0 + (text_dim if self.code_from_text else 0),
+            self.vector_head = nn.Sequential(nn.LayerNorm(P * w0, elementwise_affine=False),
+                                             nn.Linear(P * w0 + (text_dim if self.code_from_text else 0),
                                                        self.vector_dim))
         else:
             self.vector_head = None
         self.position_embed = nn.ParameterList(
-            [nn.Parameter(torch.zeros(3, w, r * 2**k, r * 2**k)) for k, w in enumerate(self.widths)]
+            [nn.Parameter(torch.zeros(P, w, r * 2**k, r * 2**k)) for k, w in enumerate(self.widths)]
         ) if positions else None
 
     def text_context(self, emb: TextEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,31 +237,31 @@ class TriplaneGenerator(nn.Module):
         return emb.pooled
 
     def features(self, emb: TextEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder features: the last level's (B, 3, W_K, r 2^K, r 2^K) and the vector head's input (B, 3 W_0
+        """Decoder features: the last level's (B, P, W_K, r 2^K, r 2^K) and the vector head's input (B, P W_0
         [+ text_dim]): the level-0 ones averaged over space, layer-normed [and the normed pooled embedding]."""
         pooled = self.text_norm(self.pooled(emb))
-        B = pooled.shape[0]
+        B, P = pooled.shape[0], self.num_planes
         context, mask = self.text_context(emb)
-        context = context.repeat_interleave(3, dim=0)  # (3B, L', Dc): one copy per plane
-        mask = mask.repeat_interleave(3, dim=0)
+        context = context.repeat_interleave(P, dim=0)  # (PB, L', Dc): one copy per plane
+        mask = mask.repeat_interleave(P, dim=0)
         w0, r = self.widths[0], self.seed_resolution
-        x = self.seed[None] + self.seed_shift(pooled).reshape(B, 3, w0, 1, 1)
-        x = x.reshape(B * 3, w0, r, r)
+        x = self.seed[None] + self.seed_shift(pooled).reshape(B, P, w0, 1, 1)
+        x = x.reshape(B * P, w0, r, r)
         summary = None
         for k, blocks in enumerate(self.blocks):
             w = self.widths[k]
-            x = x + self.plane_embed[k].repeat(B, 1).reshape(B * 3, w, 1, 1)
+            x = x + self.plane_embed[k].repeat(B, 1).reshape(B * P, w, 1, 1)
             if self.position_embed is not None:
                 x = x + self.position_embed[k].repeat(B, 1, 1, 1)
             for conv, attn in blocks:
                 x = attn(conv(x), context, mask)
             if k == 0 and self.vector_head is not None:
-                summary = self.vector_head[0](x.mean(dim=(2, 3)).reshape(B, 3 * w))
+                summary = self.vector_head[0](x.mean(dim=(2, 3)).reshape(B, P * w))
                 if self.code_from_text:
                     summary = torch.cat([summary, pooled], dim=-1)
             if k < len(self.ups):
                 x = self.ups[k](F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return x.reshape(B, 3, *x.shape[1:]), summary
+        return x.reshape(B, P, *x.shape[1:]), summary
 
     def forward(self, emb: TextEmbedding) -> dict[str, torch.Tensor]:
         """TextEmbedding (B prompts) -> ``{name: (B, *shape)}``."""
@@ -262,10 +269,10 @@ class TriplaneGenerator(nn.Module):
         B = feats.shape[0]
         out: dict[str, torch.Tensor] = {}
         if self.head is not None:
-            x = self.head(feats.flatten(0, 1))  # (3B, sum C, r 2^K, r 2^K)
+            x = self.head(feats.flatten(0, 1))  # (PB, sum C, r 2^K, r 2^K)
             if x.shape[-1] != self.resolution:
                 x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=True)
-            x = x.reshape(B, 3, *x.shape[1:]) * self.output_scale
+            x = x.reshape(B, self.num_planes, *x.shape[1:]) * self.output_scale
             for key, part in zip(self.plane_keys, x.split(self.plane_channels, dim=2)):
                 out[key] = part
         if self.vector_head is not None:

@@ -313,3 +313,35 @@ def test_mesh_experiment_is_the_mesh_stage_in_geometry_mode_at_guidance_one():
     assert (g["guidance_scale"], g["guidance_scale_low"], list(g["t_range"])) == (1.0, None, [0.02, 0.98])
     t = mesh["trainer"]
     assert (t["resolution"], t["lr"], t["lr_final"], t["max_steps"]) == (64, 3.0e-4, 0.1, 400)
+
+
+def test_adam_is_fused_on_a_cpu_and_steps_like_the_default_one():
+    # the fused step: the same update (to float rounding) and state; an unfused run's state resumes in it
+    from att3d.train.optim import adam
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(300, generator=g), torch.randn(7, 5, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(6)]
+    kw = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 1e-3}
+
+    def run(make, resume_at=None):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make(params)
+        for n, step in enumerate(grads):
+            if n == resume_at:  # continue from this optimizer's state in a fused one
+                state = opt.state_dict()
+                opt = adam(params, **kw)
+                opt.load_state_dict(state)
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        return opt, torch.cat([p.detach().flatten() for p in params])
+
+    fused, a = run(lambda ps: adam(ps, **kw))
+    assert fused.defaults["fused"] is True
+    plain, b = run(lambda ps: torch.optim.Adam(ps, **kw))
+    _, c = run(lambda ps: torch.optim.Adam(ps, **kw), resume_at=3)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(a, torch.cat([t.flatten() for t in start]))
+    assert fused.state_dict()["state"].keys() == plain.state_dict()["state"].keys()

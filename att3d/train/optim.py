@@ -1,5 +1,6 @@
 """The optimiser step that every training stage shares: learning-rate schedule, non-finite guard, clipping.
 
+    optimizer = adam(param_groups, lr=..., betas=..., weight_decay=...)   # fused where torch has a fused kernel
     factor = lr_factor(step, max_steps, warmup_steps, lr_final)     # linear warm-up, then cosine to lr_final
     grad_norm = clip_gradients(params, max_norm)                    # None: not finite (skip the step)
 """
@@ -10,6 +11,21 @@ import math
 from collections.abc import Iterable
 
 import torch
+
+
+def adam(params, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam(params, **kwargs)`` with the fused kernel where the parameters' device has one.
+
+    The fused step is one pass over each tensor instead of one per update term: on a CPU (one thread) it takes a
+    tenth of the time of the default step for the hypernetwork's 5-10M parameters (a few percent of a training
+    step); it gives the same update up to float rounding and the same ``state_dict``, so checkpoints of either
+    load in the other. Where the fused kernel is missing (other devices or dtypes), the default step.
+    """
+    groups = list(params)
+    try:
+        return torch.optim.Adam(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(groups, **kwargs)
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int = 0, lr_final: float = 1.0) -> float:

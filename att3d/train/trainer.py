@@ -60,7 +60,7 @@ from att3d.text.prompts import PromptBank
 from att3d.train import distributed
 from att3d.train.batch import Batch, BatchSampler, CameraSampler
 from att3d.train.objectives import NerfSDS, Objective, StepResult
-from att3d.train.optim import clip_gradients, lr_factor
+from att3d.train.optim import adam, clip_gradients, lr_factor
 from att3d.train.run_dir import RunDirLock, lock_run_dir
 from att3d.utils.checkpoint import (
     CheckpointError,
@@ -501,8 +501,8 @@ class Trainer:
             distributed.barrier()
         self.objective.setup(self)
         distributed.broadcast_module(self.model)  # identical start on every rank (no-op for one process)
-        self.optimizer = torch.optim.Adam(self.objective.param_groups(self), lr=cfg.lr, betas=tuple(cfg.betas),
-                                          weight_decay=cfg.weight_decay)
+        self.optimizer = adam(self.objective.param_groups(self), lr=cfg.lr, betas=tuple(cfg.betas),
+                              weight_decay=cfg.weight_decay)
         self._base_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         self._writer = None
         self._stop_signal: int | None = None  # a stop requested on this rank (signal number)

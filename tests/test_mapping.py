@@ -98,6 +98,35 @@ def test_spectral_norm_bounds_top_singular_value():
     assert abs(top_singular(m.fc2.weight) - 1.0) < 0.01
 
 
+def test_spectral_linear_divides_the_output_like_the_parametrized_weight():
+    # the hypernetwork divides x W^T by sigma instead of W: the same outputs, gradients and power iteration
+    import copy
+
+    from att3d.mapping.hypernetwork import spectral_linear
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(12, 300, bias=bias))
+        with torch.no_grad():
+            layer.parametrizations.weight.original.mul_(3.0)
+        twin = copy.deepcopy(layer)
+        x = torch.randn(5, 12)
+        for training in (True, True, False):
+            layer.train(training)
+            twin.train(training)
+            want, got = layer(x), spectral_linear(twin, x)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            w = torch.randn(5, 300)
+            gw = torch.autograd.grad((want * w).sum(), [layer.parametrizations.weight.original])
+            gg = torch.autograd.grad((got * w).sum(), [twin.parametrizations.weight.original])
+            torch.testing.assert_close(gg[0], gw[0], rtol=1e-4, atol=1e-6)
+            for name in ("_u", "_v"):  # the power iteration ran (or not) alike
+                assert torch.equal(getattr(twin.parametrizations.weight[0], name),
+                                   getattr(layer.parametrizations.weight[0], name))
+        plain = torch.nn.Linear(12, 3)
+        assert torch.equal(spectral_linear(plain, x), plain(x))
+
+
 def test_output_is_lipschitz_in_normalised_input():
     torch.manual_seed(0)
     m = HyperNetwork(L, D, {"grid": (500,)}, hidden_dim=16, output_scale=0.2)

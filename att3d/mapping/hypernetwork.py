@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -45,6 +46,39 @@ def text_input(emb: TextEmbedding, use_tokens: bool, text_len: int, text_dim: in
     if emb.pooled.shape[-1] != text_dim:
         raise ValueError(f"mapping expects pooled embeddings of width {text_dim}, got {emb.pooled.shape[-1]}")
     return emb.pooled
+
+
+def spectral_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a linear layer under torch's ``spectral_norm`` parametrization, dividing the output.
+
+    The parametrization returns ``W / sigma`` (``sigma = u . W v``, the power iteration's estimate of the top
+    singular value, with its gradient), a pass over the whole weight forward and three backward; for the
+    hypernetwork's output layer (P x hidden, 5-10M values) those passes cost more than the matrix product.
+    ``x W^T / sigma`` is the same value and gradient with the division on the (B, P) output. The power iteration
+    (training mode) and the ``u``, ``v`` buffers are the parametrization's own, so files and ``layer.weight``
+    are unchanged.
+
+    Args:
+        layer: an ``nn.Linear`` with ``spectral_norm`` on ``weight`` (any other layer: ``layer(x)``).
+        x: (B, in_features).
+
+    Returns:
+        (B, out_features), equal to ``layer(x)`` up to float rounding.
+    """
+    parametrizations = getattr(layer, "parametrizations", None)
+    if parametrizations is None or "weight" not in parametrizations or len(parametrizations.weight) != 1:
+        return layer(x)
+    norm = parametrizations.weight[0]
+    weight = parametrizations.weight.original
+    if not all(hasattr(norm, a) for a in ("_u", "_v", "_power_method")) or weight.dim() != 2:
+        return layer(x)
+    if norm.training:
+        norm._power_method(weight, norm.n_power_iterations)  # under no_grad, as in the parametrization
+    u = norm._u.clone(memory_format=torch.contiguous_format)
+    v = norm._v.clone(memory_format=torch.contiguous_format)
+    sigma = torch.vdot(u, torch.mv(weight, v))
+    out = F.linear(x, weight) / sigma
+    return out if layer.bias is None else out + layer.bias
 
 
 @MAPPINGS.register("hypernetwork")
@@ -91,11 +125,11 @@ class HyperNetwork(nn.Module):
     def hidden(self, emb: TextEmbedding) -> torch.Tensor:
         """(B, hidden_dim) hidden features of a batch of embeddings."""
         x = text_input(emb, self.use_tokens, self.text_len, self.text_dim)
-        return self.act(self.fc1(self.norm(x)))
+        return self.act(spectral_linear(self.fc1, self.norm(x)))
 
     def forward(self, emb: TextEmbedding) -> dict[str, torch.Tensor]:
         """TextEmbedding (B prompts) -> ``{name: (B, *shape)}``."""
-        flat = self.fc2(self.hidden(emb)) * self.scale
+        flat = spectral_linear(self.fc2, self.hidden(emb)) * self.scale
         return split_outputs(flat, self.out_shapes)
 
     def extra_repr(self) -> str:

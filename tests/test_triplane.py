@@ -439,6 +439,14 @@ def test_hydra_groups_compose_the_triplane():
     assert cfg["field"] == {"name": "triplane", **FIELDS.resolve("triplane", resolution=16)}
     assert cfg["mapping"] == {"name": "triplane", **MAPPINGS.resolve(
         "triplane", exclude=("text_len", "text_dim", "out_shapes"), blocks_per_level=2)}
+    # the triplane recipe: shapes64's phase 1 with the hypernetwork writing a 5-plane 64^2 triplane
+    base = compose_config("train", ["experiment=shapes64"])
+    tri = compose_config("train", ["experiment=shapes64_triplane"])
+    assert tri["field"] == {"name": "triplane", **FIELDS.resolve("triplane", hidden_dim=32, resolution=64,
+                                                                 diagonal_planes=True)}
+    assert tri["mapping"] == base["mapping"] and base["mapping"]["name"] == "hypernetwork"
+    assert {k: v for k, v in tri.items() if k not in ("field", "name", "run_dir")} == \
+        {k: v for k, v in base.items() if k not in ("field", "name", "run_dir")}
 
 
 # -- every pipeline -------------------------------------------------------------------------------------------

@@ -180,6 +180,39 @@ def test_field_contract_shapes_and_initial_density():
         TriplaneField(combine="max")
 
 
+@pytest.mark.parametrize("diagonal,position,latent_mode,scale", [
+    (False, True, "input", 1.0), (True, False, "colour", 0.5), (True, True, "input", 2.0)])
+def test_concat_decoder_in_channels_first_layout_equals_the_mlp_on_the_features(diagonal, position, latent_mode,
+                                                                                scale):
+    # raw() applies the decoder to grid_sample's (B, PC, N) output with batched products: the same values and
+    # gradients as the MLP on the concatenated (B, N, PC + 3 + latent) features, for B prompts or one shared
+    from att3d.field.grid_field import shift_colour
+
+    g = torch.Generator().manual_seed(5)
+    field = TriplaneField(channels=3, resolution=6, diagonal_planes=diagonal, hidden_dim=8, num_hidden_layers=3,
+                          include_position=position, feature_scale=scale, latent_dim=2, latent_mode=latent_mode)
+    with torch.no_grad():
+        for prm in field.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
+    p = torch.rand(3, 40, 3, generator=g) * 1.8 - 0.9
+    for batch in (3, 1):
+        planes = torch.randn(batch, field.num_planes, 3, 6, 6, generator=g).requires_grad_()
+        latent = torch.randn(batch, 2, generator=g).requires_grad_()
+        cond = {"planes": planes, "latent": latent}
+        want = field.mlp(field.features_at(p, cond))
+        if latent_mode == "colour":
+            want = shift_colour(want, field.colour_shift, latent)
+        got = field.raw(p, cond)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        w = torch.randn(got.shape, generator=g)
+        grads_want = torch.autograd.grad((want * w).sum(), [planes, latent, *field.parameters()], allow_unused=True)
+        grads_got = torch.autograd.grad((got * w).sum(), [planes, latent, *field.parameters()], allow_unused=True)
+        for a, b in zip(grads_got, grads_want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("combine,position,latent_mode,diagonal", [
     ("concat", True, "input", False), ("sum", False, "input", False), ("product", True, "colour", False),
     ("concat_product", False, "input", False), ("concat", True, "colour", False), ("concat", True, "input", True),

@@ -108,6 +108,27 @@ def plane_coords(points: torch.Tensor, num_planes: int = 3) -> torch.Tensor:
     return coords.transpose(1, 2)
 
 
+def plane_features(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The planes' features at the points, channels first: what the decoder's first layer reads as one matrix.
+
+    Args:
+        planes: (B, P, C, R, R) (see :func:`triplane_sample`).
+        points: (B, N, 3) in ``[-1, 1]^3`` (outside: clamped to the border).
+
+    Returns:
+        (B, P C, N): ``out[b, p C + c, n] = triplane_sample(planes, points)[b, n, p, c]``, ``grid_sample``'s own
+        layout (no copy forward, and none backward for a layer applied as ``W @ out``).
+    """
+    B, N, _ = points.shape
+    _, P, C, H, W = planes.shape
+    # grid_sample reads the last coordinate as the index along W (the plane's second axis b) and the first
+    # along H (its first axis a): pass (b, a).
+    coords = plane_coords(points.to(planes.dtype), P).flip(-1)  # (B, P, N, 2)
+    out = F.grid_sample(planes.reshape(B * P, C, H, W), coords.reshape(B * P, N, 1, 2), mode="bilinear",
+                        padding_mode="border", align_corners=True)  # (B * P, C, N, 1)
+    return out.reshape(B, P * C, N)
+
+
 def triplane_sample(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear interpolation of per-prompt triplanes (one ``grid_sample`` call for all planes).
 
@@ -128,13 +149,8 @@ def triplane_sample(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return triplane_sample(planes, points.reshape(1, B * N, 3)).reshape(B, N, planes.shape[1], -1)
     if planes.shape[0] != B:
         raise ValueError(f"planes batch {planes.shape[0]} does not match points batch {B}")
-    _, P, C, H, W = planes.shape
-    # grid_sample reads the last coordinate as the index along W (the plane's second axis b) and the first
-    # along H (its first axis a): pass (b, a).
-    coords = plane_coords(points.to(planes.dtype), P).flip(-1)  # (B, P, N, 2)
-    out = F.grid_sample(planes.reshape(B * P, C, H, W), coords.reshape(B * P, N, 1, 2), mode="bilinear",
-                        padding_mode="border", align_corners=True)  # (B * P, C, N, 1)
-    return out.reshape(B, P, C, N).permute(0, 3, 1, 2)
+    P, C = planes.shape[1:3]
+    return plane_features(planes, points).reshape(B, P, C, N).permute(0, 3, 1, 2)
 
 
 def plane_lattice(planes: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
@@ -362,10 +378,13 @@ class TriplaneField(nn.Module):
 
         Equal to ``mlp(features_at(points, cond))`` (plus the code's colour shift with ``latent_mode="colour"``);
         the first layer is applied part by part (the latent's share once per prompt), about a third faster on a
-        CPU.
+        CPU. With ``combine="concat"`` the whole decoder runs in ``grid_sample``'s channels-first layout
+        (:meth:`_raw_channels_first`; a 5-plane training step 7% faster on one CPU thread, 1-2% with 3 planes).
         """
-        feats, x, latent = self._parts(points, cond)
         first = self.mlp[0]
+        if self.combine == "concat":
+            return self._raw_channels_first(points, cond)
+        feats, x, latent = self._parts(points, cond)
         nf = feats.shape[-1]
         h = F.linear(feats, first.weight[:, :nf])
         if x is not None:
@@ -375,6 +394,40 @@ class TriplaneField(nn.Module):
         if latent is not None and self.colour_shift is None:
             bias = F.linear(latent, first.weight[:, nf:], bias)[:, None, :]  # (B|1, 1, hidden)
         raw = self.mlp[1:](h + bias)
+        if latent is not None and self.colour_shift is not None:
+            raw = shift_colour(raw, self.colour_shift, latent)
+        return raw
+
+    def _raw_channels_first(self, points: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`raw` for ``combine="concat"``, the decoder applied in ``grid_sample``'s channels-first layout.
+
+        The planes' features come out of ``grid_sample`` as (B, PC, N); every layer is a batched product
+        ``W @ h`` (and the activations are elementwise), so no (B, N, PC) copy is made forward or backward.
+        """
+        planes = self.checked_planes(cond)
+        B, N, _ = points.shape
+        x = encoding.normalize_points(points, self.bound)
+        if planes.shape[0] == 1 and B != 1:  # one triplane for all B point sets
+            x = x.reshape(1, B * N, 3)
+        feats = plane_features(planes, x)  # (Bp, PC, M)
+        Bp, nf = feats.shape[:2]
+        first = self.mlp[0]
+        weight = first.weight[:, :nf] * self.feature_scale if self.feature_scale != 1.0 else first.weight[:, :nf]
+        h = torch.bmm(weight.expand(Bp, -1, -1), feats)  # (Bp, hidden, M)
+        if self.include_position:
+            h = h + torch.bmm(first.weight[:, nf:nf + 3].expand(Bp, -1, -1), x.to(feats.dtype).transpose(1, 2))
+            nf += 3
+        latent = cond["latent"].to(feats.dtype) if self.latent_dim else None
+        bias = first.bias
+        if latent is not None and self.colour_shift is None:
+            bias = F.linear(latent, first.weight[:, nf:], bias)  # (B|1, hidden)
+        h = h + (bias[:, :, None] if bias.dim() == 2 else bias[:, None])
+        for layer in self.mlp[1:]:
+            if isinstance(layer, nn.Linear):
+                h = torch.baddbmm(layer.bias[:, None], layer.weight.expand(h.shape[0], -1, -1), h)
+            else:
+                h = layer(h)
+        raw = h.transpose(1, 2).reshape(B, N, -1)  # (B, N, 4)
         if latent is not None and self.colour_shift is not None:
             raw = shift_colour(raw, self.colour_shift, latent)
         return raw
@@ -512,4 +565,5 @@ class TriplaneLattice:
 
 __all__ = ["COMBINE_MODES", "COMBINE_WIDTHS", "DIAGONAL_AXES", "NUM_PLANES", "PLANE_AXES", "TriplaneField",
            "TriplaneLattice", "check_num_planes", "combine_planes", "combine_width", "density_bump",
-           "diagonal_lattice", "plane_coords", "plane_lattice", "triplane_sample", "triplane_sample_reference"]
+           "diagonal_lattice", "plane_coords", "plane_features", "plane_lattice", "triplane_sample",
+           "triplane_sample_reference"]

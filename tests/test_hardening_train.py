@@ -224,6 +224,19 @@ def test_missing_or_broken_latest_json_names_the_newest_checkpoint_and_deletes_n
     assert "resume_checkpoint: null" in (missing / "config.yaml").read_text()
 
 
+def test_a_config_group_choice_on_resume_is_refused_in_one_line(checkpointed, tmp_path):
+    # `mapping=hypernetwork` on resume would replace the saved mapping section by a string: refused, nothing written
+    run = copy_run(checkpointed, tmp_path / "run")
+    before = snapshot(run, skip=(".lock",))
+    procs = {choice: cli("train", f"resume={run}", choice, "trainer.max_steps=6")
+             for choice in ("mapping=hypernetwork", "experiment=shapes64")}
+    for choice, (code, err) in finish(procs).items():
+        assert one_error_line(choice, code, err) == (
+            f"resume: {choice!r} chooses a config group, and a resumed run keeps the groups it was started with: "
+            "drop it (values such as trainer.max_steps=5000 still apply)")
+    assert snapshot(run, skip=(".lock",)) == before
+
+
 def test_latest_checkpoint_rules(tmp_path, caplog):
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()

@@ -74,6 +74,20 @@ def run(cfg: dict[str, Any], run_dir: str | Path, on_ready: Callable[[], None] |
         trainer.close()
 
 
+def _refuse_group_choices(overrides: list[str]) -> None:
+    """On resume, a config-group choice (``experiment=``, ``mapping=``, ``field=``, ...) cannot apply: the run's
+    saved config has no groups left, only their values, and the choice would replace a whole section by its name.
+    Refuse it with the way out (values such as ``trainer.max_steps=5000`` do apply)."""
+    from att3d.utils.paths import configs_dir
+
+    groups = {p.name for p in configs_dir().iterdir() if p.is_dir()}
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in groups:
+            raise Att3dError(f"resume: {override!r} chooses a config group, and a resumed run keeps the groups it "
+                             f"was started with: drop it (values such as trainer.max_steps=5000 still apply)")
+
+
 def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
     """The run's config as a plain dict: the saved ``config.yaml`` plus the overrides on resume."""
     from omegaconf import OmegaConf
@@ -85,6 +99,7 @@ def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
     check_run_dir(run_dir, "resume" if cfg.resume else "run_dir")
     if cfg.resume and saved.is_file():
         overrides = [o for o in task_overrides if not o.startswith("resume=")]
+        _refuse_group_choices(overrides)
         try:
             base = OmegaConf.load(saved)
         except Exception as e:  # a YAML or OmegaConf error: the file was edited or damaged

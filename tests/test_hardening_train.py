@@ -224,17 +224,31 @@ def test_missing_or_broken_latest_json_names_the_newest_checkpoint_and_deletes_n
     assert "resume_checkpoint: null" in (missing / "config.yaml").read_text()
 
 
-def test_a_config_group_choice_on_resume_is_refused_in_one_line(checkpointed, tmp_path):
-    # `mapping=hypernetwork` on resume would replace the saved mapping section by a string: refused, nothing written
+def test_config_group_choices_on_resume_repeat_the_run_or_are_refused_in_one_line(checkpointed, tmp_path):
+    # the run's own choices (the same command again) resume; a different one, or one that cannot be checked,
+    # would replace a saved section by its name: refused, nothing written
+    from omegaconf import OmegaConf
+
     run = copy_run(checkpointed, tmp_path / "run")
+    saved = OmegaConf.load(run / "config.yaml")
+    mapping, name = saved.mapping.name, saved.name
+    other = "triplane" if mapping != "triplane" else "hypernetwork"
     before = snapshot(run, skip=(".lock",))
     procs = {choice: cli("train", f"resume={run}", choice, "trainer.max_steps=6")
-             for choice in ("mapping=hypernetwork", "experiment=shapes64")}
-    for choice, (code, err) in finish(procs).items():
-        assert one_error_line(choice, code, err) == (
-            f"resume: {choice!r} chooses a config group, and a resumed run keeps the groups it was started with: "
-            "drop it (values such as trainer.max_steps=5000 still apply)")
+             for choice in (f"mapping={other}", "experiment=quickstart" if name != "quickstart" else "experiment=x",
+                            "prompts=shapes64")}
+    results = finish(procs)
+    for choice, (code, err) in results.items():
+        group = choice.partition("=")[0]
+        current = name if group == "experiment" else mapping
+        want = (f"resume: {choice!r} chooses a config group, and a resumed run keeps the groups it was started "
+                f"with: drop it (values such as trainer.max_steps=5000 still apply)" if group == "prompts" else
+                f"resume: {choice!r} differs from the run's {group} ({current}): a resumed run keeps the groups it "
+                f"was started with (values such as trainer.max_steps=5000 still apply)")
+        assert one_error_line(choice, code, err) == want
     assert snapshot(run, skip=(".lock",)) == before
+    assert app.main([f"resume={run}", f"mapping={mapping}", "trainer.max_steps=5"]) == 0
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 5
 
 
 def test_latest_checkpoint_rules(tmp_path, caplog):

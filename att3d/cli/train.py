@@ -74,18 +74,35 @@ def run(cfg: dict[str, Any], run_dir: str | Path, on_ready: Callable[[], None] |
         trainer.close()
 
 
-def _refuse_group_choices(overrides: list[str]) -> None:
-    """On resume, a config-group choice (``experiment=``, ``mapping=``, ``field=``, ...) cannot apply: the run's
-    saved config has no groups left, only their values, and the choice would replace a whole section by its name.
-    Refuse it with the way out (values such as ``trainer.max_steps=5000`` do apply)."""
+def _without_group_choices(overrides: list[str], saved: Any) -> list[str]:
+    """On resume, the overrides without the config-group choices (``experiment=``, ``mapping=``, ...) that only
+    repeat how the run was started; a choice that differs, or that cannot be checked, is refused in one line.
+
+    The saved config has no groups left, only their values: merged as a dotlist, a bare choice would replace a
+    whole section by its name. A choice refined by later keys of its section (``prompts=file
+    prompts.train=my.txt``) is a section and is merged as given. The run's choice is the section's ``name`` (the
+    top-level ``name`` for ``experiment``)."""
+    from omegaconf import OmegaConf
+
     from att3d.utils.paths import configs_dir
 
     groups = {p.name for p in configs_dir().iterdir() if p.is_dir()}
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in groups:
+    kept = []
+    for n, override in enumerate(overrides):
+        key, _, value = override.partition("=")
+        group = key.lstrip("+~")
+        if group not in groups or any(o.partition("=")[0].lstrip("+~").startswith(group + ".")
+                                      for o in overrides[n + 1:]):
+            kept.append(override)
+            continue
+        current = OmegaConf.select(saved, "name" if group == "experiment" else f"{group}.name", default=None)
+        if current is None:
             raise Att3dError(f"resume: {override!r} chooses a config group, and a resumed run keeps the groups it "
                              f"was started with: drop it (values such as trainer.max_steps=5000 still apply)")
+        if str(current) != value:
+            raise Att3dError(f"resume: {override!r} differs from the run's {group} ({current}): a resumed run keeps "
+                             f"the groups it was started with (values such as trainer.max_steps=5000 still apply)")
+    return kept
 
 
 def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
@@ -99,11 +116,11 @@ def _resolved_config(cfg: Any, task_overrides: list[str]) -> dict[str, Any]:
     check_run_dir(run_dir, "resume" if cfg.resume else "run_dir")
     if cfg.resume and saved.is_file():
         overrides = [o for o in task_overrides if not o.startswith("resume=")]
-        _refuse_group_choices(overrides)
         try:
             base = OmegaConf.load(saved)
         except Exception as e:  # a YAML or OmegaConf error: the file was edited or damaged
             raise Att3dError(f"cannot read {saved}: {' '.join(str(e).split())}") from None
+        overrides = _without_group_choices(overrides, base)
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         cfg.resume = str(run_dir)
         cfg.run_dir = str(run_dir)  # where the run is now (it may have been moved since)

@@ -50,6 +50,14 @@ def parse_model(spec: str) -> tuple[str, str, Path]:
     return arch, pset, Path(folder)
 
 
+def parse_train_overrides(spec: str) -> tuple[str, list[str]]:
+    """``ARCH=OVERRIDES`` (one string, overrides split on spaces) -> (arch, overrides)."""
+    arch, sep, overrides = spec.partition("=")
+    if not sep or not arch or not overrides.strip():
+        raise SystemExit(f"architecture_study: error: --train-overrides wants ARCH=OVERRIDES, got {spec!r}")
+    return arch, shlex.split(overrides)
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -196,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=10, help="timed training steps per architecture (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-overrides", action="append", default=[], metavar="ARCH=OVERRIDES",
+                    help="the training config of an architecture, as att3d train overrides in one string (e.g. "
+                         "'triplane5=experiment=shapes64_triplane'; repeatable); default: experiment=shapes64, plus "
+                         "mapping=triplane field=triplane for the architecture named triplane")
     ap.add_argument("--notes", default=None, help="a Markdown file added to the README after the tables")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -219,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, t in time_generation(models, args.prompts, args.repeats).items():
         results["models"][key]["generate"] = t
     if args.train_steps > 0:
+        given = dict(parse_train_overrides(spec) for spec in args.train_overrides)
         archs = {}
         for arch, _, _ in specs:
-            archs.setdefault(arch, ["experiment=shapes64", f"trainer.threads={args.threads}",
-                                    *(["mapping=triplane", "field=triplane"] if arch == "triplane" else [])])
+            default = ["experiment=shapes64", *(["mapping=triplane", "field=triplane"] if arch == "triplane" else [])]
+            archs.setdefault(arch, [*given.get(arch, default), f"trainer.threads={args.threads}"])
         steps = time_training(archs, args.train_steps)
         for r in results["models"].values():
             r["train_step"] = steps[r["arch"]]

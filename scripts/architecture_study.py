@@ -18,7 +18,9 @@ What is measured here, side by side in one process (``--repeats`` alternating ro
 - generation latency: ``model.generate`` of ``--prompts`` prompts at batch 1 to GLB bytes (no turntable), per
   prompt;
 - the training step: ``--train-steps`` SDS steps of each model's own training config (batch 8, 32 px renders,
-  the shipped prior), one fresh trainer per architecture, steps alternated between the architectures.
+  the shipped prior), one fresh trainer per architecture, steps alternated between the architectures; an
+  architecture's config is ``experiment=shapes64`` (plus ``mapping=triplane field=triplane`` for ``triplane``)
+  unless ``--train-overrides ARCH=OVERRIDES`` gives it (e.g. ``triplane5=experiment=shapes64_triplane``).
 
 Writes ``results.json``, ``README.md`` (tables, the command) and ``study.png`` (bars per metric) to ``--out``::
 

@@ -661,6 +661,7 @@ class Trainer:
                     "history": self.history[-2000:], "batch_size": self.cfg.batch_size,
                     "world_size": self.dist.world_size})
             save_json(self.ckpt_dir / POINTER_NAME, {"step": self.step, "folder": folder.name})
+            self._saved_step = self.step  # at once: a second signal during the pruning names this checkpoint
             self._prune_checkpoints(folder)
         distributed.barrier()
         self._saved_step = self.step

@@ -269,3 +269,84 @@ def test_extraction_keeps_only_what_the_renders_can_sample():
         (both,) = meshes_from_conditioning(RenderedModel(box), cond, grid_resolution=48, texture_size=0,
                                            coarse_step=coarse_step, min_component_fraction=0.0)
         assert ball.bounds[1].max() < 0.5 and both.bounds[1].min() > 0.8
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4), (3, 7, 2), (1, 4, 5)])
+def test_line_numbers_are_shared_along_a_line_and_distinct_between_lines(shape):
+    for d in LINES_49:
+        (w0, w1, w2), base, size = visibility.line_index(d, shape)
+        number = {}
+        for p in np.ndindex(*shape):
+            n = base + p[0] * w0 + p[1] * w1 + p[2] * w2
+            assert 0 <= n < size
+            steps = (tuple(c + d[a] * t for a, c in enumerate(p)) for t in range(-10, 11))
+            line = frozenset(q for q in steps if all(0 <= c < n for c, n in zip(q, shape)))  # its samples
+            number.setdefault(line, set()).add(n)
+        assert all(len(ns) == 1 for ns in number.values())  # one number per line
+        assert len(set().union(*number.values())) == len(number)  # different lines, different numbers
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_line_depth_where_wanted_equals_the_full_depth_and_zero_elsewhere(monkeypatch, backend):
+    if backend == "torch":
+        monkeypatch.setenv(visibility.ENV, "torch")
+    g = torch.Generator().manual_seed(3)
+    dens = torch.rand(9, 7, 8, generator=g) * 2.0
+    dens[0] = 0.0  # the crop box starts at x = 1
+    where = torch.rand(9, 7, 8, generator=g) > 0.6
+    full = line_optical_depth(dens, 0.25)
+    part = line_optical_depth(dens, 0.25, where=where)
+    assert torch.allclose(part[where], full[where], rtol=1e-6, atol=0.0)
+    assert (part[~where] == 0).all() and (part[where][1:] > 0).any()
+    assert torch.equal(line_optical_depth(dens, 0.25, where=torch.zeros_like(where)), torch.zeros_like(dens))
+    with pytest.raises(ValueError, match="where must be"):
+        line_optical_depth(dens, 0.25, where=where[:, :, :3])
+
+
+def test_dilate_cube_is_the_3x3x3_max_pool():
+    from att3d.mesh.density import dilate_cube
+
+    g = torch.Generator().manual_seed(4)
+    for shape in [(7, 6, 5), (1, 4, 3), (2, 9, 1)]:
+        mask = torch.rand(*shape, generator=g) > 0.93
+        pooled = torch.nn.functional.max_pool3d(mask.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
+        assert torch.equal(dilate_cube(mask), pooled)
+
+
+class SoftBall(torch.nn.Module):
+    """A dense ball (radius 0.45) in a faint shell to radius 0.52 (density 0.9: below the threshold 1): the
+    density's level places the surface, and the shell's samples next to it have a hull below ``density /
+    threshold`` (a line grazing the ball gathers less than ln 2), so their hull places the vertices."""
+
+    bound = 1.0
+
+    def forward(self, points, cond):
+        r = points.norm(dim=-1)
+        dens = torch.where(r < 0.45, 50.0, torch.where(r < 0.52, 0.9, 0.0))
+        return dens, torch.full_like(points, 0.5)
+
+    def density(self, points, cond):
+        return self.forward(points, cond)[0]
+
+
+def test_the_extraction_reads_the_hull_only_where_marching_cubes_does(monkeypatch):
+    # The opacity surface computes the hull only at or next to the density's solid; with the hull everywhere (the
+    # surface's definition: marching cubes of min(density / threshold, hull)) the mesh is the same, to the vertex.
+    from att3d.mesh import extract
+
+    cond = {"scale": torch.tensor([1.0])}
+    duck = FringedDuck()
+    duck.field = SoftBall()
+    wanted = []
+    real = extract.line_optical_depth
+
+    def spy(density, spacing, lines=LINES_49, where=None):
+        wanted.append(None if where is None else float(where.float().mean()))
+        return real(density, spacing, lines, where=where)
+
+    monkeypatch.setattr(extract, "line_optical_depth", spy)
+    near = meshes_from_conditioning(duck, cond, grid_resolution=48, texture_size=0)[0]
+    monkeypatch.setattr(extract, "dilate_cube", torch.ones_like)  # every sample wanted
+    full = meshes_from_conditioning(duck, cond, grid_resolution=48, texture_size=0)[0]
+    assert wanted[0] < 0.2 and wanted[1] == 1.0  # the extraction asked for a small part of the grid
+    assert np.array_equal(near.faces, full.faces) and np.array_equal(near.vertices, full.vertices)

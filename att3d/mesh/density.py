@@ -256,6 +256,20 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     return cdens, evaluated
 
 
+def dilate_cube(mask: torch.Tensor) -> torch.Tensor:
+    """Grow a boolean grid by its 26 neighbours: ``out[p]`` is whether any sample of the 3x3x3 block at ``p`` is
+    set (separable: one axis at a time). (..., R0, R1, R2) bool -> the same shape, a new tensor."""
+    out = mask.clone()
+    for dim in (-3, -2, -1):
+        n = out.shape[dim]
+        if n < 2:
+            continue
+        src = out.clone()
+        out.narrow(dim, 1, n - 1).logical_or_(src.narrow(dim, 0, n - 1))
+        out.narrow(dim, 0, n - 1).logical_or_(src.narrow(dim, 1, n - 1))
+    return out
+
+
 def _shift_or(a: np.ndarray, out: np.ndarray) -> None:
     """out |= the 6-neighbour shifts of a (one dilation step with the cross)."""
     out[1:] |= a[:-1]

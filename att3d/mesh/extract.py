@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import trimesh
 
-from att3d.mesh.density import batch_of, density_grid, fill_interior, surface_density_grid
+from att3d.mesh.density import batch_of, density_grid, dilate_cube, fill_interior, surface_density_grid
 from att3d.mesh.visibility import OPACITY_DEPTH, line_optical_depth
 from att3d.utils.errors import Att3dError
 from att3d.utils.timing import StageTimer, maybe_timed
@@ -352,8 +352,12 @@ class _MeshJob:
             if self.solid and peak > thr:
                 vol = fill_interior(vol, thr, close_voxels=self.close_voxels)
             if self.surface == "opacity" and peak > thr:
-                # inside: above the threshold and inside every silhouette, both scaled to 1 at their level
-                hull = line_optical_depth(vol_in, 2.0 * self.bound / (self.R - 1)) / OPACITY_DEPTH
+                # inside: above the threshold and inside every silhouette, both scaled to 1 at their level. Marching
+                # cubes reads the hull only at the corners of cubes with a corner inside, i.e. at or next to the
+                # solid (a 3^3 neighbourhood); elsewhere the minimum is vol / thr < 1 whatever the hull.
+                near = dilate_cube(vol >= thr)
+                hull = line_optical_depth(vol_in, 2.0 * self.bound / (self.R - 1), where=near)
+                hull = torch.where(near, hull / OPACITY_DEPTH, torch.inf)
                 vol = torch.minimum(vol / thr, hull)
                 level = 1.0
             found = float(vol.max()) > level

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from att3d.mesh import raster_cpu
@@ -16,6 +17,7 @@ from att3d.mesh.density import (
     density_grid,
     fill_interior,
     interpolation_matrix,
+    refine_mask,
     surface_density_grid,
 )
 from att3d.mesh.extract import GenerationError, meshes_from_conditioning
@@ -81,6 +83,51 @@ def test_surface_density_grid_is_exact_near_the_surface_and_keeps_occupancy(step
                 cube_eval &= evaluated[sl]
     crossed = cube_any & ~cube_all
     assert bool(cube_eval[crossed].all())
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2])
+def test_refine_mask_is_every_sample_of_the_crossed_cells_grown_by_the_margin(margin):
+    # the definition with float max-pools: a cell is crossed when its 8 corners disagree; grown by margin cells
+    g = torch.Generator().manual_seed(margin)
+    coarse = coarse_indices(47, 4)  # 0, 4, ..., 44, 46: a last cell narrower than the others
+    rc = coarse.shape[0]
+    dens = torch.rand(2, rc, rc, rc, generator=g) * 0.5
+    dens[0, 1, 2, 3] = dens[0, 2, 2, 3] = dens[1, 10, 11, 11] = 1.0  # an object, and one at the narrow cells
+    occ = (dens > 0.8).float()[:, None]
+    crossed = F.max_pool3d(occ, 2, stride=1) > -F.max_pool3d(-occ, 2, stride=1)
+    crossed = (F.max_pool3d(crossed.float(), 2 * margin + 1, stride=1, padding=margin) > 0)[:, 0]
+    want = torch.zeros(2, 47, 47, 47, dtype=torch.bool)
+    for b, a, c, d in crossed.nonzero().tolist():
+        want[b, coarse[a]:coarse[a + 1] + 1, coarse[c]:coarse[c + 1] + 1, coarse[d]:coarse[d + 1] + 1] = True
+    assert torch.equal(refine_mask(dens, 0.8, 47, coarse, margin), want) and 0 < int(want.sum()) < want.numel()
+
+
+class LatticeField(TorusField):
+    """The torus field with a ``lattice`` method (as a triplane has), counting the lattices built."""
+
+    def __init__(self):
+        super().__init__()
+        self.lattices = 0
+
+    def lattice(self, axis, cond):
+        self.lattices += 1
+        field = self
+
+        class Lattice:
+            def density(self, i, j, k):
+                points = torch.stack([axis[i], axis[j], axis[k]], dim=-1)[None]
+                return field.density(points.expand(next(iter(cond.values())).shape[0], -1, -1), cond)
+
+        return Lattice()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_surface_density_grid_builds_each_prompts_lattice_once(batch):
+    field = LatticeField()
+    cond = {"scale": COND["scale"][:batch]}
+    grid, _ = surface_density_grid(field, cond, 48, THRESHOLD, step=4)  # three levels: 4, 2, 1
+    assert field.lattices == (1 if batch == 1 else 1 + batch)
+    assert torch.equal(grid > THRESHOLD, density_grid(TorusField(), cond, 48) > THRESHOLD)
 
 
 def test_surface_density_grid_step_one_is_the_dense_grid():

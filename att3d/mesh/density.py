@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def batch_of(cond: dict[str, torch.Tensor]) -> tuple[int, torch.device]:
@@ -151,13 +150,14 @@ def refine_mask(coarse_density: torch.Tensor, threshold: float, resolution: int,
     Returns:
         (B, R, R, R) bool: every sample of a crossed (or grown) coarse cell, cell borders included.
     """
-    occ = (coarse_density > threshold).float()[:, None]  # (B, 1, Rc, Rc, Rc)
-    any_in = F.max_pool3d(occ, 2, stride=1)
-    all_in = -F.max_pool3d(-occ, 2, stride=1)
-    crossed = any_in > all_in  # (B, 1, Rc-1, ...)
-    if margin > 0:
-        crossed = F.max_pool3d(crossed.float(), 2 * margin + 1, stride=1, padding=margin) > 0
-    crossed = crossed[:, 0]
+    any_in = all_in = coarse_density > threshold  # (B, Rc, Rc, Rc)
+    for dim in (1, 2, 3):  # over each cell's 2x2x2 corners, one axis at a time (boolean: 10x a float max-pool)
+        n = any_in.shape[dim] - 1
+        any_in = any_in.narrow(dim, 0, n) | any_in.narrow(dim, 1, n)
+        all_in = all_in.narrow(dim, 0, n) & all_in.narrow(dim, 1, n)
+    crossed = any_in & ~all_in  # (B, Rc-1, Rc-1, Rc-1)
+    for _ in range(margin):
+        crossed = dilate_cube(crossed)
     left, right = _cell_maps(resolution, coarse.cpu())
     left, right = left.to(crossed.device), right.to(crossed.device)
     # The OR over a sample's (up to 8) cells is separable: one axis at a time.
@@ -185,11 +185,12 @@ def _lattice(mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torch.Tensor, where: torch.Tensor,
-                chunk: int, index: torch.Tensor | None = None, radius: float | None = None
-                ) -> list[torch.Tensor | None]:
+                chunk: int, index: torch.Tensor | None = None, radius: float | None = None,
+                densities: list[Callable[..., torch.Tensor]] | None = None) -> list[torch.Tensor | None]:
     """The field's density at the grid points ``lin[i], lin[j], lin[k]`` of each prompt's ``where`` (B, n, n, n)
     bool: per prompt, (count,) float or None (nothing to evaluate). ``index`` (n,) (default: all of ``lin``) maps
-    ``where``'s indices into ``lin``; ``radius`` as :func:`lattice_density`."""
+    ``where``'s indices into ``lin``; ``radius`` as :func:`lattice_density`. ``densities``: each prompt's
+    :func:`lattice_density` over ``lin``, to reuse across calls (a triplane's lattice tables); None: built here."""
     out: list[torch.Tensor | None] = []
     for b in range(where.shape[0]):
         i, j, k = where[b].nonzero(as_tuple=True)
@@ -198,7 +199,8 @@ def evaluate_at(field: torch.nn.Module, cond: dict[str, torch.Tensor], lin: torc
             continue
         if index is not None:
             i, j, k = index[i], index[j], index[k]
-        density = lattice_density(field, {key: v[b:b + 1] for key, v in cond.items()}, lin, radius)
+        density = (densities[b] if densities is not None
+                   else lattice_density(field, {key: v[b:b + 1] for key, v in cond.items()}, lin, radius))
         out.append(torch.cat([density(i[s:s + chunk], j[s:s + chunk], k[s:s + chunk])[0].float()
                               for s in range(0, i.shape[0], chunk)]))
     return out
@@ -236,7 +238,11 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
     cidx = coarse.to(device)
     ci, cj, ck = torch.meshgrid(cidx, cidx, cidx, indexing="ij")
     rc = coarse.shape[0]
-    cdens = lattice_density(field, cond, lin, radius)(ci.reshape(-1), cj.reshape(-1), ck.reshape(-1))
+    # each prompt's lattice function, built once for every level (a triplane's are tables over the whole axis)
+    densities = ([lattice_density(field, cond, lin, radius)] if B == 1 else
+                 [lattice_density(field, {key: v[b:b + 1] for key, v in cond.items()}, lin, radius) for b in range(B)])
+    batched = densities[0] if B == 1 else lattice_density(field, cond, lin, radius)
+    cdens = batched(ci.reshape(-1), cj.reshape(-1), ck.reshape(-1))
     cdens = cdens.float().reshape(B, rc, rc, rc)  # the current lattice's values
     evaluated = torch.zeros(B, R, R, R, dtype=torch.bool, device=device)
     for s in steps[1:]:
@@ -247,11 +253,16 @@ def surface_density_grid(field: torch.nn.Module, cond: dict[str, torch.Tensor], 
         grid = torch.einsum("kc,nabc->nabk", w, cdens)  # separable: one axis at a time
         grid = torch.einsum("jb,nabk->najk", w, grid)
         grid = torch.einsum("ia,najk->nijk", w, grid).contiguous()
-        where = _lattice(mask, nxt_d)  # the next lattice's samples inside crossed cells
-        for b, vals in enumerate(evaluate_at(field, cond, lin, where, chunk, index=nxt_d, radius=radius)):
+        full = nxt.shape[0] == R  # the last level: every sample (indexing by the identity costs 15 ms at 96^3)
+        where = mask if full else _lattice(mask, nxt_d)  # the next lattice's samples inside crossed cells
+        for b, vals in enumerate(evaluate_at(field, cond, lin, where, chunk, index=nxt_d, radius=radius,
+                                             densities=densities)):
             if vals is not None:
                 grid[b][where[b]] = vals
-        evaluated[:, nxt_d[:, None, None], nxt_d[None, :, None], nxt_d[None, None, :]] |= where
+        if full:
+            evaluated |= where
+        else:
+            evaluated[:, nxt_d[:, None, None], nxt_d[None, :, None], nxt_d[None, None, :]] |= where
         cdens, coarse = grid, nxt
     return cdens, evaluated
 

@@ -480,6 +480,13 @@ def test_hydra_groups_compose_the_triplane():
     assert tri["mapping"] == base["mapping"] and base["mapping"]["name"] == "hypernetwork"
     assert {k: v for k, v in tri.items() if k not in ("field", "name", "run_dir")} == \
         {k: v for k, v in base.items() if k not in ("field", "name", "run_dir")}
+    # the many-prompt recipe: that triplane on the 5,040 training wordings with the wordings prior
+    words = compose_config("train", ["experiment=shapes_wordings"])
+    assert words["field"] == tri["field"] and words["mapping"] == tri["mapping"]
+    assert words["prompts"] == {"train": "shapes_wordings_train", "heldout": "shapes_wordings_heldout",
+                                "eval": "shapes64"}
+    assert words["guidance"]["prior"]["path"] == "assets/shapes-prior-wordings"
+    assert words["trainer"]["max_steps"] == 2500 and words["trainer"]["interpolation"]["prob"] == 0.5
 
 
 # -- every pipeline -------------------------------------------------------------------------------------------

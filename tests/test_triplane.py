@@ -606,3 +606,17 @@ def test_two_gloo_processes_train_like_one(tiny_prior_dir, prompts_file, tmp_pat
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
     assert torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean().item() <= 1e-7
+
+
+def test_the_plane_contract_is_shared_by_the_mapping_and_the_field():
+    from att3d.field import triplane as field_triplane
+    from att3d.mapping import triplane as mapping_triplane
+    from att3d.utils.planes import NUM_PLANES, check_num_planes, is_plane_shape
+
+    assert mapping_triplane.is_plane_shape is is_plane_shape and field_triplane.NUM_PLANES is NUM_PLANES
+    assert is_plane_shape((3, 8, 16, 16)) and is_plane_shape((5, 4, 2, 2))
+    for shape in [(4, 8, 16, 16), (3, 8, 16, 8), (3, 16, 16), (8, 16, 16, 16), (3, 8, 0, 0)]:
+        assert not is_plane_shape(shape)
+    assert check_num_planes(5) == 5
+    with pytest.raises(ValueError, match="3 planes"):
+        check_num_planes(4)

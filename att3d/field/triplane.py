@@ -58,13 +58,12 @@ from att3d.field.grid_field import (
     shift_colour,
 )
 from att3d.registry import FIELDS
+from att3d.utils.planes import NUM_PLANES, check_num_planes
 
 #: The two world axes (0 = x, 1 = y, 2 = z) spanned by each plane, in storage order ``[c, i_a, i_b]``.
 PLANE_AXES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
 #: The optional diagonal planes' axes: ``u = (x + z) / sqrt(2)`` and ``v = (x - z) / sqrt(2)``, each with y.
 DIAGONAL_AXES: tuple[str, ...] = ("uy", "vy")
-#: The supported numbers of planes: the three axis-aligned ones, or those and the two diagonal ones.
-NUM_PLANES: tuple[int, ...] = (3, 5)
 #: Each way of combining the planes' features.
 COMBINE_MODES: tuple[str, ...] = ("concat", "sum", "product", "concat_product")
 
@@ -76,13 +75,6 @@ def combine_width(mode: str, num_planes: int = 3) -> int:
     if mode not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
     return {"concat": num_planes, "sum": 1, "product": 1, "concat_product": num_planes + 1}[mode]
-
-
-def check_num_planes(num_planes: int) -> int:
-    """``num_planes`` if supported (3: xy, xz, yz; 5: and the diagonal uy, vy), else a ValueError."""
-    if num_planes not in NUM_PLANES:
-        raise ValueError(f"a triplane has 3 planes (or 5 with the diagonal planes), got {num_planes}")
-    return int(num_planes)
 
 
 def plane_coords(points: torch.Tensor, num_planes: int = 3, swap: bool = False) -> torch.Tensor:

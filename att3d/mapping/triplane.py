@@ -44,12 +44,7 @@ from torch import nn
 from att3d.mapping.hypernetwork import split_outputs, total_size
 from att3d.registry import MAPPINGS
 from att3d.text.encoders import TextEmbedding
-
-
-def is_plane_shape(shape: tuple[int, ...]) -> bool:
-    """Whether an output shape is a set of feature planes ``(P, C, R, R)``: a triplane (P = 3) or one with the
-    diagonal planes (P = 5, :class:`att3d.field.triplane.TriplaneField`)."""
-    return len(shape) == 4 and shape[0] in (3, 5) and shape[2] == shape[3] and shape[2] >= 1
+from att3d.utils.planes import is_plane_shape
 
 
 def num_upsamplings(resolution: int, seed_resolution: int) -> int:

@@ -87,10 +87,15 @@ def _brute_line_depth(dens: np.ndarray, lines, h: float) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_line_depth_matches_walking_every_line(monkeypatch, backend):
-    if backend == "torch":
+@pytest.fixture(params=["numba", "torch"])
+def backend(request, monkeypatch):
+    """Each implementation of the line sums: the compiled kernel (the CPU default) and the torch one."""
+    if request.param == "torch":
         monkeypatch.setenv(visibility.ENV, "torch")
+    return request.param
+
+
+def test_line_depth_matches_walking_every_line(backend):
     g = torch.Generator().manual_seed(0)
     dens = torch.rand(5, 6, 4, generator=g) * 3.0
     for lines in (LINES_13, LINES_49[:20]):
@@ -286,10 +291,7 @@ def test_line_numbers_are_shared_along_a_line_and_distinct_between_lines(shape):
         assert len(set().union(*number.values())) == len(number)  # different lines, different numbers
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_line_depth_where_wanted_equals_the_full_depth_and_zero_elsewhere(monkeypatch, backend):
-    if backend == "torch":
-        monkeypatch.setenv(visibility.ENV, "torch")
+def test_line_depth_where_wanted_equals_the_full_depth_and_zero_elsewhere(backend):
     g = torch.Generator().manual_seed(3)
     dens = torch.rand(9, 7, 8, generator=g) * 2.0
     dens[0] = 0.0  # the crop box starts at x = 1

@@ -32,7 +32,8 @@ def tiny_model_dir(tmp_path_factory):
 def test_bench_generate_writes_its_table(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "results.md"
     code = cli.main(["bench", "generate", "--checkpoint", str(tiny_model_dir), "--batch-sizes", "1", "3",
-                     "--repeats", "1", "--warmup", "0", "--resolution", "20", "--texture-size", "32",
+                     "--repeats", "1", "--prompts-per-round", "2", "--warmup", "0", "--resolution", "20",
+                     "--texture-size", "32",
                      "--frames", "2", "--turntable-resolution", "32", "--device", "cpu", "--quiet", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -46,6 +47,8 @@ def test_bench_generate_writes_its_table(tiny_model_dir, tmp_path, capsys):
     assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["device"] == "cpu"
     res = data["benchmarks"]["generate"]["rows"]
     assert [r["batch_size"] for r in res] == [1, 3]
+    assert [r["prompts_per_round"] for r in res] == [2, 3]  # two prompts, or one whole batch of three
+    assert "a run times 2 prompts or more, in whole batches: a red sphere, a red cube, ..." in text
     for r in res:
         assert r["seconds_per_prompt"] > 0 and r["empty_meshes"] == 0 and r["faces_per_mesh"] > 0
         stages = r["stage_seconds_per_prompt"]

@@ -71,6 +71,22 @@ def _round(seconds: dict[int, float], turntable: float, faces: int = 100) -> dic
             "turntables": [{"render": turntable * 0.8, "video": turntable * 0.2, "seconds": turntable}]}
 
 
+def test_a_round_times_whole_batches_of_prompts_that_cover_every_shape():
+    from att3d.world.shapes import SHAPE_NAMES
+
+    assert [bench.round_prompts(b) for b in (1, 3, 8, 16)] == [8, 9, 8, 16]
+    assert bench.round_prompts(2, 1) == 2 and bench.round_prompts(1, 1) == 1
+    first = bench.bench_prompts(8)
+    assert [p.split()[-1] for p in first] == list(SHAPE_NAMES) and len(set(bench.bench_prompts(64))) == 64
+    # a run's seconds per prompt divide by the prompts it timed (default: its batch size)
+    runs = [{"seconds": 8.0, "prompts": 8, "stages": {"field": 4.0}, "faces": 10, "empty": 0},
+            {"seconds": 2.0, "stages": {"field": 1.0}, "faces": 10, "empty": 0}]
+    row = bench.summarize_runs(runs, 1, ["field"])
+    assert row["min_seconds_per_prompt"] == 1.0 and row["max_seconds_per_prompt"] == 2.0
+    assert row["seconds_per_prompt"] == pytest.approx(1.5) and row["stage_seconds_per_prompt"]["field"] == 0.75
+    assert row["prompts_per_round"] == 8
+
+
 def test_summary_is_medians_and_baseline_over_current():
     rounds = {"current": [_round({1: 1.0, 4: 2.0}, 0.5), _round({1: 3.0, 4: 2.4}, 0.7), _round({1: 2.0, 4: 2.2}, 0.6)],
               "baseline": [_round({1: 4.0, 4: 8.0}, 1.2), _round({1: 4.0, 4: 8.8}, 1.2), _round({1: 5.0, 4: 9.0}, 1.2)]}
@@ -102,7 +118,8 @@ def test_generate_against_head_side_by_side(baseline_in_clone, tiny_model_dir, t
     shutil.copytree(tiny_model_dir, release)
     code = cli.main(["bench", "generate", "--baseline", "HEAD", "--checkpoint", str(tiny_model_dir),
                      "--baseline-checkpoint", str(release),
-                     "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0", "--resolution", "20",
+                     "--batch-sizes", "1", "2", "--repeats", "1", "--prompts-per-round", "3", "--warmup", "0",
+                     "--resolution", "20",
                      "--texture-size", "32", "--frames", "2", "--turntable-resolution", "32", "--threads", "1",
                      "--device", "cpu", "--quiet", "--out", str(out)])
     captured = capsys.readouterr()
@@ -124,6 +141,9 @@ def test_generate_against_head_side_by_side(baseline_in_clone, tiny_model_dir, t
     assert f"(baseline: {release.resolve()})" in text
     for r in data["rows"]:
         assert r["speedup"] > 0 and r["current"]["seconds_per_prompt"] > 0 and r["baseline"]["faces_per_mesh"] > 0
+    for version in ("current", "baseline"):  # three prompts at batch 1, two whole batches of two at batch 2
+        assert [run["prompts"] for run in data["rounds"][version][0]["runs"]] == [3, 4]
+    assert data["settings"]["prompts_per_round"] == 3
     assert data["turntable"]["speedup"] > 0
 
 

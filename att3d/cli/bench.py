@@ -37,6 +37,8 @@ def build_parser() -> CommandParser:
                         "(default: --checkpoint; a relative path is read in the baseline's worktree)")
     g.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], metavar="B", help="default: 1 16")
     g.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default: 3)")
+    g.add_argument("--prompts-per-round", type=int, default=8, metavar="K",
+                   help="prompts a run times: K or more, in whole batches (default: 8, every shape once at batch 1)")
     g.add_argument("--resolution", type=int, default=96, help="density grid per axis (default: 96)")
     g.add_argument("--texture-size", type=int, default=256, help="default: 256")
     g.add_argument("--threshold", type=float, default=None, help="density threshold (default: the model's)")
@@ -75,7 +77,8 @@ def validate(args: argparse.Namespace) -> list[str]:
     targets = list(ALL) if args.target == "all" else [args.target]
     if args.target != "all" and args.target not in BENCHMARKS:
         raise BenchError(f"unknown benchmark {args.target!r}; choose {', '.join(BENCHMARKS)} or all")
-    checks = [("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--steps", args.steps, 1),
+    checks = [("--repeats", args.repeats, 1), ("--prompts-per-round", args.prompts_per_round, 1),
+              ("--warmup", args.warmup, 0), ("--steps", args.steps, 1),
               ("--resolution", args.resolution, 4), ("--texture-size", args.texture_size, 0),
               ("--smooth", args.smooth, 0), ("--frames", args.frames, 1),
               ("--turntable-resolution", args.turntable_resolution, 8)]

@@ -1,8 +1,8 @@
 """Speed benchmarks (``att3d bench``): generation latency and training throughput on this machine, side by side
 with an earlier release when asked.
 
-    att3d bench generate [--checkpoint PATH] [--batch-sizes 1 16] [--repeats 3] [--baseline REV] [--threads N]
-                         [--turntable/--no-turntable] [--device auto] [--out results.md]
+    att3d bench generate [--checkpoint PATH] [--batch-sizes 1 16] [--repeats 3] [--prompts-per-round 8]
+                         [--baseline REV] [--threads N] [--turntable/--no-turntable] [--device auto] [--out results.md]
     att3d bench train [--experiment quickstart] [--steps 5] [--backends torch cuda] [--prior auto|tiny|PATH]
     att3d bench scale [--prompt-counts 64 1000 10000 100000] [--steps 5] [--prior tiny|auto|PATH]
                       [--embedding-cache DIR] [--fresh-cache] [--baseline REV]
@@ -16,8 +16,11 @@ command (:mod:`att3d.cli.bench`) writes ``results.md`` and ``results.json`` (eve
 - **generate**: text -> GLB on disk, the whole path of ``att3d generate`` (text encoder, mapping, field on the
   grid, extraction, texture, mesh file), per prompt, for each batch size; per-stage seconds from
   :class:`att3d.utils.timing.StageTimer`; the median over ``--repeats`` runs after ``--warmup`` untimed ones.
-  A last row times the turntable (``--turntable``, default on: 48 frames at 256 px, render + MP4) that
-  ``att3d generate`` adds per prompt, on the smallest batch's meshes.
+  A run times ``--prompts-per-round`` prompts (default 8) or more, in whole batches (:func:`round_prompts`):
+  at batch 1 the eight shapes (:func:`bench_prompts`), so that the figure is not one shape's (a single prompt
+  per run spread a median by +-20% between runs on this project's shared CPU). A last row times the turntable
+  (``--turntable``, default on: 48 frames at 256 px, render + MP4) that
+  ``att3d generate`` adds per prompt, on the smallest batch size's first batch.
 
   With ``--baseline REV`` (any git revision: the previous release, ``HEAD``, ...) the same is measured for
   both versions in one run: REV is checked out, detached, in a git worktree under
@@ -332,11 +335,27 @@ def _fmt_ratio(r: float | None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def bench_prompts(n: int) -> list[str]:
-    """``n`` distinct prompts (shapes-world captions, then numbered variants)."""
-    from att3d.world.shapes import all_captions
+    """``n`` distinct prompts: the shapes world's captions one shape after another (the eight shapes in red, then
+    in orange, ...), so that any eight in a row cover every shape, then numbered variants."""
+    from att3d.world.shapes import COLOUR_NAMES, SHAPE_NAMES, WorldObject
 
-    caps = all_captions()
+    caps = [WorldObject(shape, colour).caption for colour in COLOUR_NAMES for shape in SHAPE_NAMES]
     return [caps[i] if i < len(caps) else f"{caps[i % len(caps)]} number {i // len(caps)}" for i in range(n)]
+
+
+#: Prompts timed per round at each batch size (at least the batch; a multiple of it): the eight shapes at batch 1,
+#: so that a round's time is not one shape's.
+PROMPTS_PER_ROUND = 8
+
+
+def round_prompts(batch_size: int, per_round: int = PROMPTS_PER_ROUND) -> int:
+    """How many prompts a round times at ``batch_size``: ``per_round`` rounded up to whole batches.
+
+    >>> round_prompts(1), round_prompts(3), round_prompts(16), round_prompts(1, 1)
+    (8, 9, 16, 1)
+    """
+    b = max(1, int(batch_size))
+    return b * max(1, -(-max(1, int(per_round)) // b))
 
 
 def generate_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -378,13 +397,16 @@ def summarize_turntables(records: Sequence[dict[str, float]]) -> dict[str, Any] 
 
 
 def summarize_runs(res: Sequence[dict[str, Any]], b: int, stages: Sequence[str] = STAGES) -> dict[str, Any]:
-    """One batch size's runs (``seconds``, ``stages``, ``faces``, ``empty`` each) -> medians per prompt."""
-    per_prompt = _median([x["seconds"] for x in res]) / b
+    """One batch size's runs (``seconds``, ``stages``, ``faces``, ``empty`` each, and ``prompts``: how many it
+    timed, default ``b``) -> medians per prompt."""
+    per_run = [x["seconds"] / x.get("prompts", b) for x in res]
+    per_prompt = _median(per_run)
     return {"batch_size": b, "repeats": len(res), "seconds_per_prompt": per_prompt,
             "prompts_per_second": 1.0 / per_prompt if per_prompt > 0 else float("inf"),
-            "min_seconds_per_prompt": min(x["seconds"] for x in res) / b,
-            "max_seconds_per_prompt": max(x["seconds"] for x in res) / b,
-            "stage_seconds_per_prompt": {k: _median([x["stages"].get(k, 0.0) for x in res]) / b for k in stages},
+            "prompts_per_round": max(x.get("prompts", b) for x in res),
+            "min_seconds_per_prompt": min(per_run), "max_seconds_per_prompt": max(per_run),
+            "stage_seconds_per_prompt": {k: _median([x["stages"].get(k, 0.0) / x.get("prompts", b) for x in res])
+                                         for k in stages},
             "faces_per_mesh": statistics.mean(x["faces"] for x in res),
             "empty_meshes": max(x["empty"] for x in res)}
 
@@ -402,7 +424,8 @@ def bench_generate(args: argparse.Namespace, device: torch.device) -> dict[str, 
     kw = generate_options(args)
     stages = [*STAGES]
     sizes = sorted(set(args.batch_sizes))
-    prompts = bench_prompts(max(sizes))
+    per_round = getattr(args, "prompts_per_round", PROMPTS_PER_ROUND)
+    prompts = bench_prompts(max(round_prompts(b, per_round) for b in sizes))
     turntable = getattr(args, "turntable", True)
     frames = getattr(args, "frames", TURNTABLE_FRAMES)
     tt_res = getattr(args, "turntable_resolution", TURNTABLE_RESOLUTION)
@@ -420,17 +443,18 @@ def bench_generate(args: argparse.Namespace, device: torch.device) -> dict[str, 
             timer = StageTimer(sync=device.type == "cuda")
             _sync(device)
             t0 = time.perf_counter()
-            meshes = generate(model, prompts[:b], batch_size=b, timer=timer, progress=False, **kw)
-            write_outputs(meshes, prompts[:b], out, format=args.format, turntable=False, timer=timer,
+            n = round_prompts(b, per_round)
+            meshes = generate(model, prompts[:n], batch_size=b, timer=timer, progress=False, **kw)
+            write_outputs(meshes, prompts[:n], out, format=args.format, turntable=False, timer=timer,
                           progress=False)
             _sync(device)
             total = time.perf_counter() - t0
-            results[b].append({"seconds": total, "stages": timer.as_dict(stages),
-                               "faces": sum(len(m.faces) for m in meshes) / b,
+            results[b].append({"seconds": total, "prompts": n, "stages": timer.as_dict(stages),
+                               "faces": sum(len(m.faces) for m in meshes) / n,
                                "empty": sum(is_empty(m) for m in meshes)})
-            if turntable and b == sizes[0]:
+            if turntable and b == sizes[0]:  # the first batch's meshes
                 turntables += [time_turntable(m, out / f"turntable-{i}.mp4", frames, tt_res, device)
-                               for i, m in enumerate(meshes) if not is_empty(m)]
+                               for i, m in enumerate(meshes[:b]) if not is_empty(m)]
     rows = [summarize_runs(results[b], b, stages) for b in sizes]
     tt = summarize_turntables(turntables)
     header = ["batch", "s / prompt", "prompts / s", *stages, "faces", "empty"]
@@ -443,9 +467,11 @@ def bench_generate(args: argparse.Namespace, device: torch.device) -> dict[str, 
     settings = {"checkpoint": str(folder), "grid_resolution": args.resolution, "texture_size": args.texture_size,
                 "threshold": args.threshold, "smooth_iterations": args.smooth, "uv": args.uv, "format": args.format,
                 "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+                "prompts_per_round": per_round,
                 "turntable": turntable, "turntable_frames": frames, "turntable_resolution": tt_res}
-    notes = [f"Text -> {args.format.upper()} on disk per prompt (median of {args.repeats} runs, seconds); stages "
-             f"per prompt. Grid {args.resolution}^3, texture {args.texture_size}^2, uv {args.uv}, "
+    notes = [f"Text -> {args.format.upper()} on disk per prompt (median of {args.repeats} runs, seconds; a run "
+             f"times {_n(per_round, 'prompt')} or more, in whole batches: {', '.join(bench_prompts(2))}, ...); "
+             f"stages per prompt. Grid {args.resolution}^3, texture {args.texture_size}^2, uv {args.uv}, "
              f"model {folder}."]
     if tt is not None:
         notes.append(f"The turntable row is what a turntable adds per prompt (median of {tt['count']}, the "
@@ -536,6 +562,7 @@ def bench_generate_baseline(args: argparse.Namespace, device: torch.device) -> d
                                                   else Path(v["baseline"]["path"]) / given).resolve()
     threads = args.threads or available_cores()
     sizes = sorted(set(args.batch_sizes))
+    per_round = getattr(args, "prompts_per_round", PROMPTS_PER_ROUND)
     kw = generate_options(args)
     turntable = getattr(args, "turntable", True)
     frames = getattr(args, "frames", TURNTABLE_FRAMES)
@@ -546,8 +573,9 @@ def bench_generate_baseline(args: argparse.Namespace, device: torch.device) -> d
     rounds: dict[str, list[dict[str, Any]]] = {"current": [], "baseline": []}
     with tempfile.TemporaryDirectory(prefix="att3d-bench-") as tmp:
         prompt_file = Path(tmp) / "prompts.json"
-        prompt_file.write_text(json.dumps(bench_prompts(max(sizes))))
+        prompt_file.write_text(json.dumps(bench_prompts(max(round_prompts(b, per_round) for b in sizes))))
         argv = ["--prompts", str(prompt_file), "--batch-sizes", *map(str, sizes),
+                "--prompts-per-round", str(per_round),
                 "--warmup", str(args.warmup), "--options", json.dumps(kw), "--frames", str(frames),
                 "--turntable-resolution", str(tt_res), *(["--turntable"] if turntable else [])]
         order = [(r, version) for r in range(args.repeats) for version in ("current", "baseline")]
@@ -559,14 +587,15 @@ def bench_generate_baseline(args: argparse.Namespace, device: torch.device) -> d
     stages = [*STAGES]
     summary = summarize_generate(rounds, sizes, stages)
     settings = {"checkpoint": str(folder), "baseline_checkpoint": str(models["baseline"]), **kw, "format": "glb",
-                "repeats": args.repeats, "warmup": args.warmup,
+                "repeats": args.repeats, "warmup": args.warmup, "prompts_per_round": per_round,
                 "threads": threads, "turntable": turntable, "turntable_frames": frames,
                 "turntable_resolution": tt_res, "versions": v, "load_average_1min_start": load_start,
                 "load_average_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                 "worker_threads": sorted({res["torch_threads"] for rs in rounds.values() for res in rs})}
     notes = [f"Text -> GLB on disk per prompt, seconds: median of {_n(args.repeats, 'round')} per version, "
              f"alternating current and baseline, each a fresh process ({_n(args.warmup, 'warm-up run')} first, "
-             f"{_n(threads, 'thread')}); "
+             f"{_n(threads, 'thread')}; a round times {_n(per_round, 'prompt')} or more per batch size, in whole "
+             f"batches: {', '.join(bench_prompts(2))}, ...); "
              f"speed-up = baseline / current; stages: the current's, per prompt. Grid {args.resolution}^3, "
              f"texture {args.texture_size}^2, uv {args.uv}, model {folder}"
              + (f" (baseline: {models['baseline']})" if models["baseline"] != folder else "") + ".",
@@ -703,7 +732,8 @@ def scale_prompts(n: int) -> tuple[list[str], str]:
     wordings = getattr(prompt_sets, "shapes_wordings", None)
     if wordings is None:
         return bench_prompts(n), "shapes-world captions, then numbered variants"
-    pool = list(dict.fromkeys([*all_captions(), *wordings()]))  # a caption is also one of its wordings
+    # the captions in bench_prompts' order (a caption is also one of its wordings)
+    pool = list(dict.fromkeys([*bench_prompts(len(all_captions())), *wordings()]))
     out = pool[:n] + [f"{pool[i % len(pool)]} number {i // len(pool)}" for i in range(len(pool), n)]
     return out, f"shapes-world captions, their wordings ({len(pool)} in all), then numbered variants"
 

@@ -74,7 +74,8 @@ def _is_empty(mesh: Any) -> bool:
 
 
 def run_generate(a: argparse.Namespace) -> dict[str, Any]:
-    """Warm-up, then one timed text -> GLB run per batch size, then the turntables of the smallest batch's meshes."""
+    """Warm-up, then one timed text -> GLB run per batch size (``--prompts-per-round`` prompts or more, in whole
+    batches), then the turntables of the smallest batch size's first batch."""
     import torch
 
     torch.set_num_threads(a.threads)
@@ -129,20 +130,24 @@ def run_generate(a: argparse.Namespace) -> dict[str, Any]:
                         turntable(m, out / f"warmup{w}-{i}.mp4")
         warmup_seconds = time.perf_counter() - w0
         for b in sizes:
+            n = b * max(1, -(-max(1, a.prompts_per_round) // b))  # whole batches (att3d.eval.bench.round_prompts)
+            if n > len(prompts):
+                raise SystemExit(f"{n} prompts per round at batch {b}, but the prompt file has {len(prompts)}")
             timer = StageTimer(sync=cuda)
             _sync(device)
             s = time.perf_counter()
-            meshes = generate_meshes(model, prompts[:b], batch_size=b, timer=timer, progress=False, **kw)
+            meshes = generate_meshes(model, prompts[:n], batch_size=b, timer=timer, progress=False, **kw)
             for i, m in enumerate(meshes):
                 if not _is_empty(m):
                     with timer("export"):
                         write(m, out / f"b{b}-{i}.glb")
             _sync(device)
-            runs.append({"batch_size": b, "seconds": time.perf_counter() - s, "stages": timer.as_dict(),
-                         "faces": sum(len(m.faces) for m in meshes) / b,
+            runs.append({"batch_size": b, "prompts": n, "seconds": time.perf_counter() - s, "stages": timer.as_dict(),
+                         "faces": sum(len(m.faces) for m in meshes) / n,
                          "empty": sum(_is_empty(m) for m in meshes)})
-            if a.turntable and b == sizes[0]:
-                turntables += [turntable(m, out / f"b{b}-{i}.mp4") for i, m in enumerate(meshes) if not _is_empty(m)]
+            if a.turntable and b == sizes[0]:  # the first batch's meshes
+                turntables += [turntable(m, out / f"b{b}-{i}.mp4") for i, m in enumerate(meshes[:b])
+                               if not _is_empty(m)]
     return {"model": str(Path(a.model).resolve()), "load_seconds": load_seconds, "warmup_seconds": warmup_seconds,
             "runs": runs, "turntables": turntables, "memory": memory_status()}
 
@@ -205,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="model folder")
     g.add_argument("--batch-sizes", type=int, nargs="+", required=True)
     g.add_argument("--warmup", type=int, default=1)
+    g.add_argument("--prompts-per-round", type=int, default=1,
+                   help="prompts timed per batch size: this many or more, in whole batches")
     g.add_argument("--options", default="{}", help="JSON: keyword arguments of generate_meshes")
     g.add_argument("--turntable", action="store_true")
     g.add_argument("--frames", type=int, default=48)

@@ -508,7 +508,7 @@ def summarize_generate(rounds: dict[str, list[dict[str, Any]]], sizes: Sequence[
             if not runs:
                 raise BenchError(f"no {version} run of batch size {b}")
             row[version] = summarize_runs(runs, b, stages)
-            per_round[version] = [r["seconds"] for r in runs]
+            per_round[version] = [r["seconds"] / r.get("prompts", b) for r in runs]
         cur = row["current"]["seconds_per_prompt"]
         if "baseline" in row:
             row["speedup"] = _ratio(row["baseline"]["seconds_per_prompt"], cur)

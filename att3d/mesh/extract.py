@@ -354,10 +354,10 @@ class _MeshJob:
             if self.surface == "opacity" and peak > thr:
                 # inside: above the threshold and inside every silhouette, both scaled to 1 at their level. Marching
                 # cubes reads the hull only at the corners of cubes with a corner inside, i.e. at or next to the
-                # solid (a 3^3 neighbourhood); elsewhere the minimum is vol / thr < 1 whatever the hull.
+                # solid (a 3^3 neighbourhood); every other cube has all its corners below 1 whatever the hull, so
+                # the hull's 0 there (not computed) gives the same surface.
                 near = dilate_cube(vol >= thr)
-                hull = line_optical_depth(vol_in, 2.0 * self.bound / (self.R - 1), where=near)
-                hull = torch.where(near, hull / OPACITY_DEPTH, torch.inf)
+                hull = line_optical_depth(vol_in, 2.0 * self.bound / (self.R - 1), where=near) / OPACITY_DEPTH
                 vol = torch.minimum(vol / thr, hull)
                 level = 1.0
             found = float(vol.max()) > level

@@ -516,7 +516,7 @@ class TriplaneLattice:
                 tables[1] = tables[1] + position[2][None, :].expand(L, L, -1).reshape(1, L * L, -1)
             tables[2] = tables[2] + bias[:, None, :]
             position = None
-        self.tables = tables
+        self.num_tables = len(tables)
         self.position = position
         self.bias = bias  # (B|1, hidden)
         if self.projected:  # one (Bt * rows, hidden) table for a fused gather-and-sum (F.embedding_bag)
@@ -525,12 +525,14 @@ class TriplaneLattice:
             self.offsets = [sum(sizes[:p]) for p in range(len(sizes))]
             self.batch, self.rows_per_prompt = Bt, sum(sizes)
             self.flat = torch.cat([t.expand(Bt, -1, -1) for t in tables], dim=1).flatten(0, 1)
+        else:  # the features, gathered per plane
+            self.tables = tables
 
     def rows(self, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
         """Each table's row for the lattice points ``(i, j, k)``: xy, xz, yz [, uy, vy], (N,) long each."""
         L = self.L
         rows = [i * L + j, i * L + k, j * L + k]
-        if len(self.tables) == 5:
+        if self.num_tables == 5:
             rows += [(i + k) * L + j, (i - k + (L - 1)) * L + j]
         return rows
 

@@ -282,3 +282,33 @@ def test_shape_weights_draw_objects_in_proportion_and_keep_the_uniform_stream():
 def test_the_prior_records_its_shape_weights(tmp_path):
     folder = train_prior(tiny(tmp_path / "w", 4, shape_weights={"cube": 2.0}), progress=False)
     assert json.loads((folder / "prior_config.json").read_text())["training"]["shape_weights"] == {"cube": 2.0}
+
+
+def test_supersampled_training_renders_are_the_box_filtered_fine_render():
+    from att3d.render.cameras import OrbitCameras
+    from att3d.world.prior_training import training_renders
+    from att3d.world.render import render_objects
+    from att3d.world.shapes import all_objects
+
+    objects = all_objects()[:2]
+    cams = OrbitCameras.sample_training(2, torch.Generator().manual_seed(3))
+    plain = training_renders(objects, cams, 16)
+    assert torch.equal(plain, render_objects(objects, cams, 16)["rgb"].permute(0, 3, 1, 2) * 2 - 1)
+    fine = render_objects(objects, cams, 64)["rgb"].permute(0, 3, 1, 2) * 2 - 1
+    aa = training_renders(objects, cams, 16, supersample=4)
+    assert aa.shape == plain.shape
+    # each pixel is the mean of its 4 x 4 block of the 64 px render: the block's top-left corner ...
+    assert torch.allclose(aa[:, :, 5, 7], fine[:, :, 20:24, 28:32].mean(dim=(2, 3)), atol=1e-6)
+    # ... and the sub-pixel rays spread over the pixel, so the mean ink equals the plain render's within a few pixels
+    ink = lambda x: (1 - x).sum().item()  # noqa: E731
+    assert abs(ink(aa) - ink(plain)) < 0.1 * ink(plain)
+    # edges take values between the object and the background: fractional coverage that the plain render lacks
+    edge = (aa > -1 + 1e-3) & (aa < 1 - 1e-3) & ((aa - plain).abs() > 1e-3)
+    assert edge.any()
+    with pytest.raises(ValueError, match="supersample"):
+        training_renders(objects, cams, 16, supersample=0)
+
+
+def test_the_prior_records_its_supersampling(tmp_path):
+    folder = train_prior(tiny(tmp_path / "s", 4, supersample=2), progress=False)
+    assert json.loads((folder / "prior_config.json").read_text())["training"]["supersample"] == 2

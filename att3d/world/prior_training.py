@@ -103,6 +103,25 @@ class PriorTrainingConfig:
     #: Relative sampling weight per shape name (``{"pyramid": 2.0}``; unnamed shapes weigh 1). Empty: every
     #: object is drawn uniformly, with the random stream of earlier versions.
     shape_weights: dict[str, float] = field(default_factory=dict)
+    #: Rays per pixel side of the training renders: ``s`` renders each image at ``s`` times the prior's resolution
+    #: and averages each ``s x s`` block (stratified supersampling, a box filter). 1: one ray through each pixel
+    #: centre, as WORLD.md's renders; more: each edge pixel shows the share of it that the object covers, as an
+    #: antialiased rasterizer's or a volume renderer's image does, so the prior can place an edge within a pixel.
+    supersample: int = 1
+
+
+def training_renders(objects: list, cameras: OrbitCameras, resolution: int, supersample: int = 1) -> torch.Tensor:
+    """Ground-truth training images of ``objects`` seen by ``cameras``: (B, 3, H, W) in [-1, 1], H = W =
+    ``resolution``; with ``supersample`` s > 1, rendered at ``s * resolution`` and averaged over each ``s x s``
+    block (the sub-pixel rays are evenly spread over each pixel, so this is the pixel's box-filtered colour)."""
+    s = int(supersample)
+    if s < 1:
+        raise ValueError(f"supersample must be an integer >= 1, got {supersample}")
+    with torch.no_grad():
+        rgb = render_objects(objects, cameras, resolution * s)["rgb"].permute(0, 3, 1, 2)
+        if s > 1:
+            rgb = torch.nn.functional.avg_pool2d(rgb, s)
+    return rgb * 2 - 1
 
 
 def build_unet(arch: PriorArchitecture):
@@ -310,9 +329,7 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     while step < end:
         idx = sample_objects(len(objects), cfg.batch_size, weights, gen)
         cams = OrbitCameras.sample_training(cfg.batch_size, gen)
-        with torch.no_grad():
-            x0 = render_objects([objects[i] for i in idx.tolist()], cams, arch.resolution)["rgb"]
-        x0 = (x0.permute(0, 3, 1, 2) * 2 - 1).to(device)
+        x0 = training_renders([objects[i] for i in idx.tolist()], cams, arch.resolution, cfg.supersample).to(device)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
         text = sample_rows(idx, rows, cfg.canonical_prob, gen)
         tidx = torch.where(drop, torch.full_like(idx, len(texts)), text).to(device)
@@ -359,6 +376,7 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
                                                               "captions": cfg.captions,
                                                               "canonical_prob": cfg.canonical_prob,
                                                               "shape_weights": dict(cfg.shape_weights),
+                                                              "supersample": cfg.supersample,
                                                               "min_snr_gamma": cfg.min_snr_gamma,
                                                               "init_from": _init_record(cfg.init_from),
                                                               "history": history}})
@@ -425,6 +443,7 @@ def export_checkpoint(out_dir: str | Path, export: str | Path | None = None) -> 
     export = Path(export) if export else out / f"prior-step{meta['step']}"
     init = cfg.get("init_from")
     record = {"steps": meta["step"], "init_from": _init_record(init) if init and Path(init).is_dir() else init,
-              "shape_weights": cfg.get("shape_weights", {}), "history": meta.get("history", [])}
+              "shape_weights": cfg.get("shape_weights", {}), "supersample": cfg.get("supersample", 1),
+              "history": meta.get("history", [])}
     save_prior(export, unet, build_scheduler(arch), arch, {"training": record})
     return export

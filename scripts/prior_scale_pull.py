@@ -53,7 +53,7 @@ def scale_pull(prior, shape: str, colours: list[str], scales: list[float], views
         t_range: timesteps as fractions of T, drawn uniformly; weighting ``w(t) = 1 - alpha_bar`` (DreamFusion's).
         step: relative scale step of the central difference.
     """
-    from att3d.guidance.sds import timestep_bounds
+    from att3d.guidance.sds import ScoreDistillation, timestep_bounds
     from att3d.render.cameras import OrbitCameras
     from att3d.world.prior_training import training_renders
     from att3d.world.shapes import WorldObject
@@ -67,7 +67,7 @@ def scale_pull(prior, shape: str, colours: list[str], scales: list[float], views
     noise = torch.randn(n, 3, res, res, generator=gen)
     cams_n = dataclasses.replace(cams, phi=cams.phi.repeat(draws), theta=cams.theta.repeat(draws),
                                  radius=cams.radius.repeat(draws))
-    a = prior.alphas_cumprod.cpu()[t].view(-1, 1, 1, 1)
+    w = ScoreDistillation(prior, guidance_scale=guidance).weight(t).cpu().view(-1, 1, 1, 1)  # training's w(t)
     pulls = []
     for s in scales:
         per_colour = []
@@ -85,7 +85,7 @@ def scale_pull(prior, shape: str, colours: list[str], scales: list[float], views
                 x0 = prior.encode_images(image).repeat(draws, 1, 1, 1)
                 x_t = prior.add_noise(x0, noise, t)
                 eps = prior.predict_noise(x_t, t, cond, cams_n, guidance).float()
-                g = (1 - a) * (eps - noise)  # d loss / d x0; x0 = 2 I - 1, so d loss / d I = 2 g
+                g = w * (eps - noise)  # d loss / d x0; x0 = 2 I - 1, so d loss / d I = 2 g
             j = dids.repeat(draws, 1, 1, 1)
             per_colour.append(float(-(2 * g * j).sum() / (j * j).sum()))
         pulls.append(sum(per_colour) / len(per_colour))

@@ -312,3 +312,9 @@ def test_supersampled_training_renders_are_the_box_filtered_fine_render():
 def test_the_prior_records_its_supersampling(tmp_path):
     folder = train_prior(tiny(tmp_path / "s", 4, supersample=2), progress=False)
     assert json.loads((folder / "prior_config.json").read_text())["training"]["supersample"] == 2
+
+
+def test_a_bad_supersample_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="supersample"):
+        train_prior(tiny(tmp_path / "bad", 4, supersample=0), progress=False)
+    assert not (tmp_path / "bad" / "config.json").exists()

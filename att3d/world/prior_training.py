@@ -110,13 +110,18 @@ class PriorTrainingConfig:
     supersample: int = 1
 
 
+def check_supersample(supersample: int) -> int:
+    """``supersample`` as an int; a ValueError unless it is at least 1."""
+    if int(supersample) < 1:
+        raise ValueError(f"supersample must be an integer >= 1, got {supersample}")
+    return int(supersample)
+
+
 def training_renders(objects: list, cameras: OrbitCameras, resolution: int, supersample: int = 1) -> torch.Tensor:
     """Ground-truth training images of ``objects`` seen by ``cameras``: (B, 3, H, W) in [-1, 1], H = W =
     ``resolution``; with ``supersample`` s > 1, rendered at ``s * resolution`` and averaged over each ``s x s``
     block (the sub-pixel rays are evenly spread over each pixel, so this is the pixel's box-filtered colour)."""
-    s = int(supersample)
-    if s < 1:
-        raise ValueError(f"supersample must be an integer >= 1, got {supersample}")
+    s = check_supersample(supersample)
     with torch.no_grad():
         rgb = render_objects(objects, cameras, resolution * s)["rgb"].permute(0, 3, 1, 2)
         if s > 1:
@@ -282,6 +287,7 @@ def train_prior(cfg: PriorTrainingConfig, progress: bool = True) -> Path:
     objects = all_objects()
     texts, rows = caption_table(objects, cfg.captions)
     weights = object_weights(objects, dict(cfg.shape_weights))
+    check_supersample(cfg.supersample)  # before anything is written
     emb = caption_embeddings(arch, texts).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
